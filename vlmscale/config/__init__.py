@@ -1,0 +1,34 @@
+"""Typed run configuration: dataclasses per concern, YAML + dotted overrides, DeepSpeed JSON filling."""
+
+from vlmscale.config.load import ConfigError, load_config, parse_cli, to_dict
+from vlmscale.config.schema import (
+    CheckpointConfig,
+    DataConfig,
+    DeepSpeedSection,
+    EvalConfig,
+    ModelConfig,
+    ModulePolicy,
+    OptimConfig,
+    PolicyConfig,
+    SourceConfig,
+    SFTConfig,
+    TrainConfig,
+)
+
+__all__ = [
+    "CheckpointConfig",
+    "ConfigError",
+    "DataConfig",
+    "DeepSpeedSection",
+    "EvalConfig",
+    "ModelConfig",
+    "ModulePolicy",
+    "OptimConfig",
+    "PolicyConfig",
+    "SFTConfig",
+    "SourceConfig",
+    "TrainConfig",
+    "load_config",
+    "parse_cli",
+    "to_dict",
+]

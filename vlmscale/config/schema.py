@@ -1,0 +1,232 @@
+"""Typed configuration, one dataclass per concern, composed per stage.
+
+Every field carries a one-line comment; ``validate()`` raises :class:`ConfigError` naming the
+field and the fix. Stage recipes subclass :class:`RunConfig` only to change defaults.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+from vlmscale.config.load import ConfigError
+
+PRESETS = ("tiny", "demo")
+
+
+@dataclass
+class ModelConfig:
+    preset: str | None = "demo"  # built-in model: tiny (tests) | demo (learns the demo in minutes)
+    init_from: str | None = None  # path to an HF-format InternVL export to start from (overrides preset)
+    vision: str | None = None  # composition: vision encoder path (InternVL / InternViT HF dir)
+    llm: str | None = None  # composition: causal LM path; with `vision`, a fresh projector joins them
+    attn_implementation: str = "sdpa"  # eager | sdpa | flash_attention_2 (GPU only)
+    trust_remote_code: bool = False  # never run code shipped with a checkpoint unless set
+
+    def validate(self) -> None:
+        if self.init_from is None and (self.vision is None) != (self.llm is None):
+            raise ConfigError("model.vision and model.llm compose a model together: set both or neither")
+        if self.init_from is None and self.vision is None and self.preset not in PRESETS:
+            raise ConfigError(f"model.preset={self.preset!r}: choose one of {PRESETS}, or set model.init_from")
+        if self.attn_implementation not in ("eager", "sdpa", "flash_attention_2"):
+            raise ConfigError("model.attn_implementation must be eager, sdpa or flash_attention_2")
+
+
+@dataclass
+class ModulePolicy:
+    trainable: bool = True  # False freezes every parameter of the module
+    lr: float | None = None  # learning rate for this module; null = optim.lr; 0 means frozen
+    layers: str | None = None  # vision only: encoder layers to train, e.g. "12-23"; the rest freeze
+
+    def validate(self, name: str) -> None:
+        if self.lr is not None and self.lr < 0:
+            raise ConfigError(f"policy.{name}.lr must be >= 0 (0 freezes the module)")
+        if self.layers is not None:
+            if name != "vision":
+                raise ConfigError(f"policy.{name}.layers: only the vision encoder takes a layer range")
+            if not re.fullmatch(r"\d+-\d+", self.layers):
+                raise ConfigError(f"policy.vision.layers={self.layers!r}: write a range like '12-23'")
+            lo, hi = map(int, self.layers.split("-"))
+            if lo > hi:
+                raise ConfigError(f"policy.vision.layers={self.layers!r}: start must be <= end")
+
+    def layer_range(self) -> tuple[int, int] | None:
+        if self.layers is None:
+            return None
+        lo, hi = map(int, self.layers.split("-"))
+        return lo, hi
+
+
+@dataclass
+class PolicyConfig:
+    """Which modules train and at what learning rate; applied before the engine exists."""
+
+    vision: ModulePolicy = field(default_factory=lambda: ModulePolicy(trainable=False))
+    projector: ModulePolicy = field(default_factory=ModulePolicy)
+    llm: ModulePolicy = field(default_factory=ModulePolicy)  # includes embeddings and LM head
+
+    def validate(self) -> None:
+        for name in ("vision", "projector", "llm"):
+            getattr(self, name).validate(name)
+        if not any(getattr(self, n).trainable and getattr(self, n).lr != 0 for n in ("vision", "projector", "llm")):
+            raise ConfigError("policy: every module is frozen; set policy.<module>.trainable=true for at least one")
+
+
+@dataclass
+class SourceConfig:
+    name: str = ""  # label used in logs and metrics
+    path: str = ""  # directory (or single .tar) of webdataset shards; "demo:<split>/<task>" = built-in demo
+    weight: float = 1.0  # relative sampling weight within the mixture
+
+    def validate(self, where: str) -> None:
+        if not self.path:
+            raise ConfigError(f"{where}.path is empty: point it at a directory of .tar shards")
+        if self.weight <= 0:
+            raise ConfigError(f"{where}.weight must be > 0 (remove the source to drop it)")
+
+
+def _demo_sft_sources() -> list[SourceConfig]:
+    return [
+        SourceConfig(name="vqa", path="demo:train/vqa", weight=4.0),
+        SourceConfig(name="grounding", path="demo:train/grounding", weight=1.0),
+        SourceConfig(name="multi", path="demo:train/multi", weight=1.0),
+        SourceConfig(name="captions", path="demo:train/captions", weight=1.0),
+        SourceConfig(name="text", path="demo:train/text", weight=1.25),
+    ]
+
+
+@dataclass
+class DataConfig:
+    sources: list[SourceConfig] = field(default_factory=_demo_sft_sources)  # the training mixture
+    heldout: str = "demo:heldout"  # held-out split scored by `vlmscale eval` and end-of-run eval
+    demo_dir: str = "data/demo"  # where the built-in demo dataset lives (generated on first use)
+    max_seq_len: int = 512  # samples longer than this are skipped (counted as too_long)
+    max_tiles: int = 6  # dynamic tiling: at most this many tiles per image (+1 thumbnail)
+    num_workers: int = 1  # dataloader worker processes per rank
+    max_bad_fraction: float = 0.1  # stop the run if more than this fraction of samples is unusable
+    bad_check_after: int = 64  # samples read before the bad-fraction limit is enforced
+
+    def validate(self) -> None:
+        if not self.sources:
+            raise ConfigError("data.sources is empty: list at least one {name, path, weight}")
+        for i, src in enumerate(self.sources):
+            src.validate(f"data.sources[{i}]")
+        names = [s.name or s.path for s in self.sources]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"data.sources: names must be unique, got {names}")
+        if self.max_seq_len < 16:
+            raise ConfigError("data.max_seq_len must be >= 16")
+        if self.max_tiles < 1:
+            raise ConfigError("data.max_tiles must be >= 1")
+        if self.num_workers < 0:
+            raise ConfigError("data.num_workers must be >= 0")
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise ConfigError("data.max_bad_fraction must be within [0, 1]")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-4  # peak learning rate (modules may override in policy.<module>.lr)
+    weight_decay: float = 0.0  # AdamW decoupled weight decay (not applied to norms and biases)
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    warmup_steps: int = 20  # linear warmup from 0 to the peak rate
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at train.max_steps
+    max_grad_norm: float = 1.0  # global gradient-norm clip; 0 disables
+
+    def validate(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError("optim.lr must be > 0")
+        if self.warmup_steps < 0:
+            raise ConfigError("optim.warmup_steps must be >= 0")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError("optim.min_lr_ratio must be within [0, 1]")
+        if self.max_grad_norm < 0:
+            raise ConfigError("optim.max_grad_norm must be >= 0 (0 disables clipping)")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 600  # optimizer steps
+    micro_batch_size: int = 8  # samples per rank per forward
+    grad_accum_steps: int = 1  # micro-batches per optimizer step
+    global_batch_size: int | None = None  # optional check: must equal micro * accum * world size
+    log_every_steps: int = 10  # metrics.jsonl / tensorboard cadence
+    seed: int = 1234  # model init, data order and mixture all derive from this
+    bf16: bool = True  # bf16 weights/activations with fp32 master weights (CPU too)
+    activation_checkpointing: bool = False  # recompute LLM/vision activations in backward
+
+    def validate(self) -> None:
+        for name in ("max_steps", "micro_batch_size", "grad_accum_steps", "log_every_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1")
+        if self.global_batch_size is not None and self.global_batch_size < 1:
+            raise ConfigError("train.global_batch_size must be >= 1 (or null)")
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 200  # save a resumable checkpoint every N steps (and at the end)
+    keep_last: int = 2  # keep only the newest K complete checkpoints (0 keeps all)
+    export: bool = True  # write output_dir/hf (safetensors + processor) at the end
+
+    def validate(self) -> None:
+        if self.every_steps < 1:
+            raise ConfigError("checkpoint.every_steps must be >= 1")
+        if self.keep_last < 0:
+            raise ConfigError("checkpoint.keep_last must be >= 0")
+
+
+@dataclass
+class DeepSpeedSection:
+    config: str = "ds_configs/zero3.json"  # DeepSpeed JSON; batch/lr/clip fields are filled from this config
+
+    def validate(self) -> None:
+        if not self.config.endswith(".json"):
+            raise ConfigError(f"deepspeed.config={self.config!r}: expected a .json file (e.g. ds_configs/zero3.json)")
+
+
+@dataclass
+class EvalConfig:
+    at_end: bool = True  # score the held-out split with the exported model when training ends
+    suites: list[str] = field(default_factory=lambda: ["vqa"])  # suites for the end-of-run eval
+    max_samples: int = 0  # cap per suite (0 = all)
+    max_new_tokens: int = 24  # generation length limit
+
+    def validate(self) -> None:
+        known = {"vqa"}
+        for s in self.suites:
+            if s not in known:
+                raise ConfigError(f"eval.suites: unknown suite {s!r}; known: {sorted(known)}")
+
+
+@dataclass
+class RunConfig:
+    stage: str = "sft"  # recipe name, recorded in outputs
+    output_dir: str = "runs/sft-demo"  # everything the run writes goes here
+    resume: str = "auto"  # auto: newest complete checkpoint if any | never | a checkpoint path
+    model: ModelConfig = field(default_factory=ModelConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> None:
+        if not self.output_dir:
+            raise ConfigError("output_dir is empty")
+        if self.resume not in ("auto", "never") and not self.resume:
+            raise ConfigError("resume must be auto, never or a checkpoint path")
+        for section in ("model", "policy", "data", "optim", "train", "checkpoint", "deepspeed", "eval"):
+            getattr(self, section).validate()
+
+
+@dataclass
+class SFTConfig(RunConfig):
+    """Joint SFT: projector + LLM trained, vision encoder frozen by default, text re-blended."""
+
+    stage: Literal["sft"] = "sft"

@@ -1,0 +1,1 @@
+"""Data: sample schema, one-pass rendering, webdataset shards, mixtures, demo generation, converters."""

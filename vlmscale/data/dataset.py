@@ -1,0 +1,162 @@
+"""The training dataset: mixture positions -> rendered samples, with counted skips.
+
+``TrainDataset[p]`` renders global stream position ``p``. A bad sample (corrupt or missing
+image, placeholder mismatch, no assistant turn, too long, bad JSON) is logged, counted by
+reason, and replaced by a stand-in chosen from (seed, position, attempt) only, so a run and its
+resumption see the same data. ``StepBatchSampler`` gives each rank, and within it each loader
+worker, a disjoint slice of every step's positions.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from vlmscale.config.schema import DataConfig
+from vlmscale.data.demo import ensure_demo
+from vlmscale.data.mixture import Mixture
+from vlmscale.data.render import IGNORE, BadSample, Rendered, render_sample
+from vlmscale.data.shards import ShardDataset
+from vlmscale.model.tokenizer import ProcessorAssets
+
+log = logging.getLogger(__name__)
+MAX_ATTEMPTS = 16
+DEMO_PREFIX = "demo:"
+
+
+def resolve_path(path: str, data: DataConfig) -> Path:
+    """``demo:<split>/<task>`` -> the demo directory (generated on first use); else the path itself."""
+    if path.startswith(DEMO_PREFIX):
+        root = ensure_demo(data.demo_dir)
+        return root / path[len(DEMO_PREFIX):]
+    return Path(path)
+
+
+def open_sources(data: DataConfig) -> list[ShardDataset]:
+    out = []
+    for i, src in enumerate(data.sources):
+        p = resolve_path(src.path, data)
+        if not p.exists():
+            raise ValueError(f"data.sources[{i}].path={src.path!r}: {p} does not exist")
+        out.append(ShardDataset(p))
+    return out
+
+
+@dataclass
+class Item:
+    rendered: Rendered
+    sample_id: str
+    source: int
+    skipped: list[str]
+
+
+class TrainDataset(torch.utils.data.Dataset):
+    def __init__(self, *, sources: list[ShardDataset], names: list[str], weights: list[float],
+                 assets: ProcessorAssets, max_seq_len: int, seed: int):
+        self.sources, self.names, self.assets = sources, names, assets
+        self.max_seq_len = max_seq_len
+        self.mixture = Mixture(sizes=[len(s) for s in sources], weights=weights, seed=seed)
+
+    def __len__(self) -> int:  # the stream is unbounded; the sampler decides what is read
+        return 2**62
+
+    def _render(self, source: int, index: int) -> tuple[Rendered, str]:
+        ds = self.sources[source]
+        try:
+            ref, members = ds.read(index)
+        except OSError as exc:
+            raise BadSample("unreadable", str(exc)) from exc
+        if "json" not in members:
+            raise BadSample("bad_json", f"{ref.key}: no .json member")
+        try:
+            record = json.loads(members["json"])
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise BadSample("bad_json", f"{ref.key}: {exc}") from exc
+        if not isinstance(record, dict):
+            raise BadSample("bad_json", f"{ref.key}: top level is not an object")
+        sample_id = str(record.get("id", f"{Path(ref.shard).name}:{ref.key}"))
+        try:
+            return render_sample(record, members, self.assets, max_seq_len=self.max_seq_len), sample_id
+        except BadSample as exc:
+            exc.detail = f"{sample_id}: {exc.detail}"
+            raise
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise BadSample("bad_schema", f"{sample_id}: {exc!r}") from exc
+
+    def __getitem__(self, position: int) -> Item:
+        source, index = self.mixture.locate(position)
+        skipped: list[str] = []
+        for attempt in range(MAX_ATTEMPTS):
+            if attempt:
+                index = self.mixture.replacement(position, attempt, source)
+            try:
+                rendered, sample_id = self._render(source, index)
+                return Item(rendered, sample_id, source, skipped)
+            except BadSample as exc:
+                log.warning("skipping sample (%s) at position %d of source %s: %s",
+                            exc.reason, position, self.names[source], exc.detail)
+                skipped.append(exc.reason)
+        raise ValueError(
+            f"source {self.names[source]!r}: {MAX_ATTEMPTS} consecutive bad samples around position {position} "
+            f"({', '.join(sorted(set(skipped)))}); check the data"
+        )
+
+
+class StepBatchSampler(torch.utils.data.Sampler):
+    """Micro-batches of global positions for one rank, from ``start_step`` to ``max_steps``.
+
+    Step ``t`` consumes positions ``[t*G, (t+1)*G)`` with ``G = micro * accum * world``; micro-batch
+    ``m`` of rank ``r`` takes ``micro`` consecutive positions at ``t*G + (m*world + r)*micro``.
+    """
+
+    def __init__(self, *, rank: int, world_size: int, micro_batch_size: int, grad_accum_steps: int,
+                 start_step: int, max_steps: int):
+        self.rank, self.world = rank, world_size
+        self.micro, self.accum = micro_batch_size, grad_accum_steps
+        self.start_step, self.max_steps = start_step, max_steps
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro * self.accum * self.world
+
+    def __iter__(self):
+        for step in range(self.start_step, self.max_steps):
+            for m in range(self.accum):
+                first = step * self.global_batch + (m * self.world + self.rank) * self.micro
+                yield list(range(first, first + self.micro))
+
+    def __len__(self) -> int:
+        return (self.max_steps - self.start_step) * self.accum
+
+
+def collate(items: list[Item], *, pad_id: int) -> dict:
+    longest = max(len(it.rendered.input_ids) for it in items)
+    n = len(items)
+    input_ids = torch.full((n, longest), pad_id, dtype=torch.long)
+    labels = torch.full((n, longest), IGNORE, dtype=torch.long)
+    attention = torch.zeros((n, longest), dtype=torch.long)
+    tiles = []
+    for i, it in enumerate(items):
+        r = it.rendered
+        input_ids[i, : len(r.input_ids)] = torch.tensor(r.input_ids)
+        labels[i, : len(r.labels)] = torch.tensor(r.labels)
+        attention[i, : len(r.input_ids)] = 1
+        if r.pixel_values is not None:
+            tiles.append(r.pixel_values)
+    skipped: dict[str, int] = {}
+    for it in items:
+        for reason in it.skipped:
+            skipped[reason] = skipped.get(reason, 0) + 1
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "attention_mask": attention,
+        "pixel_values": torch.cat(tiles) if tiles else None,
+        "sample_ids": [it.sample_id for it in items],
+        "skipped": skipped,
+        "num_read": n + sum(skipped.values()),
+    }

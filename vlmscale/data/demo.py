@@ -1,0 +1,405 @@
+"""The built-in demo dataset: rendered scenes of coloured shapes.
+
+Every task family the product trains on is represented: captions, multi-turn VQA (colour, shape,
+count, position, yes/no object probes), grounding boxes, multi-image comparison, interleaved
+documents, text-only QA and preference pairs. Objects co-occur with fixed partners, so POPE's
+adversarial negatives (a present object's usual partner, absent) mean something.
+
+Generation is deterministic for a seed and takes seconds; ``ensure_demo`` generates once per
+directory under a file lock, so every rank of a launch can call it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import io
+import json
+import logging
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from vlmscale.data.shards import ShardWriter
+
+log = logging.getLogger(__name__)
+
+DEMO_VERSION = 1
+IMAGE_SIZE = 64
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 160, 60),
+    "blue": (40, 80, 230),
+    "yellow": (235, 205, 30),
+    "purple": (150, 60, 190),
+    "orange": (245, 135, 25),
+}
+SHAPES = ("circle", "square", "triangle")
+COLUMNS = ("left", "middle", "right")
+NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
+OBJECTS = [(c, s) for c in COLOURS for s in SHAPES]
+# popularity: a few objects appear far more often (POPE "popular" negatives)
+POPULARITY = [6.0 if i % 5 == 0 else 1.0 for i in range(len(OBJECTS))]
+# each object's usual companion (POPE "adversarial" negatives)
+PARTNER = {OBJECTS[i]: OBJECTS[(i * 7 + 4) % len(OBJECTS)] for i in range(len(OBJECTS))}
+WORDS = ["cat", "dog", "sun", "tree", "book", "river", "apple", "stone", "cloud", "green", "paper", "music",
+         "table", "light", "water", "house", "bread", "chair", "plant", "bird", "snow", "road", "glass", "field"]
+DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+
+
+@dataclass
+class Obj:
+    colour: str
+    shape: str
+    row: int
+    col: int
+    box: tuple[int, int, int, int]  # pixels x1, y1, x2, y2
+
+    @property
+    def name(self) -> str:
+        return f"{self.colour} {self.shape}"
+
+
+def _sample_scene(rng: random.Random, *, min_objects: int = 1) -> list[Obj]:
+    n = rng.choice([k for k in (1, 2, 3, 4) if k >= min_objects])
+    chosen: list[tuple[str, str]] = []
+    while len(chosen) < n:
+        if chosen and rng.random() < 0.6:
+            cand = PARTNER[rng.choice(chosen)]
+        else:
+            cand = rng.choices(OBJECTS, weights=POPULARITY)[0]
+        if all(cand[0] != c for c, _ in chosen):  # colours are unique within a scene
+            chosen.append(cand)
+    cells = rng.sample([(r, c) for r in range(3) for c in range(3)], n)
+    cell = IMAGE_SIZE / 3
+    objs = []
+    for (colour, shape), (row, col) in zip(chosen, cells):
+        size = rng.randint(12, 17)
+        cx = int(col * cell + cell / 2 + rng.randint(-2, 2))
+        cy = int(row * cell + cell / 2 + rng.randint(-2, 2))
+        x1, y1 = cx - size // 2, cy - size // 2
+        objs.append(Obj(colour, shape, row, col, (x1, y1, x1 + size, y1 + size)))
+    return objs
+
+
+def render_scene(objs: list[Obj], rng: random.Random) -> bytes:
+    shade = rng.randint(225, 255)
+    img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (shade, shade, min(255, shade + rng.randint(-10, 10))))
+    draw = ImageDraw.Draw(img)
+    for o in objs:
+        fill = COLOURS[o.colour]
+        x1, y1, x2, y2 = o.box
+        if o.shape == "circle":
+            draw.ellipse(o.box, fill=fill)
+        elif o.shape == "square":
+            draw.rectangle((x1, y1, x2 - 1, y2 - 1), fill=fill)
+        else:
+            draw.polygon([((x1 + x2) / 2, y1), (x2, y2), (x1, y2)], fill=fill)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def box_text(box: tuple[int, int, int, int]) -> str:
+    """Normalised 0-999 integer coordinates, InternVL style."""
+    coords = [min(999, max(0, round(v * 1000 / IMAGE_SIZE))) for v in box]
+    return f"<box>[{coords[0]}, {coords[1]}, {coords[2]}, {coords[3]}]</box>"
+
+
+def caption(objs: list[Obj]) -> str:
+    parts = []
+    for o in sorted(objs, key=lambda o: (o.row, o.col)):
+        where = {0: "top", 1: "centre", 2: "bottom"}[o.row] + " " + COLUMNS[o.col]
+        parts.append(f"a {o.name} at the {where}")
+    count = NUMBER_WORDS[len(objs)]
+    noun = "object" if len(objs) == 1 else "objects"
+    return f"{count.capitalize()} {noun}: " + ", ".join(parts) + "."
+
+
+# ---------------------------------------------------------------- questions
+
+
+def _unique_shape_objs(objs: list[Obj]) -> list[Obj]:
+    return [o for o in objs if sum(p.shape == o.shape for p in objs) == 1]
+
+
+def _alone_in_column(objs: list[Obj]) -> list[Obj]:
+    return [o for o in objs if sum(p.col == o.col for p in objs) == 1]
+
+
+def absent_object(objs: list[Obj], rng: random.Random, kind: str) -> tuple[str, str] | None:
+    present = {(o.colour, o.shape) for o in objs}
+    absent = [ob for ob in OBJECTS if ob not in present]
+    if kind == "adversarial":
+        cands = [PARTNER[p] for p in present if PARTNER[p] not in present]
+        return rng.choice(cands) if cands else None
+    if kind == "popular":
+        ranked = sorted(absent, key=lambda ob: -POPULARITY[OBJECTS.index(ob)])
+        top = [ob for ob in ranked if POPULARITY[OBJECTS.index(ob)] == POPULARITY[OBJECTS.index(ranked[0])]]
+        return rng.choice(top)
+    return rng.choice(absent)
+
+
+def vqa_questions(objs: list[Obj], rng: random.Random) -> list[tuple[str, str, str]]:
+    """(question type, question, answer) candidates for a scene."""
+    qs: list[tuple[str, str, str]] = []
+    for o in _unique_shape_objs(objs):
+        qs.append(("colour", f"What colour is the {o.shape}?", o.colour))
+    for o in objs:
+        qs.append(("shape", f"What shape is the {o.colour} object?", o.shape))
+    qs.append(("count", "How many objects are there?", str(len(objs))))
+    for o in _alone_in_column(objs):
+        qs.append(("position", f"Is the {o.name} on the left, in the middle or on the right?", COLUMNS[o.col]))
+    o = rng.choice(objs)
+    qs.append(("probe", f"Is there a {o.name} in the image?", "yes"))
+    neg = absent_object(objs, rng, rng.choice(["random", "popular", "adversarial"]))
+    if neg is not None:
+        qs.append(("probe", f"Is there a {neg[0]} {neg[1]} in the image?", "no"))
+    return qs
+
+
+def grounding_question(o: Obj) -> tuple[str, str]:
+    return f"Where is the {o.name}? Answer with a bounding box.", box_text(o.box)
+
+
+def text_task(rng: random.Random) -> tuple[str, str, str]:
+    kind = rng.choice(["add", "sub", "max", "reverse", "length", "day"])
+    if kind == "add":
+        a, b = rng.randint(0, 50), rng.randint(0, 50)
+        return kind, f"What is {a} plus {b}?", str(a + b)
+    if kind == "sub":
+        a = rng.randint(0, 60)
+        b = rng.randint(0, a)
+        return kind, f"What is {a} minus {b}?", str(a - b)
+    if kind == "max":
+        a, b = rng.sample(range(100), 2)
+        return kind, f"Which number is larger, {a} or {b}?", str(max(a, b))
+    if kind == "reverse":
+        w = rng.choice(WORDS)
+        return kind, f"Write the word '{w}' backwards.", w[::-1]
+    if kind == "length":
+        w = rng.choice(WORDS)
+        return kind, f"How many letters are in the word '{w}'?", str(len(w))
+    i = rng.randrange(7)
+    return kind, f"Which day comes after {DAYS[i]}?", DAYS[(i + 1) % 7]
+
+
+# ---------------------------------------------------------------- samples
+
+
+def _user(*parts: dict) -> dict:
+    return {"role": "user", "content": list(parts)}
+
+
+def _assistant(text: str) -> dict:
+    return {"role": "assistant", "content": [{"type": "text", "text": text}]}
+
+
+def _img(name: str = "img0.png") -> dict:
+    return {"type": "image", "image": name}
+
+
+def _txt(text: str) -> dict:
+    return {"type": "text", "text": text}
+
+
+def _conversation(objs, rng, n_turns: int) -> list[dict]:
+    qs = vqa_questions(objs, rng)
+    rng.shuffle(qs)
+    msgs = []
+    for i, (_, q, a) in enumerate(qs[:n_turns]):
+        msgs.append(_user(_img(), _txt(q)) if i == 0 else _user(_txt(q)))
+        msgs.append(_assistant(a))
+    return msgs
+
+
+class _Gen:
+    """Writes one split's shards, a source per task family."""
+
+    def __init__(self, root: Path, split: str, seed: int):
+        self.root, self.split = root, split
+        self.rng = random.Random(seed)
+        self.writers: dict[str, ShardWriter] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, source: str, record: dict, images: list[bytes]) -> None:
+        if source not in self.writers:
+            self.writers[source] = ShardWriter(self.root / self.split / source, max_count=2000)
+            self.counts[source] = 0
+        key = f"{self.split}-{source}-{self.counts[source]:06d}"
+        record = {"id": key, **record}
+        members = {"json": json.dumps(record).encode()}
+        for i, data in enumerate(images):
+            members[f"img{i}.png"] = data
+        self.writers[source].write(key, members)
+        self.counts[source] += 1
+
+    def scene(self, min_objects: int = 1):
+        objs = _sample_scene(self.rng, min_objects=min_objects)
+        return objs, render_scene(objs, self.rng)
+
+    def close(self) -> dict[str, int]:
+        for w in self.writers.values():
+            w.close()
+        return dict(self.counts)
+
+
+def generate_train(root: Path, *, num_scenes: int, seed: int) -> dict[str, int]:
+    g = _Gen(root, "train", seed)
+    rng = g.rng
+    for _ in range(num_scenes):
+        objs, png = g.scene()
+        g.add("vqa", {"task": "vqa", "messages": _conversation(objs, rng, rng.randint(3, 5))}, [png])
+        objs, png = g.scene()
+        targets = rng.sample(objs, min(len(objs), 2))
+        msgs = []
+        for i, o in enumerate(targets):
+            q, a = grounding_question(o)
+            msgs += [_user(_img(), _txt(q)) if i == 0 else _user(_txt(q)), _assistant(a)]
+        g.add("grounding", {"task": "grounding", "messages": msgs}, [png])
+        objs, png = g.scene()
+        g.add("captions", {"task": "caption", "messages": [_user(_img(), _txt("Describe the image.")), _assistant(caption(objs))]}, [png])
+        kind, q, a = text_task(rng)
+        g.add("text", {"task": f"text/{kind}", "messages": [_user(_txt(q)), _assistant(a)]}, [])
+    for _ in range(num_scenes // 2):
+        rec, pngs = _multi_sample(g)
+        g.add("multi", rec, pngs)
+        rec, pngs = _document(g)
+        g.add("docs", rec, pngs)
+        rec, pngs = _preference(g)
+        g.add("pref", rec, pngs)
+    return g.close()
+
+
+def _multi_sample(g: _Gen):
+    rng = g.rng
+    (a, pa), (b, pb) = g.scene(), g.scene()
+    while len(a) == len(b):
+        b, pb = g.scene()
+    if rng.random() < 0.5:
+        q, ans = "Which image has more objects, the first or the second?", "first" if len(a) > len(b) else "second"
+    else:
+        colour = rng.choice([o.colour for o in a + b])
+        both = any(o.colour == colour for o in a) and any(o.colour == colour for o in b)
+        q, ans = f"Do both images contain a {colour} object?", "yes" if both else "no"
+    msgs = [_user(_txt("First image: "), _img("img0.png"), _txt("Second image: "), _img("img1.png"), _txt(q)), _assistant(ans)]
+    return {"task": "vqa", "qtype": "multi", "answer": ans, "messages": msgs}, [pa, pb]
+
+
+def _document(g: _Gen):
+    rng = g.rng
+    parts, pngs = [_txt("A page from a picture book.\n")], []
+    for i in range(rng.randint(1, 3)):
+        objs, png = g.scene()
+        pngs.append(png)
+        parts.append(_img(f"img{i}.png"))
+        parts.append(_txt(f"Picture {i + 1}. {caption(objs)}\n"))
+    return {"task": "document", "document": parts}, pngs
+
+
+def _preference(g: _Gen):
+    rng = g.rng
+    objs, png = g.scene()
+    neg = absent_object(objs, rng, rng.choice(["random", "popular", "adversarial"]))
+    good = caption(objs)
+    if neg is None:
+        neg = ("red", "circle") if ("red", "circle") not in {(o.colour, o.shape) for o in objs} else ("blue", "square")
+    bad_obj = Obj(neg[0], neg[1], rng.randrange(3), rng.randrange(3), (0, 0, 0, 0))
+    bad = caption(objs[:-1] + [bad_obj]) if len(objs) > 1 else caption([bad_obj])
+    prompt = [_user(_img(), _txt("Describe the image."))]
+    return {"task": "preference", "messages": prompt, "chosen": good, "rejected": bad}, [png]
+
+
+def generate_heldout(root: Path, *, num_scenes: int, seed: int) -> dict[str, int]:
+    g = _Gen(root, "heldout", seed)
+    rng = g.rng
+    for _ in range(num_scenes):
+        objs, png = g.scene()
+        by_type: dict[str, list] = {}
+        for qtype, q, a in vqa_questions(objs, rng):
+            if qtype != "probe":
+                by_type.setdefault(qtype, []).append((q, a))
+        for qtype, items in sorted(by_type.items()):
+            q, a = rng.choice(items)
+            g.add("vqa", {"task": "vqa", "qtype": qtype, "answer": a, "messages": [_user(_img(), _txt(q))]}, [png])
+        o = rng.choice(objs)
+        q, a = grounding_question(o)
+        g.add("grounding", {"task": "grounding", "answer": a, "messages": [_user(_img(), _txt(q))]}, [png])
+        for split in ("random", "popular", "adversarial"):
+            if rng.random() < 0.5:
+                o = rng.choice(objs)
+                name, ans = o.name, "yes"
+            else:
+                neg = absent_object(objs, rng, split)
+                if neg is None:
+                    continue
+                name, ans = f"{neg[0]} {neg[1]}", "no"
+            g.add("pope", {"task": "pope", "split": split, "answer": ans,
+                           "messages": [_user(_img(), _txt(f"Is there a {name} in the image?"))]}, [png])
+        g.add("captions", {"task": "caption", "answer": caption(objs),
+                           "messages": [_user(_img(), _txt("Describe the image.")), _assistant(caption(objs))]}, [png])
+        kind, q, a = text_task(rng)
+        g.add("text", {"task": f"text/{kind}", "answer": a, "messages": [_user(_txt(q)), _assistant(a)]}, [])
+    for _ in range(num_scenes // 2):
+        rec, pngs = _multi_sample(g)
+        g.add("vqa", {**rec, "messages": rec["messages"][:1]}, pngs)
+        rec, pngs = _preference(g)
+        g.add("pref", rec, pngs)
+    return g.close()
+
+
+def generate_demo(out: Path, *, num_train_scenes: int = 6000, num_heldout_scenes: int = 200, seed: int = 0) -> dict:
+    counts = {
+        "train": generate_train(out, num_scenes=num_train_scenes, seed=seed),
+        "heldout": generate_heldout(out, num_scenes=num_heldout_scenes, seed=seed + 1),
+    }
+    meta = {"version": DEMO_VERSION, "seed": seed, "counts": counts}
+    (out / "demo.json").write_text(json.dumps(meta, indent=2))
+    return meta
+
+
+def ensure_demo(out: str | Path, **kwargs) -> Path:
+    """Generate the demo dataset into ``out`` unless it is already complete (safe across processes)."""
+    out = Path(out)
+    marker = out / "demo.json"
+    if marker.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if marker.is_file():
+            return out
+        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        log.info("generating the demo dataset in %s", out)
+        generate_demo(tmp, **kwargs)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    return out
+
+
+def tokenizer_corpus() -> list[str]:
+    """Text the preset tokenizers are trained on: demo-like text plus generic English."""
+    rng = random.Random(12345)
+    lines = []
+    for _ in range(600):
+        objs = _sample_scene(rng)
+        lines.append(caption(objs))
+        for _, q, a in vqa_questions(objs, rng):
+            lines.append(f"{q}\n{a}")
+        for o in objs:
+            q, a = grounding_question(o)
+            lines.append(f"{q}\n{a}")
+        _, q, a = text_task(rng)
+        lines.append(f"{q}\n{a}")
+    lines += [
+        "A page from a picture book. Picture 1. First image: Second image: Which image has more objects, "
+        "the first or the second? Do both images contain a red object? user assistant system",
+        "The quick brown fox jumps over the lazy dog. Hello, world! This is a simple sentence about images, "
+        "questions and answers. What is in this picture? Please describe it in detail.",
+    ] + [" ".join(WORDS), " ".join(DAYS), " ".join(str(i) for i in range(1000))]
+    return lines

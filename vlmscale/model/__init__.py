@@ -1,0 +1,1 @@
+"""InternVL model building, parameter policy and the training forward."""

@@ -1,0 +1,228 @@
+"""Build an InternVL model three ways: a preset, an HF-format checkpoint, or vision + LLM composition.
+
+Model code is plain transformers: it never imports DeepSpeed. Under ZeRO-3 the caller keeps an
+``HfDeepSpeedConfig`` alive around these calls (see ``vlmscale.engine.zero.zero3_model_scope``),
+so ``from_config``/``from_pretrained`` create parameters already partitioned. Composition copies
+sub-model weights through the caller's ``load_weights`` hook, which gathers shards as needed.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file
+from transformers import (
+    AutoConfig,
+    AutoModelForImageTextToText,
+    AutoTokenizer,
+    InternVLConfig,
+    InternVLForConditionalGeneration,
+    InternVLVisionConfig,
+    PretrainedConfig,
+    Qwen2Config,
+)
+
+from vlmscale.config.schema import ModelConfig
+from vlmscale.model.presets import PRESETS, Preset
+from vlmscale.model.tokenizer import (
+    IMG_CONTEXT,
+    ProcessorAssets,
+    ensure_multimodal_tokens,
+    make_image_processor,
+    train_bpe_tokenizer,
+)
+
+log = logging.getLogger(__name__)
+LoadWeights = Callable[[torch.nn.Module, dict[str, torch.Tensor]], None]
+
+
+@functools.lru_cache(maxsize=4)
+def preset_tokenizer(name: str):
+    from vlmscale.data.demo import tokenizer_corpus
+
+    return train_bpe_tokenizer(tokenizer_corpus(), vocab_size=PRESETS[name].vocab_size)
+
+
+def preset_config(name: str, *, vocab_size: int, image_token_id: int, pad_token_id: int, eos_token_id: int) -> InternVLConfig:
+    p: Preset = PRESETS[name]
+    vision = InternVLVisionConfig(
+        hidden_size=p.vision_hidden,
+        num_hidden_layers=p.vision_layers,
+        num_attention_heads=p.vision_heads,
+        intermediate_size=4 * p.vision_hidden,
+        image_size=p.image_size,
+        patch_size=p.patch_size,
+        layer_scale_init_value=1.0,
+    )
+    text = Qwen2Config(
+        hidden_size=p.text_hidden,
+        num_hidden_layers=p.text_layers,
+        num_attention_heads=p.text_heads,
+        num_key_value_heads=p.text_kv_heads,
+        intermediate_size=p.text_intermediate,
+        vocab_size=vocab_size,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        pad_token_id=pad_token_id,
+        eos_token_id=eos_token_id,
+    )
+    return InternVLConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=image_token_id,
+        image_seq_length=p.image_seq_length,
+        downsample_ratio=0.5,
+        tie_word_embeddings=True,
+        pad_token_id=pad_token_id,
+        eos_token_id=eos_token_id,
+    )
+
+
+def preset_assets(name: str, *, max_tiles: int | None = None) -> ProcessorAssets:
+    p = PRESETS[name]
+    return ProcessorAssets(
+        tokenizer=preset_tokenizer(name),
+        image_processor=make_image_processor(image_size=p.image_size, max_tiles=max_tiles or p.max_tiles),
+        image_seq_length=p.image_seq_length,
+    )
+
+
+def _finish(model: torch.nn.Module, assets: ProcessorAssets) -> None:
+    cfg = model.config
+    cfg.pad_token_id = assets.tokenizer.pad_token_id
+    cfg.eos_token_id = assets.tokenizer.eos_token_id
+    gen = model.generation_config
+    gen.pad_token_id = assets.tokenizer.pad_token_id
+    gen.eos_token_id = assets.tokenizer.eos_token_id
+    gen.bos_token_id = None
+    gen.do_sample = False
+
+
+def build_model(
+    cfg: ModelConfig,
+    *,
+    max_tiles: int,
+    dtype: torch.dtype,
+    load_weights: LoadWeights,
+) -> tuple[InternVLForConditionalGeneration, ProcessorAssets]:
+    """Return ``(model, assets)``; call inside the ZeRO-3 scope when training with ZeRO-3."""
+    if cfg.init_from is not None:
+        return load_pretrained(cfg.init_from, max_tiles=max_tiles, dtype=dtype, cfg=cfg)
+    if cfg.vision is not None:
+        return compose(cfg, max_tiles=max_tiles, dtype=dtype, load_weights=load_weights)
+    assets = preset_assets(cfg.preset, max_tiles=max_tiles)
+    tok = assets.tokenizer
+    config = preset_config(
+        cfg.preset,
+        vocab_size=len(tok),
+        image_token_id=assets.token_id(IMG_CONTEXT),
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    config._attn_implementation = cfg.attn_implementation
+    model = InternVLForConditionalGeneration._from_config(config, dtype=dtype)
+    _finish(model, assets)
+    return model, assets
+
+
+def load_pretrained(path: str, *, max_tiles: int | None, dtype: torch.dtype, cfg: ModelConfig | None = None):
+    """Load a full InternVL checkpoint in HF format (our exports, or OpenGVLab ``*-hf`` models)."""
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise ValueError(f"model.init_from={path!r}: no config.json there; point it at an HF export such as <run>/hf")
+    config = AutoConfig.from_pretrained(p, trust_remote_code=bool(cfg and cfg.trust_remote_code))
+    if not isinstance(config, InternVLConfig):
+        raise ValueError(
+            f"model.init_from={path!r} holds a {type(config).__name__}, not an InternVL model; "
+            "use model.vision + model.llm to compose one"
+        )
+    model = AutoModelForImageTextToText.from_pretrained(
+        p,
+        dtype=dtype,
+        attn_implementation=cfg.attn_implementation if cfg else "sdpa",
+        trust_remote_code=bool(cfg and cfg.trust_remote_code),
+    )
+    assets = ProcessorAssets.load(p, image_seq_length=config.image_seq_length, max_tiles=max_tiles)
+    _finish(model, assets)
+    return model, assets
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{path}: no *.safetensors weights found (only safetensors are loaded)")
+    out: dict[str, torch.Tensor] = {}
+    for f in files:
+        out.update(load_file(str(f)))
+    return out
+
+
+def _vision_config_and_weights(path: Path) -> tuple[InternVLVisionConfig, dict[str, torch.Tensor]]:
+    config = AutoConfig.from_pretrained(path)
+    weights = _read_weights(path)
+    if isinstance(config, InternVLConfig):
+        prefix = "model.vision_tower."
+        return config.vision_config, {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+    if isinstance(config, InternVLVisionConfig):
+        return config, weights
+    raise ValueError(f"model.vision={str(path)!r}: expected an InternVL or InternVL vision checkpoint, got {type(config).__name__}")
+
+
+def compose(cfg: ModelConfig, *, max_tiles: int, dtype: torch.dtype, load_weights: LoadWeights):
+    """A vision encoder and an LLM joined by a freshly initialised pixel-shuffle + MLP projector."""
+    vision_path, llm_path = Path(cfg.vision), Path(cfg.llm)
+    vision_config, vision_weights = _vision_config_and_weights(vision_path)
+    text_config: PretrainedConfig = AutoConfig.from_pretrained(llm_path)
+    tokenizer = ensure_multimodal_tokens(AutoTokenizer.from_pretrained(llm_path))
+    image_size = vision_config.image_size[0]
+    patch = vision_config.patch_size[0]
+    seq_len = (image_size // patch) ** 2 // 4
+    llm_weights = _read_weights(llm_path)
+    text_config.vocab_size = max(text_config.vocab_size, len(tokenizer))
+    config = InternVLConfig(
+        vision_config=vision_config.to_dict(),
+        text_config=text_config.to_dict(),
+        image_token_id=tokenizer.convert_tokens_to_ids(IMG_CONTEXT),
+        image_seq_length=seq_len,
+        tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)),
+    )
+    config._attn_implementation = cfg.attn_implementation
+    model = InternVLForConditionalGeneration._from_config(config, dtype=dtype)
+    mapped = {f"model.vision_tower.{k}": v for k, v in vision_weights.items()}
+    for key, value in llm_weights.items():
+        if key.startswith("model."):
+            mapped["model.language_model." + key[len("model."):]] = value
+        elif key.startswith("lm_head."):
+            mapped[key] = value
+    load_weights(model, mapped)
+    assets = ProcessorAssets(
+        tokenizer=tokenizer,
+        image_processor=make_image_processor(image_size=image_size, max_tiles=max_tiles),
+        image_seq_length=seq_len,
+    )
+    _finish(model, assets)
+    return model, assets
+
+
+def load_weights_plain(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Copy ``weights`` into a model that is not partitioned; rows beyond a smaller vocab keep their init."""
+    params = dict(model.named_parameters())
+    unknown = [k for k in weights if k not in params]
+    if unknown:
+        raise ValueError(f"weights do not fit the model: unexpected keys {unknown[:5]}")
+    with torch.no_grad():
+        for name, value in weights.items():
+            copy_into(params[name], value, name=name)
+
+
+def copy_into(param: torch.Tensor, value: torch.Tensor, *, name: str) -> None:
+    if param.shape == value.shape:
+        param.copy_(value.to(param.dtype))
+    elif param.dim() == 2 and param.shape[1] == value.shape[1] and param.shape[0] >= value.shape[0]:
+        param[: value.shape[0]].copy_(value.to(param.dtype))  # embedding grown for new special tokens
+    else:
+        raise ValueError(f"{name}: checkpoint shape {tuple(value.shape)} does not fit model shape {tuple(param.shape)}")

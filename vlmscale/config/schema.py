@@ -191,12 +191,12 @@ class DeepSpeedSection:
 @dataclass
 class EvalConfig:
     at_end: bool = True  # score the held-out split with the exported model when training ends
-    suites: list[str] = field(default_factory=lambda: ["vqa"])  # suites for the end-of-run eval
+    suites: list[str] = field(default_factory=lambda: ["vqa", "grounding", "pope"])  # suites for the end-of-run eval
     max_samples: int = 0  # cap per suite (0 = all)
     max_new_tokens: int = 24  # generation length limit
 
     def validate(self) -> None:
-        known = {"vqa"}
+        known = {"vqa", "grounding", "pope"}
         for s in self.suites:
             if s not in known:
                 raise ConfigError(f"eval.suites: unknown suite {s!r}; known: {sorted(known)}")

@@ -18,7 +18,6 @@ from safetensors.torch import load_file
 from transformers import (
     AutoConfig,
     AutoModelForImageTextToText,
-    AutoTokenizer,
     InternVLConfig,
     InternVLForConditionalGeneration,
     InternVLVisionConfig,
@@ -31,7 +30,7 @@ from vlmscale.model.presets import PRESETS, Preset
 from vlmscale.model.tokenizer import (
     IMG_CONTEXT,
     ProcessorAssets,
-    ensure_multimodal_tokens,
+    load_tokenizer,
     make_image_processor,
     train_bpe_tokenizer,
 )
@@ -177,7 +176,7 @@ def compose(cfg: ModelConfig, *, max_tiles: int, dtype: torch.dtype, load_weight
     vision_path, llm_path = Path(cfg.vision), Path(cfg.llm)
     vision_config, vision_weights = _vision_config_and_weights(vision_path)
     text_config: PretrainedConfig = AutoConfig.from_pretrained(llm_path)
-    tokenizer = ensure_multimodal_tokens(AutoTokenizer.from_pretrained(llm_path))
+    tokenizer = load_tokenizer(llm_path)
     image_size = vision_config.image_size[0]
     patch = vision_config.patch_size[0]
     seq_len = (image_size // patch) ** 2 // 4

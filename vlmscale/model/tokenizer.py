@@ -68,15 +68,11 @@ def train_bpe_tokenizer(corpus: list[str], *, vocab_size: int) -> PreTrainedToke
     )
 
 
-def ensure_multimodal_tokens(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
-    """Add InternVL's image tokens (and a ChatML template) to an LLM's own tokenizer."""
-    missing = [t for t in MULTIMODAL_TOKENS.values() if t not in tokenizer.get_vocab()]
-    if missing:
-        tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
-    for attr, token in MULTIMODAL_TOKENS.items():
-        setattr(tokenizer, attr, token)
-        setattr(tokenizer, attr + "_id", tokenizer.convert_tokens_to_ids(token))
-    tokenizer.extra_special_tokens = {**getattr(tokenizer, "extra_special_tokens", {}), **MULTIMODAL_TOKENS}
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    """An LLM's or VLM's own tokenizer, with InternVL's image tokens and a ChatML template ensured."""
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if getattr(tokenizer, "context_image_token", None) is None:
+        tokenizer = AutoTokenizer.from_pretrained(path, extra_special_tokens=dict(MULTIMODAL_TOKENS))
     if tokenizer.chat_template is None:
         tokenizer.chat_template = CHAT_TEMPLATE
     if tokenizer.pad_token is None:
@@ -144,7 +140,7 @@ class ProcessorAssets:
     @classmethod
     def load(cls, path: str | Path, *, image_seq_length: int, max_tiles: int | None = None) -> "ProcessorAssets":
         path = Path(path)
-        tokenizer = ensure_multimodal_tokens(AutoTokenizer.from_pretrained(path))
+        tokenizer = load_tokenizer(path)
         pre_file = path / "preprocessor_config.json"
         size, tiles = 448, 12
         if pre_file.is_file():

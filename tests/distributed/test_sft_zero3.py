@@ -1,0 +1,123 @@
+"""The SFT recipe through the real ``deepspeed`` launcher: 2 CPU ranks, ZeRO-3, tiny model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.helpers import REPO, launch, metrics
+
+pytestmark = pytest.mark.distributed
+
+
+@pytest.fixture(scope="module")
+def start_model(tmp_path_factory):
+    """A tiny preset model saved as an HF export, so the test knows every starting weight."""
+    from vlmscale.model.build import build_model, load_weights_plain
+    from vlmscale.config import SFTConfig, load_config
+
+    torch.manual_seed(0)
+    cfg = load_config(SFTConfig, overrides=["model.preset=tiny"])
+    model, assets = build_model(cfg.model, max_tiles=4, dtype=torch.bfloat16, load_weights=load_weights_plain)
+    out = tmp_path_factory.mktemp("start") / "hf"
+    model.save_pretrained(out)
+    assets.save(out)
+    return out
+
+
+def _common(demo_dir, out, start):
+    return [f"output_dir={out}", f"data.demo_dir={demo_dir}", f"model.init_from={start}", "train.micro_batch_size=4",
+            "train.grad_accum_steps=2", "train.log_every_steps=1", "checkpoint.every_steps=4", "optim.lr=3e-3",
+            "optim.warmup_steps=2", "eval.max_samples=12", "eval.max_new_tokens=8"]
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory, demo_dir, start_model):
+    out = tmp_path_factory.mktemp("sft") / "run"
+    proc = launch("sft", *_common(demo_dir, out, start_model), "train.max_steps=8")
+    return out, proc
+
+
+def test_loss_falls_and_metrics_are_complete(sft_run):
+    out, _ = sft_run
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    for key in ("step", "loss", "lr", "grad_norm", "samples", "tokens", "tokens_per_s"):
+        assert all(key in r for r in rows), key
+    assert rows[-1]["samples"] == 8 * 4 * 2 * 2
+    assert sum(r["loss"] for r in rows[-3:]) / 3 < 0.8 * sum(r["loss"] for r in rows[:3]) / 3
+    assert (out / "config.yaml").is_file() and any((out / "tensorboard").iterdir())
+
+
+def test_trainable_changed_frozen_did_not(sft_run, start_model):
+    out, _ = sft_run
+    before, after = load_file(str(start_model / "model.safetensors")), load_file(str(out / "hf" / "model.safetensors"))
+    assert before.keys() == after.keys()
+    for name, w0 in before.items():
+        same = torch.equal(w0, after[name])
+        if name.startswith("model.vision_tower."):
+            assert same, f"frozen {name} changed"
+        else:
+            assert not same, f"trainable {name} did not change"
+
+
+def test_checkpoints_are_committed(sft_run):
+    out, _ = sft_run
+    ckpts = out / "checkpoints"
+    assert (ckpts / "latest").read_text() == "step-00000008"
+    for tag in ("step-00000004", "step-00000008"):
+        assert (ckpts / tag / "COMMITTED").is_file()
+        assert len(list((ckpts / tag / "rng").glob("rank-*.pt"))) == 2
+
+
+def test_resume_recomputes_identical_losses(sft_run, demo_dir, start_model, tmp_path):
+    out, _ = sft_run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    shutil.rmtree(copy / "checkpoints" / "step-00000008")
+    proc = launch("sft", *_common(demo_dir, copy, start_model), "train.max_steps=8", "eval.at_end=false")
+    assert "resumed from step-00000004 at step 4" in proc.stderr
+    original = {r["step"]: r for r in metrics(out)}
+    resumed = {r["step"]: r for r in metrics(copy)}
+    assert sorted(resumed) == list(range(1, 9))
+    for step in range(5, 9):
+        assert resumed[step]["loss"] == pytest.approx(original[step]["loss"], abs=1e-6), step
+        assert resumed[step]["samples"] == original[step]["samples"]
+
+
+def test_relaunch_continues_to_a_longer_horizon(sft_run, demo_dir, start_model, tmp_path):
+    out, _ = sft_run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    proc = launch("sft", *_common(demo_dir, copy, start_model), "train.max_steps=10", "eval.at_end=false")
+    assert "resumed from step-00000008 at step 8" in proc.stderr
+    assert [r["step"] for r in metrics(copy)] == list(range(1, 11))
+
+
+def test_export_loads_in_stock_transformers_and_generates(sft_run, demo_dir):
+    out, _ = sft_run
+    import json as _json
+
+    from vlmscale.data.shards import ShardDataset
+
+    ref, members = ShardDataset(demo_dir / "heldout" / "vqa").read(0)
+    image = out / "q.png"
+    image.write_bytes(members["img0.png"])
+    question = _json.loads(members["json"])["messages"][0]["content"][-1]["text"]
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "hf_generate.py"), str(out / "hf"), str(image), question],
+                          capture_output=True, text=True, timeout=300, cwd=out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = _json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["new_tokens"] >= 1
+
+
+def test_end_of_run_eval_written(sft_run):
+    out, _ = sft_run
+    results = json.loads((out / "eval.json").read_text())
+    assert {"vqa", "grounding", "pope"} <= results.keys()

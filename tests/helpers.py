@@ -1,0 +1,32 @@
+"""Launch recipes the way users do, for the distributed and end-to-end tiers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def launch(recipe: str, *overrides: str, nproc: int = 2, timeout: int = 600, check: bool = True,
+           env: dict | None = None) -> subprocess.CompletedProcess:
+    """``deepspeed --num_gpus N recipes/<recipe>.py overrides...`` (``python`` directly for N=0)."""
+    script = str(REPO / "recipes" / f"{recipe}.py")
+    if nproc == 0:
+        cmd = [sys.executable, script, *overrides]
+    else:
+        port = str(29600 + os.getpid() % 300)
+        cmd = [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", port, script, *overrides]
+    full_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", **(env or {})}
+    proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    return proc
+
+
+def metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]

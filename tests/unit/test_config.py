@@ -1,0 +1,88 @@
+from pathlib import Path
+
+import pytest
+
+from vlmscale.config import ConfigError, SFTConfig, load_config, parse_cli
+from vlmscale.config.deepspeed import build_ds_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_defaults_validate():
+    cfg = load_config(SFTConfig)
+    assert cfg.model.preset == "demo" and cfg.resume == "auto"
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config(SFTConfig, overrides=["train.max_steps=7", "optim.lr=3e-4", "policy.vision.layers=1-2",
+                                            "policy.vision.trainable=true"])
+    assert cfg.train.max_steps == 7 and cfg.optim.lr == pytest.approx(3e-4)
+    assert cfg.policy.vision.layer_range() == (1, 2)
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("train.max_step=5", "Did you mean 'max_steps'"),
+    ("trian.max_steps=5", "Did you mean 'train'"),
+    ("train.max_steps=abc", "train.max_steps: expected an integer"),
+    ("train.bf16=maybe", "train.bf16: expected true/false"),
+    ("train.micro_batch_size=0", "train.micro_batch_size must be >= 1"),
+    ("model.preset=huge", "model.preset='huge'"),
+    ("policy.vision.layers=5-1", "start must be <= end"),
+    ("policy.projector.layers=1-2", "only the vision encoder"),
+    ("data.max_bad_fraction=2", "data.max_bad_fraction"),
+    ("noequals", "must look like key=value"),
+])
+def test_bad_values_name_the_field(override, needle):
+    with pytest.raises(ConfigError) as err:
+        load_config(SFTConfig, overrides=[override])
+    assert needle in str(err.value)
+
+
+def test_all_frozen_is_rejected():
+    with pytest.raises(ConfigError, match="every module is frozen"):
+        load_config(SFTConfig, overrides=["policy.projector.trainable=false", "policy.llm.lr=0"])
+
+
+def test_cli_parsing_drops_local_rank():
+    path, overrides = parse_cli(["--local_rank=1", "--config", "a.yaml", "x.y=1"])
+    assert path == "a.yaml" and overrides == ["x.y=1"]
+    with pytest.raises(ConfigError):
+        parse_cli(["--bogus"])
+
+
+@pytest.mark.parametrize("yaml_file", sorted((REPO / "recipes" / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_yaml_validates(yaml_file):
+    load_config(SFTConfig, path=yaml_file)
+
+
+@pytest.mark.parametrize("ds_file", sorted((REPO / "ds_configs").glob("*.json")), ids=lambda p: p.name)
+def test_ds_configs_are_filled_from_run_config(ds_file):
+    cfg = load_config(SFTConfig, overrides=[f"deepspeed.config={ds_file}", "train.micro_batch_size=3", "train.grad_accum_steps=2"])
+    ds = build_ds_config(cfg, world_size=4)
+    assert ds["train_micro_batch_size_per_gpu"] == 3
+    assert ds["gradient_accumulation_steps"] == 2
+    assert ds["train_batch_size"] == 24
+    assert ds["gradient_clipping"] == cfg.optim.max_grad_norm
+    assert ds["bf16"]["enabled"] is True
+
+
+def test_ds_contradiction_is_an_error(tmp_path):
+    bad = tmp_path / "ds.json"
+    bad.write_text('{"train_micro_batch_size_per_gpu": 16, "zero_optimization": {"stage": 3}}')
+    cfg = load_config(SFTConfig, overrides=[f"deepspeed.config={bad}", "train.micro_batch_size=4"])
+    with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu=16"):
+        build_ds_config(cfg, world_size=2)
+
+
+def test_global_batch_must_match_world():
+    cfg = load_config(SFTConfig, overrides=["train.global_batch_size=32", "train.micro_batch_size=4"])
+    with pytest.raises(ConfigError, match="world_size"):
+        build_ds_config(cfg, world_size=3)
+
+
+def test_ds_optimizer_section_rejected(tmp_path):
+    bad = tmp_path / "ds.json"
+    bad.write_text('{"optimizer": {"type": "AdamW"}, "zero_optimization": {"stage": 2}}')
+    cfg = load_config(SFTConfig, overrides=[f"deepspeed.config={bad}"])
+    with pytest.raises(ConfigError, match="remove the 'optimizer' section"):
+        build_ds_config(cfg, world_size=1)

@@ -1,0 +1,79 @@
+import io
+import json
+
+import pytest
+from PIL import Image
+
+from vlmscale.data.convert import convert_llava
+from vlmscale.data.dataset import TrainDataset, collate
+from vlmscale.data.shards import ShardDataset, ShardWriter
+
+
+def _png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (10, 200, 10)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _good(i):
+    return {"id": f"good{i}", "messages": [
+        {"role": "user", "content": [{"type": "image", "image": "img0.png"}, {"type": "text", "text": "Colour?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "green"}]}]}
+
+
+BAD = {
+    "corrupt_image": ({"id": "b1", "messages": _good(0)["messages"]}, {"img0.png": b"\x89PNG broken"}),
+    "missing_image": ({"id": "b2", "messages": _good(0)["messages"]}, {}),
+    "placeholder_mismatch": ({"id": "b3", "messages": [{"role": "user", "content": "<image><image>Q"},
+                                                      {"role": "assistant", "content": "A"}], "images": ["img0.png"]},
+                             {"img0.png": _png()}),
+    "no_assistant_turn": ({"id": "b4", "messages": [{"role": "user", "content": "Q"}]}, {}),
+    "too_long": ({"id": "b5", "messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "x " * 400}]}, {}),
+}
+
+
+@pytest.fixture()
+def mixed_shards(tmp_path):
+    w = ShardWriter(tmp_path / "mixed", max_count=7)
+    for i in range(20):
+        members = {"img0.png": _png()}
+        w.write(f"good{i:03d}", {"json": json.dumps(_good(i)).encode(), **members})
+    for reason, (rec, members) in BAD.items():
+        w.write(f"bad-{reason.replace('_', '-')}", {"json": json.dumps(rec).encode(), **members})
+    w.write("bad-json", {"json": b"{not json"})
+    w.close()
+    return tmp_path / "mixed"
+
+
+def test_bad_samples_are_replaced_and_counted(mixed_shards, tiny_assets):
+    src = ShardDataset(mixed_shards)
+    assert len(src) == 26
+    ds = TrainDataset(sources=[src], names=["mixed"], weights=[1.0], assets=tiny_assets, max_seq_len=256, seed=5)
+    items = [ds[p] for p in range(26)]
+    reasons = sorted(r for it in items for r in it.skipped)
+    assert sorted(set(reasons)) == sorted(list(BAD) + ["bad_json"])
+    assert all(it.sample_id.startswith("good") for it in items)
+    again = TrainDataset(sources=[ShardDataset(mixed_shards)], names=["mixed"], weights=[1.0], assets=tiny_assets,
+                         max_seq_len=256, seed=5)
+    assert [again[p].sample_id for p in range(26)] == [it.sample_id for it in items]  # replacement is (seed, position) only
+    batch = collate(items[:4], pad_id=tiny_assets.tokenizer.pad_token_id)
+    assert batch["num_read"] == 4 + sum(len(it.skipped) for it in items[:4])
+
+
+def test_convert_llava_roundtrip(tmp_path, tiny_assets):
+    root = tmp_path / "images"
+    root.mkdir()
+    (root / "a.png").write_bytes(_png())
+    data = [
+        {"id": "x1", "image": "a.png", "conversations": [{"from": "human", "value": "<image>\nWhat colour?"},
+                                                         {"from": "gpt", "value": "green"}]},
+        {"id": "x2", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},
+        {"id": "x3", "image": "missing.png", "conversations": [{"from": "human", "value": "<image>Q"}, {"from": "gpt", "value": "A"}]},
+    ]
+    (tmp_path / "llava.json").write_text(json.dumps(data))
+    counts = convert_llava(tmp_path / "llava.json", image_root=root, out_dir=tmp_path / "shards")
+    assert counts == {"written": 2, "skipped/missing_image": 1}
+    ds = TrainDataset(sources=[ShardDataset(tmp_path / "shards")], names=["llava"], weights=[1.0], assets=tiny_assets,
+                      max_seq_len=256, seed=0)
+    ids = {ds[p].sample_id for p in range(4)}
+    assert ids == {"x1", "x2"}

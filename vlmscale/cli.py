@@ -1,0 +1,98 @@
+"""The ``vlmscale`` command: data generation and conversion, evaluation.
+
+    vlmscale data demo --out DIR
+    vlmscale data convert llava --json FILE --image-root DIR --out DIR
+    vlmscale eval SUITE[,SUITE] --model DIR --data DIR [--out FILE.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+
+def _data_demo(args) -> int:
+    from vlmscale.data.demo import generate_demo
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        print(f"error: {out} is not empty; choose a new --out directory", file=sys.stderr)
+        return 2
+    meta = generate_demo(out, num_train_scenes=args.train_scenes, num_heldout_scenes=args.heldout_scenes, seed=args.seed)
+    print(json.dumps(meta["counts"], indent=2))
+    return 0
+
+
+def _data_convert(args) -> int:
+    from vlmscale.data.convert import convert_llava
+
+    counts = convert_llava(args.json, image_root=args.image_root, out_dir=args.out, shard_size=args.shard_size)
+    print(json.dumps(counts, indent=2))
+    return 0 if counts.get("written") else 1
+
+
+def _eval(args) -> int:
+    import torch
+
+    from vlmscale.engine.distributed import DistInfo
+    from vlmscale.eval.suites import format_table, run_suites
+    from vlmscale.model.build import load_pretrained
+
+    model, assets = load_pretrained(args.model, max_tiles=None, dtype=getattr(torch, args.dtype))
+    suites = [s for s in args.suite.split(",") if s]
+    results = run_suites(model, assets, Path(args.data), suites, dist=DistInfo(0, 1, 0),
+                         max_samples=args.max_samples, max_new_tokens=args.max_new_tokens)
+    print(format_table(results))
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlmscale", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="generate or convert datasets").add_subparsers(dest="data_command", required=True)
+    demo = data.add_parser("demo", help="generate the built-in demo dataset")
+    demo.add_argument("--out", required=True)
+    demo.add_argument("--train-scenes", type=int, default=6000)
+    demo.add_argument("--heldout-scenes", type=int, default=200)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=_data_demo)
+
+    convert = data.add_parser("convert", help="convert an existing dataset into shards")
+    fmt = convert.add_subparsers(dest="format", required=True)
+    llava = fmt.add_parser("llava", help="LLaVA-format JSON/JSONL (conversations with from: human/gpt)")
+    llava.add_argument("--json", required=True)
+    llava.add_argument("--image-root", required=True)
+    llava.add_argument("--out", required=True)
+    llava.add_argument("--shard-size", type=int, default=1000)
+    llava.set_defaults(func=_data_convert)
+
+    ev = sub.add_parser("eval", help="score a model on held-out data")
+    ev.add_argument("suite", help="vqa, grounding, pope (comma-separated for several)")
+    ev.add_argument("--model", required=True, help="an HF-format export, e.g. <output_dir>/hf")
+    ev.add_argument("--data", required=True, help="held-out directory holding <suite>/ shard folders")
+    ev.add_argument("--out", help="write results JSON here")
+    ev.add_argument("--max-samples", type=int, default=0)
+    ev.add_argument("--max-new-tokens", type=int, default=24)
+    ev.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ev.set_defaults(func=_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""Resumable checkpoints: DeepSpeed state + training progress + RNG, committed atomically.
+
+Layout under ``<output_dir>/checkpoints``::
+
+    step-00000200/            DeepSpeed tag dir (model, optimizer, scheduler; client state)
+    step-00000200/rng/rank-00000.pt   per-rank RNG states (plain tensors, weights_only-loadable)
+    step-00000200/COMMITTED   written last, by rank 0, after every rank finished writing
+    latest                    name of the newest committed tag (temp file + fsync + rename)
+
+A tag dir without ``COMMITTED`` is a torn save and is never loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlmscale.engine.distributed import DistInfo, barrier
+
+log = logging.getLogger(__name__)
+COMMIT = "COMMITTED"
+PREFIX = "step-"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def tag_for(step: int) -> str:
+    return f"{PREFIX}{step:08d}"
+
+
+def committed_tags(root: Path) -> list[str]:
+    if not root.is_dir():
+        return []
+    tags = [p.name for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / COMMIT).is_file()]
+    return sorted(tags)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class CheckpointManager:
+    def __init__(self, output_dir: str | Path, *, dist: DistInfo, keep_last: int):
+        self.root = Path(output_dir) / "checkpoints"
+        self.dist, self.keep_last = dist, keep_last
+
+    def save(self, engine, *, step: int, client_state: dict[str, Any]) -> Path:
+        """Collective: every rank writes its shards, then rank 0 commits."""
+        tag = tag_for(step)
+        t0 = time.time()
+        engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
+        rng_dir = self.root / tag / "rng"
+        rng_dir.mkdir(parents=True, exist_ok=True)
+        path = rng_dir / f"rank-{self.dist.rank:05d}.pt"
+        torch.save(rng_state(), path)
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+        barrier()
+        if self.dist.is_main:
+            meta = {"step": step, "world_size": self.dist.world_size, "time": time.time()}
+            _atomic_write(self.root / tag / COMMIT, json.dumps(meta))
+            _atomic_write(self.root / "latest", tag)
+            self._retain()
+        barrier()
+        log.info("checkpoint %s committed in %.1fs", tag, time.time() - t0)
+        return self.root / tag
+
+    def _retain(self) -> None:
+        if self.keep_last <= 0:
+            return
+        for tag in committed_tags(self.root)[: -self.keep_last]:
+            doomed = self.root / f".deleting-{tag}"
+            os.replace(self.root / tag, doomed)  # atomic: a kill mid-delete leaves no half checkpoint
+            shutil.rmtree(doomed, ignore_errors=True)
+
+    def clean_partial(self) -> None:
+        """Remove torn saves and interrupted deletions (rank 0, before training starts)."""
+        if not self.root.is_dir():
+            return
+        for p in self.root.iterdir():
+            if p.name.startswith(".deleting-") or (p.is_dir() and p.name.startswith(PREFIX) and not (p / COMMIT).exists()):
+                log.warning("removing incomplete checkpoint %s", p)
+                shutil.rmtree(p, ignore_errors=True)
+
+    def find(self, resume: str) -> str | None:
+        """The tag to resume from: newest committed (auto), none (never), or the one named."""
+        if resume == "never":
+            return None
+        if resume == "auto":
+            tags = committed_tags(self.root)
+            return tags[-1] if tags else None
+        named = Path(resume)
+        if not (named / COMMIT).is_file():
+            raise ValueError(f"resume={resume!r} is not a committed checkpoint directory (no {COMMIT} marker)")
+        if named.parent.resolve() != self.root.resolve():
+            raise ValueError(f"resume={resume!r} must be a checkpoint under {self.root}")
+        return named.name
+
+    def load(self, engine, tag: str) -> dict[str, Any]:
+        path, client = engine.load_checkpoint(str(self.root), tag=tag, load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {self.root / tag}; refusing to start from scratch")
+        rng_file = self.root / tag / "rng" / f"rank-{self.dist.rank:05d}.pt"
+        if rng_file.is_file():
+            set_rng_state(torch.load(rng_file, weights_only=True))
+        return client

@@ -1,0 +1,105 @@
+"""Shared recipe plumbing: from a validated config to a ready engine, data loader and resume point."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from vlmscale.config.deepspeed import build_ds_config
+from vlmscale.config.load import to_dict
+from vlmscale.config.schema import RunConfig
+from vlmscale.data.dataset import StepBatchSampler, TrainDataset, collate, open_sources
+from vlmscale.engine.checkpoint import CheckpointManager
+from vlmscale.engine.distributed import DistInfo, init_distributed
+from vlmscale.engine.metrics import MetricsLogger, setup_logging
+from vlmscale.engine.trainer import create_engine
+from vlmscale.engine.zero import load_weights, zero3_model_scope
+from vlmscale.model.build import build_model
+from vlmscale.model.policy import apply_policy
+from vlmscale.model.tokenizer import ProcessorAssets
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class Run:
+    cfg: RunConfig
+    dist: DistInfo
+    ds_config: dict[str, Any]
+    engine: Any
+    assets: ProcessorAssets
+    checkpoints: CheckpointManager
+    metrics: MetricsLogger
+    start_step: int
+    client_state: dict[str, Any]
+
+
+def setup_run(cfg: RunConfig) -> Run:
+    """Process group, model (partitioned under ZeRO-3), policy, engine, and resume."""
+    dist = init_distributed()
+    setup_logging(dist.rank)
+    ds_config = build_ds_config(cfg, world_size=dist.world_size)
+    out = Path(cfg.output_dir)
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    seed_everything(cfg.train.seed)
+    dtype = torch.bfloat16 if cfg.train.bf16 else torch.float32
+    with zero3_model_scope(ds_config):
+        model, assets = build_model(cfg.model, max_tiles=cfg.data.max_tiles, dtype=dtype, load_weights=load_weights)
+    if cfg.train.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    groups, summary = apply_policy(model, cfg.policy, base_lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    log.info("parameter policy (%s):\n%s", cfg.stage, summary.table())
+    engine, _ = create_engine(model, param_groups=groups, ds_config=ds_config, optim=cfg.optim, max_steps=cfg.train.max_steps)
+    checkpoints = CheckpointManager(out, dist=dist, keep_last=cfg.checkpoint.keep_last)
+    if dist.is_main:
+        checkpoints.clean_partial()
+    tag = checkpoints.find(cfg.resume)
+    client: dict[str, Any] = {}
+    start_step = 0
+    if tag is not None:
+        client = checkpoints.load(engine, tag)
+        start_step = int(client["step"])
+        log.info("resumed from %s at step %d (%d samples seen)", tag, start_step, client.get("samples_seen", 0))
+    elif cfg.resume == "auto":
+        log.info("no checkpoint in %s: starting from scratch", checkpoints.root)
+    metrics = MetricsLogger(out, enabled=dist.is_main, resume_step=start_step)
+    return Run(cfg, dist, ds_config, engine, assets, checkpoints, metrics, start_step, client)
+
+
+def make_loader(run: Run) -> torch.utils.data.DataLoader:
+    cfg = run.cfg
+    sources = open_sources(cfg.data)
+    dataset = TrainDataset(
+        sources=sources,
+        names=[s.name or s.path for s in cfg.data.sources],
+        weights=[s.weight for s in cfg.data.sources],
+        assets=run.assets,
+        max_seq_len=cfg.data.max_seq_len,
+        seed=cfg.train.seed,
+    )
+    sampler = StepBatchSampler(
+        rank=run.dist.rank, world_size=run.dist.world_size, micro_batch_size=cfg.train.micro_batch_size,
+        grad_accum_steps=cfg.train.grad_accum_steps, start_step=run.start_step, max_steps=cfg.train.max_steps,
+    )
+    pad = run.assets.tokenizer.pad_token_id
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
+        collate_fn=functools.partial(collate, pad_id=pad), prefetch_factor=4 if cfg.data.num_workers else None,
+        persistent_workers=False,
+    )

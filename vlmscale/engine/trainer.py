@@ -1,0 +1,119 @@
+"""DeepSpeed engine creation, the optimizer step with window-normalised loss, and HF export."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import torch
+
+from vlmscale.config.schema import OptimConfig
+from vlmscale.engine.distributed import all_reduce_sum, barrier
+from vlmscale.engine.zero import gathered_state_dict
+from vlmscale.model.forward import num_supervised, token_losses, vlm_logits
+from vlmscale.model.tokenizer import ProcessorAssets
+
+log = logging.getLogger(__name__)
+
+
+def lr_factor(step: int, *, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
+    """Linear warmup to 1, then cosine decay to ``min_lr_ratio`` at ``max_steps``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, max_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def create_engine(model: torch.nn.Module, *, param_groups: list[dict], ds_config: dict[str, Any],
+                  optim: OptimConfig, max_steps: int):
+    optimizer = torch.optim.AdamW(param_groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps)
+
+    def schedule(opt):
+        return torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: lr_factor(s, warmup_steps=optim.warmup_steps, max_steps=max_steps, min_lr_ratio=optim.min_lr_ratio)
+        )
+
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config,
+        model_parameters=None, dist_init_required=False,
+    )
+    return engine, scheduler
+
+
+@dataclass
+class StepStats:
+    loss: float
+    grad_norm: float
+    tokens: int  # non-pad tokens, all ranks
+    supervised: int  # supervised tokens, all ranks
+    samples: int  # samples trained, all ranks
+    bad: int  # samples skipped this step, all ranks
+    read: int  # samples read (trained + skipped), all ranks
+    skipped: dict[str, int] = field(default_factory=dict)  # this rank's skips by reason
+
+
+def train_step(engine, micro_batches: list[dict], *, device: torch.device) -> StepStats:
+    """One optimizer step over the accumulation window.
+
+    The loss is normalised by the supervised-token count of the whole window on all ranks, so a
+    token weighs the same whatever micro-batch or rank it lands in (DeepSpeed divides by the
+    accumulation steps and averages over ranks; the scale below undoes both).
+    """
+    local_sup = sum(num_supervised(b["labels"]) for b in micro_batches)
+    local_tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)
+    local_bad = sum(sum(b["skipped"].values()) for b in micro_batches)
+    local_read = sum(b["num_read"] for b in micro_batches)
+    local_samples = sum(len(b["sample_ids"]) for b in micro_batches)
+    total_sup, tokens, bad, read, samples = all_reduce_sum([local_sup, local_tokens, local_bad, local_read, local_samples])
+    world = engine.world_size if hasattr(engine, "world_size") else 1
+    scale = world * engine.gradient_accumulation_steps() / max(total_sup, 1.0)
+    loss_sum = 0.0
+    for b in micro_batches:
+        logits = vlm_logits(
+            engine.module,
+            input_ids=b["input_ids"].to(device),
+            attention_mask=b["attention_mask"].to(device),
+            pixel_values=None if b["pixel_values"] is None else b["pixel_values"].to(device),
+        )
+        per_token = token_losses(logits, b["labels"].to(device))
+        summed = per_token.sum()
+        engine.backward(summed * scale)
+        engine.step()
+        loss_sum += float(summed.detach())
+    (global_loss,) = all_reduce_sum([loss_sum])
+    grad_norm = engine.get_global_grad_norm()
+    skipped: dict[str, int] = {}
+    for b in micro_batches:
+        for k, v in b["skipped"].items():
+            skipped[k] = skipped.get(k, 0) + v
+    return StepStats(
+        loss=global_loss / max(total_sup, 1.0),
+        grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+        tokens=int(tokens), supervised=int(total_sup), samples=int(samples), bad=int(bad), read=int(read),
+        skipped=skipped,
+    )
+
+
+def export_hf(engine, *, assets: ProcessorAssets, out_dir: str | Path, meta: dict[str, Any]) -> Path | None:
+    """Write safetensors weights, config, tokenizer and processor to ``out_dir`` (collective)."""
+    t0 = time.time()
+    out = Path(out_dir)
+    state = gathered_state_dict(engine)
+    if state is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        model = engine.module
+        model.config.dtype = next(iter(state.values())).dtype
+        model.save_pretrained(out, state_dict=state)
+        model.generation_config.save_pretrained(out)
+        assets.save(out)
+        (out / "vlmscale.json").write_text(json.dumps(meta, indent=2))
+        log.info("exported %s in %.1fs", out, time.time() - t0)
+    barrier()
+    return out

@@ -1,0 +1,77 @@
+"""ZeRO-3 model scoping, partition-aware weight loading and consolidated state dicts."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import deepspeed
+import torch
+from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+from vlmscale.config.deepspeed import zero_stage
+from vlmscale.model.build import copy_into
+
+
+@contextlib.contextmanager
+def zero3_model_scope(ds_config: dict[str, Any]) -> Iterator[None]:
+    """While inside, transformers creates and loads models already ZeRO-3 partitioned.
+
+    ``HfDeepSpeedConfig`` acts through a global; it is scoped here so that nothing built
+    afterwards (e.g. an eval model) is partitioned by accident.
+    """
+    if zero_stage(ds_config) != 3:
+        yield
+        return
+    holder = HfDeepSpeedConfig(ds_config)  # noqa: F841 - must stay alive in this scope
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+
+
+def is_partitioned(p: torch.Tensor) -> bool:
+    return hasattr(p, "ds_id")
+
+
+def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Copy named tensors into a model whose parameters may be ZeRO-3 partitioned.
+
+    Each parameter is gathered, written on rank 0 and re-partitioned (``modifier_rank=0``), so no
+    rank ever holds more than one full parameter at a time.
+    """
+    params = dict(model.named_parameters())
+    unknown = [k for k in weights if k not in params]
+    if unknown:
+        raise ValueError(f"weights do not fit the model: unexpected keys {unknown[:5]}")
+    for name, value in weights.items():
+        p = params[name]
+        if is_partitioned(p):
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                if torch.distributed.get_rank() == 0:
+                    with torch.no_grad():
+                        copy_into(p, value, name=name)
+        else:
+            with torch.no_grad():
+                copy_into(p, value, name=name)
+
+
+def gathered_state_dict(engine) -> dict[str, torch.Tensor] | None:
+    """Full 16-bit state dict on rank 0 (None elsewhere). Collective: call on every rank."""
+    if engine.zero_optimization_partition_weights():
+        state = engine._zero3_consolidated_16bit_state_dict()
+        return state if torch.distributed.get_rank() == 0 else None
+    if torch.distributed.get_rank() != 0:
+        return None
+    return {k: v.detach().cpu().clone() for k, v in engine.module.state_dict().items()}
+
+
+@contextlib.contextmanager
+def gathered(params: list[torch.Tensor]) -> Iterator[None]:
+    """Full parameters on every rank for the duration (read-only)."""
+    partitioned = [p for p in params if is_partitioned(p)]
+    if not partitioned:
+        yield
+        return
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+        yield

@@ -1,0 +1,1 @@
+"""Evaluation suites: VQA exact match, grounding IoU, POPE probing."""

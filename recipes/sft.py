@@ -23,8 +23,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from vlmscale.config import ConfigError, SFTConfig, load_config, parse_cli
-from vlmscale.data.dataset import resolve_path
-from vlmscale.engine.distributed import device
+from vlmscale.data.dataset import TooManyBadSamples, check_bad_fraction, resolve_path
+from vlmscale.engine.distributed import device, sum_counts
 from vlmscale.engine.setup import make_loader, setup_run
 from vlmscale.engine.trainer import export_hf, train_step
 
@@ -50,11 +50,12 @@ def main(argv: list[str]) -> int:
     tokens_seen = int(run.client_state.get("tokens_seen", 0))
     bad_seen = int(run.client_state.get("bad_seen", 0))
     read_seen = int(run.client_state.get("read_seen", 0))
-    skipped: dict[str, int] = dict(run.client_state.get("skipped", {}))
+    # per-rank skip counts by reason; rank 0 carries the resumed run's global totals
+    skipped: dict[str, int] = dict(run.client_state.get("skipped", {})) if dist.is_main else {}
 
     def client_state(step: int) -> dict:
         return {"step": step, "samples_seen": samples_seen, "tokens_seen": tokens_seen, "bad_seen": bad_seen,
-                "read_seen": read_seen, "skipped": skipped, "data_position": samples_seen + bad_seen,
+                "read_seen": read_seen, "skipped": sum_counts(skipped), "data_position": samples_seen,
                 "world_size": dist.world_size}
 
     # ---------------------------------------------------------------- train
@@ -73,11 +74,7 @@ def main(argv: list[str]) -> int:
         window_tokens += stats.tokens
         for k, v in stats.skipped.items():
             skipped[k] = skipped.get(k, 0) + v
-        if read_seen >= cfg.data.bad_check_after and bad_seen > cfg.data.max_bad_fraction * read_seen:
-            raise RuntimeError(
-                f"{bad_seen} of {read_seen} samples read were unusable ({bad_seen / read_seen:.1%}), above "
-                f"data.max_bad_fraction={cfg.data.max_bad_fraction}; see the 'skipping sample' warnings for reasons"
-            )
+        check_bad_fraction(bad=bad_seen, read=read_seen, data=cfg.data)
         done = step + 1
         bar.update(1)
         bar.set_postfix(loss=f"{stats.loss:.3f}")
@@ -89,14 +86,15 @@ def main(argv: list[str]) -> int:
                 "supervised_tokens": stats.supervised, "bad_samples": bad_seen,
                 "data_wait_fraction": data_wait / max(elapsed, 1e-9),
             }
-            record.update({f"skipped/{k}": v for k, v in skipped.items()})
+            record.update({f"skipped/{k}": v for k, v in sum_counts(skipped).items()})
             run.metrics.log(record)
             window_t0, window_tokens, data_wait = time.time(), 0, 0.0
         if done % cfg.checkpoint.every_steps == 0 or done == cfg.train.max_steps:
             run.checkpoints.save(engine, step=done, client_state=client_state(done))
     bar.close()
-    if skipped:
-        log.warning("skipped samples by reason: %s", skipped)
+    total_skipped = sum_counts(skipped)
+    if total_skipped:
+        log.warning("skipped samples by reason: %s", total_skipped)
 
     # ---------------------------------------------------------------- export + eval
     out = Path(cfg.output_dir)
@@ -118,4 +116,8 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except TooManyBadSamples as exc:
+        log.error("stopping: %s", exc)
+        sys.exit(3)

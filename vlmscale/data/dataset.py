@@ -106,6 +106,19 @@ class TrainDataset(torch.utils.data.Dataset):
         )
 
 
+class TooManyBadSamples(RuntimeError):
+    """The share of unusable samples passed ``data.max_bad_fraction``."""
+
+
+def check_bad_fraction(*, bad: int, read: int, data: DataConfig) -> None:
+    """Raise on every rank alike (callers pass all-reduced counts, so no rank diverges)."""
+    if read >= data.bad_check_after and bad > data.max_bad_fraction * read:
+        raise TooManyBadSamples(
+            f"{bad} of {read} samples read were unusable ({bad / read:.1%}), above "
+            f"data.max_bad_fraction={data.max_bad_fraction}; the 'skipping sample' warnings give each reason"
+        )
+
+
 class StepBatchSampler(torch.utils.data.Sampler):
     """Micro-batches of global positions for one rank, from ``start_step`` to ``max_steps``.
 

@@ -68,6 +68,15 @@ def all_gather_objects(obj):
     return out
 
 
+def sum_counts(counts: dict[str, int]) -> dict[str, int]:
+    """Sum per-rank ``{name: count}`` dicts over all ranks (collective; every rank gets the total)."""
+    total: dict[str, int] = {}
+    for part in all_gather_objects(counts):
+        for k, v in part.items():
+            total[k] = total.get(k, 0) + v
+    return dict(sorted(total.items()))
+
+
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()

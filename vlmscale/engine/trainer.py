@@ -110,7 +110,15 @@ def export_hf(engine, *, assets: ProcessorAssets, out_dir: str | Path, meta: dic
         out.mkdir(parents=True, exist_ok=True)
         model = engine.module
         model.config.dtype = next(iter(state.values())).dtype
-        model.save_pretrained(out, state_dict=state)
+        # transformers records the key renamings it applied when this model was loaded and
+        # re-applies them in reverse on save; with an explicit state_dict that doubles prefixes
+        # (``language_model.model.model.*``). Saving without the record gives the standard layout.
+        loaded_with = getattr(model, "_weight_conversions", None)
+        model._weight_conversions = None
+        try:
+            model.save_pretrained(out, state_dict=state)
+        finally:
+            model._weight_conversions = loaded_with
         model.generation_config.save_pretrained(out)
         assets.save(out)
         (out / "vlmscale.json").write_text(json.dumps(meta, indent=2))

@@ -10,7 +10,7 @@ import torch
 from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
 from vlmscale.config.deepspeed import zero_stage
-from vlmscale.model.build import copy_into
+from vlmscale.model.build import LazyTensor, copy_into
 
 
 @contextlib.contextmanager
@@ -34,7 +34,7 @@ def is_partitioned(p: torch.Tensor) -> bool:
     return hasattr(p, "ds_id")
 
 
-def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+def load_weights(model: torch.nn.Module, weights: dict[str, LazyTensor]) -> None:
     """Copy named tensors into a model whose parameters may be ZeRO-3 partitioned.
 
     Each parameter is gathered, written on rank 0 and re-partitioned (``modifier_rank=0``), so no
@@ -50,10 +50,10 @@ def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> No
             with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
                 if torch.distributed.get_rank() == 0:
                     with torch.no_grad():
-                        copy_into(p, value, name=name)
+                        copy_into(p, value.load(), name=name)
         else:
             with torch.no_grad():
-                copy_into(p, value, name=name)
+                copy_into(p, value.load(), name=name)
 
 
 def gathered_state_dict(engine) -> dict[str, torch.Tensor] | None:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 from transformers import (
     AutoConfig,
     AutoModelForImageTextToText,
@@ -36,7 +36,7 @@ from vlmscale.model.tokenizer import (
 )
 
 log = logging.getLogger(__name__)
-LoadWeights = Callable[[torch.nn.Module, dict[str, torch.Tensor]], None]
+LoadWeights = Callable[[torch.nn.Module, dict[str, "LazyTensor"]], None]
 
 
 @functools.lru_cache(maxsize=4)
@@ -150,24 +150,46 @@ def load_pretrained(path: str, *, max_tiles: int | None, dtype: torch.dtype, cfg
     return model, assets
 
 
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+class LazyTensor:
+    """One tensor of a safetensors file, read only when ``load()`` is called."""
+
+    def __init__(self, file: Path, key: str):
+        self.file, self.key = file, key
+
+    def load(self) -> torch.Tensor:
+        with safe_open(str(self.file), framework="pt") as f:
+            return f.get_tensor(self.key)
+
+
+def _index_weights(path: Path) -> dict[str, LazyTensor]:
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise ValueError(f"{path}: no *.safetensors weights found (only safetensors are loaded)")
-    out: dict[str, torch.Tensor] = {}
-    for f in files:
-        out.update(load_file(str(f)))
+    out: dict[str, LazyTensor] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                out[key] = LazyTensor(file, key)
     return out
 
 
-def _vision_config_and_weights(path: Path) -> tuple[InternVLVisionConfig, dict[str, torch.Tensor]]:
+# InternVL checkpoints store the vision encoder under one of these prefixes (the original HF
+# layout, the in-memory module layout, or none for a standalone vision checkpoint).
+_VISION_PREFIXES = ("vision_tower.", "model.vision_tower.")
+
+
+def _vision_config_and_weights(path: Path) -> tuple[InternVLVisionConfig, dict[str, LazyTensor]]:
     config = AutoConfig.from_pretrained(path)
-    weights = _read_weights(path)
+    weights = _index_weights(path)
     if isinstance(config, InternVLConfig):
-        prefix = "model.vision_tower."
-        return config.vision_config, {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+        out = {}
+        for key, value in weights.items():
+            for prefix in _VISION_PREFIXES:
+                if key.startswith(prefix):
+                    out[key[len(prefix):]] = value
+        return config.vision_config, out
     if isinstance(config, InternVLVisionConfig):
-        return config, weights
+        return config, {k[len("model."):] if k.startswith("model.") else k: v for k, v in weights.items()}
     raise ValueError(f"model.vision={str(path)!r}: expected an InternVL or InternVL vision checkpoint, got {type(config).__name__}")
 
 
@@ -180,7 +202,7 @@ def compose(cfg: ModelConfig, *, max_tiles: int, dtype: torch.dtype, load_weight
     image_size = vision_config.image_size[0]
     patch = vision_config.patch_size[0]
     seq_len = (image_size // patch) ** 2 // 4
-    llm_weights = _read_weights(llm_path)
+    llm_weights = _index_weights(llm_path)
     text_config.vocab_size = max(text_config.vocab_size, len(tokenizer))
     config = InternVLConfig(
         vision_config=vision_config.to_dict(),
@@ -207,7 +229,7 @@ def compose(cfg: ModelConfig, *, max_tiles: int, dtype: torch.dtype, load_weight
     return model, assets
 
 
-def load_weights_plain(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+def load_weights_plain(model: torch.nn.Module, weights: dict[str, LazyTensor]) -> None:
     """Copy ``weights`` into a model that is not partitioned; rows beyond a smaller vocab keep their init."""
     params = dict(model.named_parameters())
     unknown = [k for k in weights if k not in params]
@@ -215,7 +237,7 @@ def load_weights_plain(model: torch.nn.Module, weights: dict[str, torch.Tensor])
         raise ValueError(f"weights do not fit the model: unexpected keys {unknown[:5]}")
     with torch.no_grad():
         for name, value in weights.items():
-            copy_into(params[name], value, name=name)
+            copy_into(params[name], value.load(), name=name)
 
 
 def copy_into(param: torch.Tensor, value: torch.Tensor, *, name: str) -> None:

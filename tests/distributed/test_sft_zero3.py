@@ -69,6 +69,13 @@ def test_trainable_changed_frozen_did_not(sft_run, start_model):
             assert not same, f"trainable {name} did not change"
 
 
+def test_model_is_created_partitioned(sft_run):
+    _, proc = sft_run
+    line = next(l for l in proc.stderr.splitlines() if "parameters on this rank after build" in l)
+    share = float(line.rsplit("(", 1)[1].rstrip("%)"))
+    assert 45 <= share <= 60, line  # ZeRO-3 over 2 ranks: each holds about half (small params padded)
+
+
 def test_checkpoints_are_committed(sft_run):
     out, _ = sft_run
     ckpts = out / "checkpoints"

@@ -21,7 +21,7 @@ from vlmscale.engine.checkpoint import CheckpointManager
 from vlmscale.engine.distributed import DistInfo, init_distributed
 from vlmscale.engine.metrics import MetricsLogger, setup_logging
 from vlmscale.engine.trainer import create_engine
-from vlmscale.engine.zero import load_weights, zero3_model_scope
+from vlmscale.engine.zero import load_weights, local_param_share, zero3_model_scope
 from vlmscale.model.build import build_model
 from vlmscale.model.policy import apply_policy
 from vlmscale.model.tokenizer import ProcessorAssets
@@ -61,8 +61,10 @@ def setup_run(cfg: RunConfig) -> Run:
     dtype = torch.bfloat16 if cfg.train.bf16 else torch.float32
     with zero3_model_scope(ds_config):
         model, assets = build_model(cfg.model, max_tiles=cfg.data.max_tiles, dtype=dtype, load_weights=load_weights)
+    held, total = local_param_share(model)
+    log.info("parameters on this rank after build: %s of %s (%.0f%%)", f"{held:,}", f"{total:,}", 100 * held / max(total, 1))
     if cfg.train.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     groups, summary = apply_policy(model, cfg.policy, base_lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     log.info("parameter policy (%s):\n%s", cfg.stage, summary.table())
     engine, _ = create_engine(model, param_groups=groups, ds_config=ds_config, optim=cfg.optim, max_steps=cfg.train.max_steps)

@@ -75,3 +75,16 @@ def gathered(params: list[torch.Tensor]) -> Iterator[None]:
         return
     with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
         yield
+
+
+def local_param_share(model: torch.nn.Module) -> tuple[int, int]:
+    """(elements this rank holds, elements in the model): ~1/world under ZeRO-3, all otherwise."""
+    held = total = 0
+    for p in model.parameters():
+        if is_partitioned(p):
+            held += p.ds_tensor.numel()
+            total += p.ds_numel
+        else:
+            held += p.numel()
+            total += p.numel()
+    return held, total

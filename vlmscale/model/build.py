@@ -81,6 +81,28 @@ def preset_config(name: str, *, vocab_size: int, image_token_id: int, pad_token_
     )
 
 
+def sincos_2d(grid: int, dim: int) -> torch.Tensor:
+    """Fixed 2-D sin-cos position embeddings (MAE-style), ``(grid * grid, dim)`` in raster order."""
+    assert dim % 4 == 0, dim
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij")
+    parts = []
+    for coord in (ys.reshape(-1), xs.reshape(-1)):
+        angles = coord[:, None] * omega[None, :]
+        parts += [angles.sin(), angles.cos()]
+    return torch.cat(parts, dim=1).float()
+
+
+class InMemory:
+    """A computed tensor with the ``load()`` interface of :class:`LazyTensor`."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+
+    def load(self) -> torch.Tensor:
+        return self.tensor
+
+
 def preset_assets(name: str, *, max_tiles: int | None = None) -> ProcessorAssets:
     p = PRESETS[name]
     return ProcessorAssets(
@@ -124,6 +146,12 @@ def build_model(
     )
     config._attn_implementation = cfg.attn_implementation
     model = InternVLForConditionalGeneration._from_config(config, dtype=dtype)
+    # InternVL initialises the vision position embeddings to zero, which leaves a from-scratch
+    # encoder blind to where things are; presets start from fixed 2-D sin-cos embeddings instead.
+    p = PRESETS[cfg.preset]
+    grid = p.image_size // p.patch_size
+    table = torch.cat([torch.zeros(1, p.vision_hidden), sincos_2d(grid, p.vision_hidden)]).unsqueeze(0)
+    load_weights(model, {"model.vision_tower.embeddings.position_embeddings": InMemory(table)})
     _finish(model, assets)
     return model, assets
 

@@ -18,15 +18,21 @@ def _dummy_tile(model: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros((1, 3, size[0], size[1]), dtype=dtype)
 
 
+def image_features(model: torch.nn.Module, pixel_values: torch.Tensor | None) -> torch.Tensor:
+    """Projected features ``(tiles * image_seq_length, hidden)``; a blank tile when there are no images."""
+    inner = model.model
+    dtype = next(inner.multi_modal_projector.parameters()).dtype
+    pixels = pixel_values.to(dtype) if pixel_values is not None else _dummy_tile(model, dtype)
+    features = inner.get_image_features(pixel_values=pixels, return_dict=True).pooler_output
+    return features.reshape(-1, features.shape[-1])
+
+
 def vlm_logits(model: torch.nn.Module, *, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                pixel_values: torch.Tensor | None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
     inner = model.model
-    dtype = next(inner.multi_modal_projector.parameters()).dtype
     embeds = inner.get_input_embeddings()(input_ids)
     has_images = pixel_values is not None
-    pixels = pixel_values.to(dtype) if has_images else _dummy_tile(model, dtype)
-    features = inner.get_image_features(pixel_values=pixels, return_dict=True).pooler_output
-    features = features.reshape(-1, features.shape[-1]).to(embeds.dtype)
+    features = image_features(model, pixel_values).to(embeds.dtype)
     if has_images:
         mask = (input_ids == model.config.image_token_id).unsqueeze(-1)
         if int(mask.sum()) != features.shape[0]:

@@ -40,7 +40,7 @@ def test_bad_values_name_the_field(override, needle):
 
 def test_all_frozen_is_rejected():
     with pytest.raises(ConfigError, match="every module is frozen"):
-        load_config(SFTConfig, overrides=["policy.projector.trainable=false", "policy.llm.lr=0"])
+        load_config(SFTConfig, overrides=["policy.vision.trainable=false", "policy.projector.trainable=false", "policy.llm.lr=0"])
 
 
 def test_cli_parsing_drops_local_rank():

@@ -5,11 +5,11 @@ text-only data, then exports a Hugging Face model. With no arguments it trains t
 model on the built-in demo data (generated on first use)::
 
     deepspeed --num_gpus 2 recipes/sft.py
-    deepspeed recipes/sft.py --config recipes/configs/sft_demo.yaml train.max_steps=100
+    deepspeed recipes/sft.py --config recipes/configs/sft_llava_example.yaml train.max_steps=100
 
 Outputs (all under ``output_dir``): config.yaml, metrics.jsonl, tensorboard/, checkpoints/,
-hf/ (safetensors + tokenizer + processor) and eval.json. Re-running the same command resumes
-from the newest complete checkpoint (``resume=auto``).
+hf/ (safetensors + tokenizer + processor), eval/ and eval.json (held-out scores of the final
+model). Re-running the same command resumes from the newest complete checkpoint (``resume=auto``).
 """
 
 from __future__ import annotations
@@ -23,10 +23,12 @@ from pathlib import Path
 from tqdm import tqdm
 
 from vlmscale.config import ConfigError, SFTConfig, load_config, parse_cli
-from vlmscale.data.dataset import TooManyBadSamples, check_bad_fraction, resolve_path
-from vlmscale.engine.distributed import device, sum_counts
+from vlmscale.data.dataset import TooManyBadSamples, resolve_path
+from vlmscale.engine.distributed import device
+from vlmscale.engine.progress import Progress
 from vlmscale.engine.setup import make_loader, setup_run
 from vlmscale.engine.trainer import export_hf, train_step
+from vlmscale.eval.periodic import PeriodicEval
 
 log = logging.getLogger("vlmscale.sft")
 
@@ -43,74 +45,43 @@ def main(argv: list[str]) -> int:
     # ---------------------------------------------------------------- build
     run = setup_run(cfg)
     engine, dist = run.engine, run.dist
-    loader = make_loader(run)
-    batches = iter(loader)
+    batches = iter(make_loader(run))
+    progress = Progress(run.client_state, dist=dist)
+    evaluator = PeriodicEval(cfg.eval, heldout=resolve_path(cfg.data.heldout, cfg.data),
+                             output_dir=Path(cfg.output_dir), dist=dist, assets=run.assets)
+    evaluator.prepare(engine.module, fresh=run.start_step == 0)
     dev = device()
-    samples_seen = int(run.client_state.get("samples_seen", 0))
-    tokens_seen = int(run.client_state.get("tokens_seen", 0))
-    bad_seen = int(run.client_state.get("bad_seen", 0))
-    read_seen = int(run.client_state.get("read_seen", 0))
-    # per-rank skip counts by reason; rank 0 carries the resumed run's global totals
-    skipped: dict[str, int] = dict(run.client_state.get("skipped", {})) if dist.is_main else {}
-
-    def client_state(step: int) -> dict:
-        return {"step": step, "samples_seen": samples_seen, "tokens_seen": tokens_seen, "bad_seen": bad_seen,
-                "read_seen": read_seen, "skipped": sum_counts(skipped), "data_position": samples_seen,
-                "world_size": dist.world_size}
 
     # ---------------------------------------------------------------- train
     engine.train()
-    bar = tqdm(total=cfg.train.max_steps, initial=run.start_step, disable=not dist.is_main, desc="sft", dynamic_ncols=True)
-    window_t0, window_tokens, data_wait = time.time(), 0, 0.0
+    bar = tqdm(total=cfg.train.max_steps, initial=run.start_step, disable=not dist.is_main, desc=cfg.stage, dynamic_ncols=True)
     for step in range(run.start_step, cfg.train.max_steps):
         t_wait = time.time()
         micro = [next(batches) for _ in range(cfg.train.grad_accum_steps)]
-        data_wait += time.time() - t_wait
+        progress.data_wait += time.time() - t_wait
         stats = train_step(engine, micro, device=dev)
-        samples_seen += stats.samples
-        tokens_seen += stats.tokens
-        bad_seen += stats.bad
-        read_seen += stats.read
-        window_tokens += stats.tokens
-        for k, v in stats.skipped.items():
-            skipped[k] = skipped.get(k, 0) + v
-        check_bad_fraction(bad=bad_seen, read=read_seen, data=cfg.data)
+        progress.update(stats, data=cfg.data)
         done = step + 1
         bar.update(1)
         bar.set_postfix(loss=f"{stats.loss:.3f}")
         if done % cfg.train.log_every_steps == 0 or done == cfg.train.max_steps:
-            elapsed = time.time() - window_t0
-            record = {
-                "step": done, "loss": stats.loss, "lr": engine.get_lr()[0], "grad_norm": stats.grad_norm,
-                "samples": samples_seen, "tokens": tokens_seen, "tokens_per_s": window_tokens / max(elapsed, 1e-9),
-                "supervised_tokens": stats.supervised, "bad_samples": bad_seen,
-                "data_wait_fraction": data_wait / max(elapsed, 1e-9),
-            }
-            record.update({f"skipped/{k}": v for k, v in sum_counts(skipped).items()})
-            run.metrics.log(record)
-            window_t0, window_tokens, data_wait = time.time(), 0, 0.0
+            run.metrics.log(progress.record(done, stats, lr=engine.get_lr()[0]))
         if done % cfg.checkpoint.every_steps == 0 or done == cfg.train.max_steps:
-            run.checkpoints.save(engine, step=done, client_state=client_state(done))
+            run.checkpoints.save(engine, step=done, client_state=progress.client_state(done))
+        if evaluator.due(done) and done < cfg.train.max_steps:
+            run.metrics.log(evaluator.run(engine.module, step=done))
     bar.close()
-    total_skipped = sum_counts(skipped)
-    if total_skipped:
-        log.warning("skipped samples by reason: %s", total_skipped)
 
-    # ---------------------------------------------------------------- export + eval
+    # ---------------------------------------------------------------- export + final eval
     out = Path(cfg.output_dir)
     if cfg.checkpoint.export:
         export_hf(engine, assets=run.assets, out_dir=out / "hf",
-                  meta={"stage": cfg.stage, "steps": cfg.train.max_steps, "samples_seen": samples_seen})
-    if cfg.eval.at_end and cfg.checkpoint.export:
-        from vlmscale.eval.suites import format_table, run_suites
-        from vlmscale.model.build import load_pretrained
-
-        model, assets = load_pretrained(str(out / "hf"), max_tiles=cfg.data.max_tiles, dtype=engine.module.dtype)
-        results = run_suites(model, assets, resolve_path(cfg.data.heldout, cfg.data), cfg.eval.suites, dist=dist,
-                             max_samples=cfg.eval.max_samples, max_new_tokens=cfg.eval.max_new_tokens)
+                  meta={"stage": cfg.stage, "steps": cfg.train.max_steps, "samples_seen": progress.samples})
+    if cfg.eval.at_end:
+        record = evaluator.run(engine.module, step=cfg.train.max_steps, final=True)
+        run.metrics.log(record)
         if dist.is_main:
-            (out / "eval.json").write_text(json.dumps(results, indent=2))
-            log.info("held-out evaluation:\n%s", format_table(results))
+            (out / "eval.json").write_text(json.dumps(record, indent=2))
     run.metrics.close()
     return 0
 

@@ -2,7 +2,8 @@
 
     vlmscale data demo --out DIR
     vlmscale data convert llava --json FILE --image-root DIR --out DIR
-    vlmscale eval SUITE[,SUITE] --model DIR --data DIR [--out FILE.json]
+    vlmscale eval SUITE[,SUITE] --model DIR --data DIR [--reference DIR] [--vcd] [--out FILE.json]
+    vlmscale eval compare A.json B.json
 """
 
 from __future__ import annotations
@@ -35,20 +36,58 @@ def _data_convert(args) -> int:
 
 
 def _eval(args) -> int:
+    import os
+
     import torch
 
-    from vlmscale.engine.distributed import DistInfo
-    from vlmscale.eval.suites import format_table, run_suites
+    from vlmscale.engine.distributed import DistInfo, init_distributed
+    from vlmscale.eval.generate import VCDConfig
+    from vlmscale.eval.suites import drift_records, encoder_features, format_table, run_suites
     from vlmscale.model.build import load_pretrained
 
-    model, assets = load_pretrained(args.model, max_tiles=None, dtype=getattr(torch, args.dtype))
+    dist = init_distributed() if int(os.environ.get("WORLD_SIZE", "1")) > 1 else DistInfo(0, 1, 0)
+    dtype = getattr(torch, args.dtype)
     suites = [s for s in args.suite.split(",") if s]
-    results = run_suites(model, assets, Path(args.data), suites, dist=DistInfo(0, 1, 0),
-                         max_samples=args.max_samples, max_new_tokens=args.max_new_tokens)
-    print(format_table(results))
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2))
+    reference = None
+    if "drift" in suites:
+        if not args.reference:
+            print("error: the drift suite needs --reference DIR (the model to compare the encoder with)", file=sys.stderr)
+            return 2
+        ref_model, ref_assets = load_pretrained(args.reference, max_tiles=None, dtype=dtype)
+        reference = encoder_features(ref_model, ref_assets, drift_records(Path(args.data), args.max_samples),
+                                     rank=dist.rank, world_size=dist.world_size)
+        del ref_model
+    model, assets = load_pretrained(args.model, max_tiles=None, dtype=dtype)
+    vcd = VCDConfig(alpha=args.vcd_alpha, beta=args.vcd_beta) if args.vcd else None
+    results = run_suites(model, assets, Path(args.data), suites, rank=dist.rank, world_size=dist.world_size,
+                         max_samples=args.max_samples, max_new_tokens=args.max_new_tokens, vcd=vcd,
+                         reference_features=reference)
+    if dist.is_main:
+        print(format_table(results))
+        if args.out:
+            Path(args.out).write_text(json.dumps({"model": args.model, "vcd": args.vcd, **results}, indent=2))
     return 0
+
+
+def _eval_compare(args) -> int:
+    from vlmscale.eval.suites import compare
+
+    a, b = (json.loads(Path(p).read_text()) for p in (args.a, args.b))
+    print(compare(a, b, names=(Path(args.a).stem, Path(args.b).stem)))
+    return 0
+
+
+def _eval_dispatch(args) -> int:
+    if args.suite == "compare":
+        if len(args.files) != 2:
+            print("usage: vlmscale eval compare A.json B.json", file=sys.stderr)
+            return 2
+        args.a, args.b = args.files
+        return _eval_compare(args)
+    if args.files or not args.model or not args.data:
+        print("usage: vlmscale eval SUITE[,SUITE] --model DIR --data DIR [--out FILE]", file=sys.stderr)
+        return 2
+    return _eval(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,15 +111,20 @@ def build_parser() -> argparse.ArgumentParser:
     llava.add_argument("--shard-size", type=int, default=1000)
     llava.set_defaults(func=_data_convert)
 
-    ev = sub.add_parser("eval", help="score a model on held-out data")
-    ev.add_argument("suite", help="vqa, grounding, pope (comma-separated for several)")
-    ev.add_argument("--model", required=True, help="an HF-format export, e.g. <output_dir>/hf")
-    ev.add_argument("--data", required=True, help="held-out directory holding <suite>/ shard folders")
+    ev = sub.add_parser("eval", help="score a model on held-out data, or compare two results")
+    ev.add_argument("suite", help="vqa, grounding, pope, text, drift (comma-separated), or 'compare A.json B.json'")
+    ev.add_argument("files", nargs="*", help="with 'compare': the two result files")
+    ev.add_argument("--model", help="an HF-format export, e.g. <output_dir>/hf")
+    ev.add_argument("--data", help="held-out directory holding <suite>/ shard folders (e.g. data/demo/heldout)")
+    ev.add_argument("--reference", help="drift: the model whose vision encoder is the reference")
     ev.add_argument("--out", help="write results JSON here")
     ev.add_argument("--max-samples", type=int, default=0)
     ev.add_argument("--max-new-tokens", type=int, default=24)
+    ev.add_argument("--vcd", action="store_true", help="visual contrastive decoding for generative suites")
+    ev.add_argument("--vcd-alpha", type=float, default=1.0)
+    ev.add_argument("--vcd-beta", type=float, default=0.1)
     ev.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    ev.set_defaults(func=_eval)
+    ev.set_defaults(func=_eval_dispatch)
     return parser
 
 

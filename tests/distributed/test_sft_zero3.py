@@ -10,42 +10,15 @@ import sys
 import pytest
 import torch
 
+from tests.distributed.conftest import sft_overrides
 from tests.helpers import REPO, launch, metrics
 
 pytestmark = pytest.mark.distributed
 
 
-@pytest.fixture(scope="module")
-def start_model(tmp_path_factory):
-    """A tiny preset model saved as an HF export, so the test knows every starting weight."""
-    from vlmscale.model.build import build_model, load_weights_plain
-    from vlmscale.config import SFTConfig, load_config
-
-    torch.manual_seed(0)
-    cfg = load_config(SFTConfig, overrides=["model.preset=tiny"])
-    model, assets = build_model(cfg.model, max_tiles=4, dtype=torch.bfloat16, load_weights=load_weights_plain)
-    out = tmp_path_factory.mktemp("start") / "hf"
-    model.save_pretrained(out)
-    assets.save(out)
-    return out
-
-
-def _common(demo_dir, out, start):
-    return [f"output_dir={out}", f"data.demo_dir={demo_dir}", f"model.init_from={start}", "train.micro_batch_size=4",
-            "train.grad_accum_steps=2", "train.log_every_steps=1", "checkpoint.every_steps=4", "optim.lr=1e-2",
-            "optim.warmup_steps=1", "eval.max_samples=12", "eval.max_new_tokens=8"]
-
-
-@pytest.fixture(scope="module")
-def sft_run(tmp_path_factory, demo_dir, start_model):
-    out = tmp_path_factory.mktemp("sft") / "run"
-    proc = launch("sft", *_common(demo_dir, out, start_model), "train.max_steps=8")
-    return out, proc
-
-
 def test_loss_falls_and_metrics_are_complete(sft_run):
     out, _ = sft_run
-    rows = metrics(out)
+    rows = [r for r in metrics(out) if "loss" in r]
     assert [r["step"] for r in rows] == list(range(1, 9))
     for key in ("step", "loss", "lr", "grad_norm", "samples", "tokens", "tokens_per_s"):
         assert all(key in r for r in rows), key
@@ -63,7 +36,9 @@ def test_trainable_changed_frozen_did_not(sft_run, start_model):
     assert before.keys() == after.keys()
     for name, w0 in before.items():
         same = torch.equal(w0, after[name])
-        if name.startswith("model.vision_tower."):
+        # policy.vision.layers=1-1: only the last of the tiny encoder's two layers trains
+        frozen = name.startswith("model.vision_tower.") and not name.startswith("model.vision_tower.encoder.layer.1.")
+        if frozen:
             assert same, f"frozen {name} changed"
         else:
             assert not same, f"trainable {name} did not change"
@@ -90,10 +65,10 @@ def test_resume_recomputes_identical_losses(sft_run, demo_dir, start_model, tmp_
     copy = tmp_path / "run"
     shutil.copytree(out, copy)
     shutil.rmtree(copy / "checkpoints" / "step-00000008")
-    proc = launch("sft", *_common(demo_dir, copy, start_model), "train.max_steps=8", "eval.at_end=false")
+    proc = launch("sft", *sft_overrides(demo_dir, copy, start_model), "train.max_steps=8", "eval.at_end=false")
     assert "resumed from step-00000004 at step 4" in proc.stderr
-    original = {r["step"]: r for r in metrics(out)}
-    resumed = {r["step"]: r for r in metrics(copy)}
+    original = {r["step"]: r for r in metrics(out) if "loss" in r}
+    resumed = {r["step"]: r for r in metrics(copy) if "loss" in r}
     assert sorted(resumed) == list(range(1, 9))
     for step in range(5, 9):
         assert resumed[step]["loss"] == pytest.approx(original[step]["loss"], abs=1e-6), step
@@ -104,9 +79,9 @@ def test_relaunch_continues_to_a_longer_horizon(sft_run, demo_dir, start_model, 
     out, _ = sft_run
     copy = tmp_path / "run"
     shutil.copytree(out, copy)
-    proc = launch("sft", *_common(demo_dir, copy, start_model), "train.max_steps=10", "eval.at_end=false")
+    proc = launch("sft", *sft_overrides(demo_dir, copy, start_model), "train.max_steps=10", "eval.at_end=false")
     assert "resumed from step-00000008 at step 8" in proc.stderr
-    assert [r["step"] for r in metrics(copy)] == list(range(1, 11))
+    assert [r["step"] for r in metrics(copy) if "loss" in r] == list(range(1, 11))
 
 
 def test_export_loads_in_stock_transformers_and_generates(sft_run, demo_dir):
@@ -126,7 +101,15 @@ def test_export_loads_in_stock_transformers_and_generates(sft_run, demo_dir):
     assert result["new_tokens"] >= 1
 
 
-def test_end_of_run_eval_written(sft_run):
+def test_periodic_and_final_eval_under_zero3(sft_run):
+    """Both ranks generate answers of different lengths (an 8-step model rambles until max_new_tokens
+    or stops early); the run must neither hang nor diverge, and every suite reports."""
     out, _ = sft_run
-    results = json.loads((out / "eval.json").read_text())
-    assert {"vqa", "grounding", "pope"} <= results.keys()
+    evals = [r for r in metrics(out) if "eval/vqa/overall/accuracy" in r]
+    assert [r["step"] for r in evals] == [4, 8]
+    final = json.loads((out / "eval.json").read_text())
+    for key in ("eval/vqa/overall/accuracy", "eval/grounding/acc@0.5", "eval/pope/adversarial/f1",
+                "eval/text/loss", "eval/drift/cosine"):
+        assert key in final, key
+    assert final["eval/drift/cosine"] < 1.0  # the encoder trained (default policy), so it drifted
+    assert (out / "eval" / "step-00000004.json").is_file() and (out / "eval" / "final.json").is_file()

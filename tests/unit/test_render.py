@@ -52,11 +52,12 @@ def test_labels_only_on_assistant_content_and_end(demo_assets):
 
 @pytest.mark.parametrize("size,expected_tiles", [((64, 64), 1), ((128, 64), 3), ((256, 64), 5), ((64, 128), 3), ((640, 32), 5)])
 def test_tiles_and_placeholder_count(demo_assets, size, expected_tiles):
-    # demo preset: 64px tiles, max 4 tiles; >1 tile adds a thumbnail
+    # demo preset: 48px tiles, max 4 tiles; >1 tile adds a thumbnail
     rec = _conv(("Q?", "A"))
     r = render_sample(rec, {"img0.png": _png(*size)}, demo_assets, max_seq_len=4096)
     assert r.tiles_per_image == [expected_tiles]
-    assert r.pixel_values.shape == (expected_tiles, 3, 64, 64)
+    size = demo_assets.image_size
+    assert r.pixel_values.shape == (expected_tiles, 3, size, size)
     ctx = demo_assets.token_id(IMG_CONTEXT)
     assert r.input_ids.count(ctx) == expected_tiles * demo_assets.image_seq_length
 

@@ -129,7 +129,7 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-3  # peak learning rate (modules may override in policy.<module>.lr)
+    lr: float = 5e-4  # peak learning rate (modules may override in policy.<module>.lr)
     weight_decay: float = 0.0  # AdamW decoupled weight decay (not applied to norms and biases)
     beta1: float = 0.9
     beta2: float = 0.999
@@ -192,16 +192,28 @@ class DeepSpeedSection:
 
 @dataclass
 class EvalConfig:
-    at_end: bool = True  # score the held-out split with the exported model when training ends
-    suites: list[str] = field(default_factory=lambda: ["vqa", "grounding", "pope"])  # suites for the end-of-run eval
-    max_samples: int = 0  # cap per suite (0 = all)
+    every_steps: int = 0  # run the suites every N steps during training (0 = only at the end)
+    at_end: bool = True  # run the suites on the final model
+    suites: list[str] = field(default_factory=lambda: ["vqa", "grounding", "pope", "text", "drift"])
+    max_samples: int = 64  # samples per suite in periodic evaluations (0 = all)
+    final_max_samples: int = 0  # samples per suite in the final evaluation (0 = all)
     max_new_tokens: int = 24  # generation length limit
+    vcd: bool = False  # visual contrastive decoding for the generative suites
+    vcd_alpha: float = 1.0  # VCD contrast strength
+    vcd_beta: float = 0.1  # VCD plausibility cut-off
+    vcd_noise: float = 0.5  # share of noise in VCD's distorted image
 
     def validate(self) -> None:
-        known = {"vqa", "grounding", "pope"}
+        known = ("vqa", "grounding", "pope", "text", "drift")
         for s in self.suites:
             if s not in known:
-                raise ConfigError(f"eval.suites: unknown suite {s!r}; known: {sorted(known)}")
+                raise ConfigError(f"eval.suites: unknown suite {s!r}; known: {list(known)}")
+        if self.every_steps < 0 or self.max_samples < 0 or self.final_max_samples < 0:
+            raise ConfigError("eval.every_steps, eval.max_samples and eval.final_max_samples must be >= 0")
+        if self.max_new_tokens < 1:
+            raise ConfigError("eval.max_new_tokens must be >= 1")
+        if not 0.0 <= self.vcd_noise <= 1.0 or not 0.0 <= self.vcd_beta <= 1.0:
+            raise ConfigError("eval.vcd_noise and eval.vcd_beta must be within [0, 1]")
 
 
 @dataclass

@@ -27,8 +27,10 @@ from vlmscale.data.shards import ShardWriter
 
 log = logging.getLogger(__name__)
 
-DEMO_VERSION = 1
-IMAGE_SIZE = 64
+DEMO_VERSION = 2
+# 48-px scenes on a 3x3 grid of 16-px cells: with 8-px patches and InternVL's 2x2 pixel shuffle
+# each cell is exactly one image token, so an object's colour and shape meet in one token.
+IMAGE_SIZE = 48
 COLOURS = {
     "red": (220, 40, 40),
     "green": (40, 160, 60),
@@ -74,13 +76,12 @@ def _sample_scene(rng: random.Random, *, min_objects: int = 1) -> list[Obj]:
         if all(cand[0] != c for c, _ in chosen):  # colours are unique within a scene
             chosen.append(cand)
     cells = rng.sample([(r, c) for r in range(3) for c in range(3)], n)
-    cell = IMAGE_SIZE / 3
+    cell = IMAGE_SIZE // 3
     objs = []
     for (colour, shape), (row, col) in zip(chosen, cells):
-        size = rng.randint(12, 17)
-        cx = int(col * cell + cell / 2 + rng.randint(-2, 2))
-        cy = int(row * cell + cell / 2 + rng.randint(-2, 2))
-        x1, y1 = cx - size // 2, cy - size // 2
+        size = rng.randint(10, 14)
+        x1 = col * cell + rng.randint(1, cell - size - 1)
+        y1 = row * cell + rng.randint(1, cell - size - 1)
         objs.append(Obj(colour, shape, row, col, (x1, y1, x1 + size, y1 + size)))
     return objs
 
@@ -113,7 +114,8 @@ def caption(objs: list[Obj]) -> str:
     parts = []
     for o in sorted(objs, key=lambda o: (o.row, o.col)):
         where = {0: "top", 1: "centre", 2: "bottom"}[o.row] + " " + COLUMNS[o.col]
-        parts.append(f"a {o.name} at the {where}")
+        article = "an" if o.colour[0] in "aeiou" else "a"
+        parts.append(f"{article} {o.name} at the {where}")
     count = NUMBER_WORDS[len(objs)]
     noun = "object" if len(objs) == 1 else "objects"
     return f"{count.capitalize()} {noun}: " + ", ".join(parts) + "."
@@ -365,12 +367,12 @@ def ensure_demo(out: str | Path, **kwargs) -> Path:
     """Generate the demo dataset into ``out`` unless it is already complete (safe across processes)."""
     out = Path(out)
     marker = out / "demo.json"
-    if marker.is_file():
+    if marker.is_file() and json.loads(marker.read_text()).get("version") == DEMO_VERSION:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.parent / f".{out.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if marker.is_file():
+        if marker.is_file() and json.loads(marker.read_text()).get("version") == DEMO_VERSION:
             return out
         tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)

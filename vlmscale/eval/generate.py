@@ -1,37 +1,139 @@
-"""Greedy generation for rendered prompts, batched by prompt length (no padding needed)."""
+"""Greedy decoding that is safe inside a ZeRO-3 run, with optional visual contrastive decoding.
+
+ZeRO-3 gathers each module's parameters collectively, so every rank must run the same forwards
+in the same order. Here:
+
+- batches are formed globally (prompts sorted by length, equal-length groups, fixed size) and then
+  dealt to ranks; a rank with fewer batches runs placeholder batches, so all ranks run the same
+  number of prefill and decode forwards, and each batch is computed identically on any world size;
+- the prefill forward always runs the vision encoder (a blank tile for image-less batches, whose
+  features are multiplied by zero), decode forwards never do;
+- decoding stops when every rank's sequences have finished (one all-reduce per token).
+
+Visual contrastive decoding (VCD, seed 001 "VCD") contrasts the logits given the image with the
+logits given a noised copy: ``(1 + alpha) * l(v) - alpha * l(v')``, restricted to tokens whose
+probability under ``l(v)`` is at least ``beta`` times the most likely one's.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import torch.distributed as dist
+from transformers import DynamicCache
 
 from vlmscale.data.render import Rendered
+from vlmscale.model.forward import image_features
 from vlmscale.model.tokenizer import ProcessorAssets
 
 
+@dataclass(frozen=True)
+class VCDConfig:
+    alpha: float = 1.0  # contrast strength
+    beta: float = 0.1  # adaptive plausibility cut-off
+    noise: float = 0.5  # share of Gaussian noise mixed into the distorted image (0..1)
+    seed: int = 0
+
+
+def plan_batches(prompts: list[Rendered], *, batch_size: int) -> list[list[int]]:
+    """Equal-length groups of prompt indices, in a world-size-independent order."""
+    order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i].input_ids), i))
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and len(batches[-1]) < batch_size and len(prompts[batches[-1][0]].input_ids) == len(prompts[i].input_ids):
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+def _any_rank(flag: bool) -> bool:
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def _distort(pixels: torch.Tensor, vcd: VCDConfig) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(vcd.seed)
+    noise = torch.randn(pixels.shape, generator=gen).to(pixels.dtype)
+    return (1 - vcd.noise) ** 0.5 * pixels + vcd.noise ** 0.5 * noise
+
+
+class _Branch:
+    """One prompt batch's decoding state: KV cache and next-token logits."""
+
+    def __init__(self, model, ids: torch.Tensor, pixels: torch.Tensor | None):
+        self.model = model
+        self.cache = DynamicCache()
+        inner = model.model
+        embeds = inner.get_input_embeddings()(ids)
+        feats = image_features(model, pixels)
+        if pixels is not None:
+            mask = (ids == model.config.image_token_id).unsqueeze(-1)
+            embeds = embeds.masked_scatter(mask, feats.to(embeds.dtype))
+        else:
+            embeds = embeds + 0.0 * feats.sum()
+        self.logits = self._run(embeds)
+
+    def _run(self, embeds: torch.Tensor) -> torch.Tensor:
+        out = self.model.model.language_model(inputs_embeds=embeds, past_key_values=self.cache, use_cache=True)
+        return self.model.lm_head(out.last_hidden_state[:, -1]).float()
+
+    def step(self, tokens: torch.Tensor) -> None:
+        embeds = self.model.model.get_input_embeddings()(tokens[:, None])
+        self.logits = self._run(embeds)
+
+
+def _next_tokens(main: _Branch, contrast: _Branch | None, vcd: VCDConfig | None) -> torch.Tensor:
+    logits = main.logits
+    if contrast is not None:
+        probs = logits.softmax(-1)
+        keep = probs >= vcd.beta * probs.max(dim=-1, keepdim=True).values
+        logits = ((1 + vcd.alpha) * logits - vcd.alpha * contrast.logits).masked_fill(~keep, float("-inf"))
+    return logits.argmax(-1)
+
+
 @torch.no_grad()
-def generate(model, assets: ProcessorAssets, prompts: list[Rendered], *, max_new_tokens: int,
-             batch_size: int = 16, synced_gpus: bool = False) -> list[str]:
-    """Answers for ``prompts`` in order. With ``synced_gpus`` every rank keeps stepping until all finish."""
+def generate(model, assets: ProcessorAssets, prompts: list[Rendered], *, max_new_tokens: int, batch_size: int = 16,
+             rank: int = 0, world_size: int = 1, vcd: VCDConfig | None = None) -> dict[int, str]:
+    """Greedy answers ``{prompt index: text}`` for the batches dealt to ``rank`` (collective when world_size > 1)."""
+    was_training = model.training
     model.eval()
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].input_ids))
-    answers: list[str] = [""] * len(prompts)
-    dtype = next(model.parameters()).dtype
-    i = 0
-    while i < len(order):
-        length = len(prompts[order[i]].input_ids)
-        group = [order[i]]
-        i += 1
-        while i < len(order) and len(group) < batch_size and len(prompts[order[i]].input_ids) == length:
-            group.append(order[i])
-            i += 1
-        ids = torch.tensor([prompts[j].input_ids for j in group])
-        tiles = [prompts[j].pixel_values for j in group if prompts[j].pixel_values is not None]
-        kwargs = {"pixel_values": torch.cat(tiles).to(dtype)} if tiles else {}
-        out = model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
-            pad_token_id=assets.tokenizer.pad_token_id, eos_token_id=assets.tokenizer.eos_token_id,
-            synced_gpus=synced_gpus, **kwargs,
-        )
-        for row, j in enumerate(group):
-            answers[j] = assets.tokenizer.decode(out[row, length:], skip_special_tokens=True).strip()
+    batches = plan_batches(prompts, batch_size=batch_size)
+    mine = batches[rank::world_size]
+    rounds = -(-len(batches) // world_size)
+    eos, pad = assets.tokenizer.eos_token_id, assets.tokenizer.pad_token_id
+    dtype = next(model.model.multi_modal_projector.parameters()).dtype
+    answers: dict[int, str] = {}
+    for r in range(rounds):
+        group = mine[r] if r < len(mine) else None
+        if group is None:  # placeholder batch: keep this rank's collectives in step with the others
+            ids, pixels = torch.tensor([[eos]]), None
+        else:
+            ids = torch.tensor([prompts[j].input_ids for j in group])
+            tiles = [prompts[j].pixel_values for j in group if prompts[j].pixel_values is not None]
+            pixels = torch.cat(tiles).to(dtype) if tiles else None
+        main = _Branch(model, ids, pixels)
+        contrast = None
+        if vcd is not None:
+            contrast = _Branch(model, ids, None if pixels is None else _distort(pixels, vcd))
+        done = torch.zeros(ids.shape[0], dtype=torch.bool) if group is not None else torch.ones(1, dtype=torch.bool)
+        out = torch.full((ids.shape[0], max_new_tokens), pad, dtype=torch.long)
+        for t in range(max_new_tokens):
+            nxt = _next_tokens(main, contrast, vcd)
+            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+            out[:, t] = nxt
+            done |= nxt == eos
+            if not _any_rank(not bool(done.all())) or t == max_new_tokens - 1:
+                break
+            main.step(nxt)
+            if contrast is not None:
+                contrast.step(nxt)
+        if group is not None:
+            for row, j in enumerate(group):
+                answers[j] = assets.tokenizer.decode(out[row], skip_special_tokens=True).strip()
+    model.train(was_training)
     return answers

@@ -1,42 +1,63 @@
 """Evaluation suites over a held-out directory in the vlmscale schema.
 
-Each rank scores a disjoint slice (sample ``i`` goes to rank ``i % world``), results are
-gathered and scored on every rank, so 1 and N ranks give identical metrics.
+Suites: ``vqa`` (exact match per question type), ``grounding`` (box IoU), ``pope`` (yes/no object
+probes per negative type), ``text`` (text-only loss and perplexity), ``drift`` (vision-encoder
+feature cosine to a reference). Work is dealt to ranks in world-size-independent batches and
+results are combined in sample order, so 1 and N ranks give identical metrics; every function
+here is collective when a process group exists.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from vlmscale.data.render import render_prompt
+import torch
+
+from vlmscale.data.dataset import Item, collate
+from vlmscale.data.render import Rendered, render_prompt, render_sample
 from vlmscale.data.shards import ShardDataset
-from vlmscale.engine.distributed import DistInfo, all_gather_objects
-from vlmscale.eval.generate import generate
+from vlmscale.engine.distributed import all_gather_objects
+from vlmscale.eval.generate import VCDConfig, generate
 from vlmscale.eval.metrics import exact_match, iou, parse_box, pope_scores, yes_no
+from vlmscale.model.forward import token_losses, vlm_logits
 from vlmscale.model.tokenizer import ProcessorAssets
 
 log = logging.getLogger(__name__)
-SUITES = ("vqa", "grounding", "pope")
+GENERATIVE = ("vqa", "grounding", "pope")
+SUITES = GENERATIVE + ("text", "drift")
+DRIFT_SOURCE = "captions"  # held-out images the drift suite encodes
 
 
-def _answers(model, assets, data: Path, *, dist: DistInfo, max_samples: int, max_new_tokens: int,
-             synced_gpus: bool = False) -> list[tuple[dict, str]]:
+def _records(data: Path, max_samples: int) -> list[tuple[dict, dict[str, bytes]]]:
     ds = ShardDataset(data)
     n = len(ds) if max_samples <= 0 else min(max_samples, len(ds))
-    mine = list(range(dist.rank, n, dist.world_size))
-    records, prompts = [], []
-    for i in mine:
-        ref, members = ds.read(i)
-        rec = json.loads(members["json"])
-        records.append((i, rec))
-        prompts.append(render_prompt(rec["messages"], members, assets))
-    preds = generate(model, assets, prompts, max_new_tokens=max_new_tokens, synced_gpus=synced_gpus)
-    gathered = all_gather_objects([(i, rec, p) for (i, rec), p in zip(records, preds)])
-    rows = sorted((row for part in gathered for row in part), key=lambda r: r[0])
-    return [(rec, pred) for _, rec, pred in rows]
+    out = []
+    for i in range(n):
+        _, members = ds.read(i)
+        out.append((json.loads(members["json"]), members))
+    return out
+
+
+def _merge(part: dict[int, object]) -> dict[int, object]:
+    merged: dict[int, object] = {}
+    for d in all_gather_objects(part):
+        merged.update(d)
+    return merged
+
+
+# ------------------------------------------------------------------ generative suites
+
+
+def answer_all(model, assets, records, *, rank: int, world_size: int, max_new_tokens: int,
+               vcd: VCDConfig | None) -> list[str]:
+    prompts = [render_prompt(rec["messages"], members, assets) for rec, members in records]
+    mine = generate(model, assets, prompts, max_new_tokens=max_new_tokens, rank=rank, world_size=world_size, vcd=vcd)
+    merged = _merge(mine)
+    return [merged[i] for i in range(len(prompts))]
 
 
 def score_vqa(rows: list[tuple[dict, str]]) -> dict:
@@ -49,12 +70,8 @@ def score_vqa(rows: list[tuple[dict, str]]) -> dict:
     out = {}
     for qtype in sorted(by_type):
         hits = by_type[qtype]
-        out[qtype] = {
-            "n": len(hits),
-            "accuracy": sum(hits) / len(hits),
-            "chance": 1.0 / len(golds[qtype]),
-            "majority": golds[qtype].most_common(1)[0][1] / len(hits),
-        }
+        out[qtype] = {"n": len(hits), "accuracy": sum(hits) / len(hits), "chance": 1.0 / len(golds[qtype]),
+                      "majority": golds[qtype].most_common(1)[0][1] / len(hits)}
     all_hits = [h for hits in by_type.values() for h in hits]
     out["overall"] = {"n": len(all_hits), "accuracy": sum(all_hits) / max(1, len(all_hits))}
     return out
@@ -63,13 +80,12 @@ def score_vqa(rows: list[tuple[dict, str]]) -> dict:
 def score_grounding(rows: list[tuple[dict, str]]) -> dict:
     ious, unparsable = [], 0
     for rec, pred in rows:
-        gold = parse_box(rec["answer"])
         box = parse_box(pred)
         if box is None:
             unparsable += 1
             ious.append(0.0)
         else:
-            ious.append(iou(box, gold))
+            ious.append(iou(box, parse_box(rec["answer"])))
     n = len(ious)
     return {"n": n, "acc@0.5": sum(v >= 0.5 for v in ious) / max(1, n), "mean_iou": sum(ious) / max(1, n),
             "unparsable": unparsable}
@@ -82,22 +98,133 @@ def score_pope(rows: list[tuple[dict, str]]) -> dict:
     return {split: pope_scores(pairs) for split, pairs in sorted(splits.items())}
 
 
-def run_suites(model, assets: ProcessorAssets, heldout: Path, suites: list[str], *, dist: DistInfo,
-               max_samples: int = 0, max_new_tokens: int = 24, synced_gpus: bool = False) -> dict:
-    results = {}
-    scorers = {"vqa": score_vqa, "grounding": score_grounding, "pope": score_pope}
+SCORERS = {"vqa": score_vqa, "grounding": score_grounding, "pope": score_pope}
+
+
+# ------------------------------------------------------------------ text retention
+
+
+@torch.no_grad()
+def text_loss(model, assets, records, *, rank: int, world_size: int, batch_size: int = 16) -> dict:
+    """Mean supervised-token loss and perplexity on held-out text-only conversations."""
+    was_training = model.training
+    model.eval()
+    rendered = [render_sample(rec, members, assets, max_seq_len=1 << 20) for rec, members in records]
+    batches = [list(range(i, min(i + batch_size, len(rendered)))) for i in range(0, len(rendered), batch_size)]
+    rounds = -(-len(batches) // world_size)
+    pad = assets.tokenizer.pad_token_id
+    mine: dict[int, tuple[float, int]] = {}
+    for r in range(rounds):
+        b = r * world_size + rank
+        idx = batches[b] if b < len(batches) else [0]  # placeholder keeps collectives in step
+        batch = collate([Item(rendered[i], str(i), 0, []) for i in idx], pad_id=pad)
+        logits = vlm_logits(model, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            pixel_values=batch["pixel_values"])
+        losses = token_losses(logits, batch["labels"]).double()
+        if b < len(batches):
+            mine[b] = (float(losses.sum()), int((batch["labels"][:, 1:] != -100).sum()))
+    merged = _merge(mine)
+    total = sum(merged[b][0] for b in range(len(batches)))
+    count = sum(merged[b][1] for b in range(len(batches)))
+    model.train(was_training)
+    loss = total / max(count, 1)
+    return {"n": len(rendered), "tokens": count, "loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
+# ------------------------------------------------------------------ encoder drift
+
+
+@torch.no_grad()
+def encoder_features(model, assets, records, *, rank: int, world_size: int, batch_size: int = 16) -> dict[int, torch.Tensor]:
+    """This rank's share of per-image vision-encoder patch features (first image of each record)."""
+    was_training = model.training
+    model.eval()
+    images: list[Rendered] = []
+    for rec, members in records:
+        first = next(p for m in rec["messages"] for p in (m["content"] if isinstance(m["content"], list) else [])
+                     if p.get("type") == "image")
+        images.append(render_prompt([{"role": "user", "content": [first]}], members, assets))
+    batches = [list(range(i, min(i + batch_size, len(images)))) for i in range(0, len(images), batch_size)]
+    rounds = -(-len(batches) // world_size)
+    tower = model.model.vision_tower
+    dtype = next(model.model.multi_modal_projector.parameters()).dtype
+    size = model.config.vision_config.image_size
+    feats: dict[int, torch.Tensor] = {}
+    for r in range(rounds):
+        b = r * world_size + rank
+        if b < len(batches):
+            pixels = torch.cat([images[i].pixel_values[-1:] for i in batches[b]])  # whole-image tile (thumbnail if tiled)
+        else:
+            pixels = torch.zeros(1, 3, size[0], size[1])
+        hidden = tower(pixel_values=pixels.to(dtype), return_dict=True).last_hidden_state[:, 1:].float()
+        if b < len(batches):
+            for row, i in enumerate(batches[b]):
+                feats[i] = hidden[row].to(torch.bfloat16)
+    model.train(was_training)
+    return feats
+
+
+def drift(current: dict[int, torch.Tensor], reference: dict[int, torch.Tensor]) -> dict:
+    """Mean patch-wise cosine similarity between current and reference features (1.0 = no drift)."""
+    if current.keys() != reference.keys():
+        raise ValueError("drift: reference features were computed on different images or another world size")
+    mine = {i: float(torch.nn.functional.cosine_similarity(current[i].float(), reference[i].float(), dim=-1).mean())
+            for i in current}
+    merged = _merge(mine)
+    values = [merged[i] for i in sorted(merged)]
+    return {"n": len(values), "cosine": sum(values) / max(1, len(values)), "min_cosine": min(values) if values else 0.0}
+
+
+# ------------------------------------------------------------------ entry points
+
+
+def run_suites(model, assets: ProcessorAssets, heldout: Path, suites: list[str], *, rank: int = 0, world_size: int = 1,
+               max_samples: int = 0, max_new_tokens: int = 24, vcd: VCDConfig | None = None,
+               reference_features: dict[int, torch.Tensor] | None = None) -> dict:
+    results: dict = {}
     for suite in suites:
-        if suite not in scorers:
-            raise ValueError(f"unknown eval suite {suite!r}; known: {sorted(scorers)}")
-        data = heldout / suite
+        if suite not in SUITES:
+            raise ValueError(f"unknown eval suite {suite!r}; known: {list(SUITES)}")
+        data = heldout / (DRIFT_SOURCE if suite == "drift" else suite)
         if not data.exists():
             raise ValueError(f"eval suite {suite!r}: {data} does not exist")
-        rows = _answers(model, assets, data, dist=dist, max_samples=max_samples, max_new_tokens=max_new_tokens,
-                        synced_gpus=synced_gpus)
-        results[suite] = scorers[suite](rows)
-        results[suite + "_examples"] = [{"q": r["messages"][-1]["content"][-1]["text"], "gold": r["answer"], "pred": p}
-                                        for r, p in rows[:8]]
+        records = _records(data, max_samples)
+        if suite in GENERATIVE:
+            preds = answer_all(model, assets, records, rank=rank, world_size=world_size,
+                               max_new_tokens=max_new_tokens, vcd=vcd)
+            rows = [(rec, p) for (rec, _), p in zip(records, preds)]
+            results[suite] = SCORERS[suite](rows)
+            results[suite + "_examples"] = [
+                {"q": rec["messages"][-1]["content"][-1]["text"], "gold": rec["answer"], "pred": p} for rec, p in rows[:8]]
+        elif suite == "text":
+            results["text"] = text_loss(model, assets, records, rank=rank, world_size=world_size)
+        else:
+            if reference_features is None:
+                raise ValueError("the drift suite needs reference features (--reference DIR, or eval during training)")
+            current = encoder_features(model, assets, records, rank=rank, world_size=world_size)
+            results["drift"] = drift(current, reference_features)
     return results
+
+
+def drift_records(heldout: Path, max_samples: int) -> list:
+    return _records(heldout / DRIFT_SOURCE, max_samples)
+
+
+def flatten(results: dict, prefix: str = "eval") -> dict[str, float]:
+    """``{"eval/vqa/colour/accuracy": 0.9, ...}`` for metrics.jsonl and tensorboard."""
+    flat: dict[str, float] = {}
+
+    def walk(node, path):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{path}/{k}")
+        elif isinstance(node, (int, float)) and not isinstance(node, bool):
+            flat[path] = float(node)
+
+    for suite, value in results.items():
+        if not suite.endswith("_examples"):
+            walk(value, f"{prefix}/{suite}")
+    return flat
 
 
 def format_table(results: dict) -> str:
@@ -105,9 +232,8 @@ def format_table(results: dict) -> str:
     if "vqa" in results:
         lines.append(f"{'vqa type':<12}{'n':>6}{'accuracy':>10}{'chance':>9}{'majority':>10}")
         for qtype, r in results["vqa"].items():
-            if qtype == "overall":
-                continue
-            lines.append(f"{qtype:<12}{r['n']:>6}{r['accuracy']:>10.3f}{r['chance']:>9.3f}{r['majority']:>10.3f}")
+            if qtype != "overall":
+                lines.append(f"{qtype:<12}{r['n']:>6}{r['accuracy']:>10.3f}{r['chance']:>9.3f}{r['majority']:>10.3f}")
         o = results["vqa"]["overall"]
         lines.append(f"{'overall':<12}{o['n']:>6}{o['accuracy']:>10.3f}")
     if "grounding" in results:
@@ -116,5 +242,26 @@ def format_table(results: dict) -> str:
     if "pope" in results:
         lines.append(f"{'pope split':<12}{'n':>6}{'acc':>7}{'prec':>7}{'rec':>7}{'f1':>7}{'yes%':>7}")
         for split, r in results["pope"].items():
-            lines.append(f"{split:<12}{r['n']:>6}{r['accuracy']:>7.3f}{r['precision']:>7.3f}{r['recall']:>7.3f}{r['f1']:>7.3f}{r['yes_ratio']:>7.3f}")
+            lines.append(f"{split:<12}{r['n']:>6}{r['accuracy']:>7.3f}{r['precision']:>7.3f}{r['recall']:>7.3f}"
+                         f"{r['f1']:>7.3f}{r['yes_ratio']:>7.3f}")
+    if "text" in results:
+        t = results["text"]
+        lines.append(f"text        n={t['n']} tokens={t['tokens']} loss={t['loss']:.4f} perplexity={t['perplexity']:.3f}")
+    if "drift" in results:
+        d = results["drift"]
+        lines.append(f"drift       n={d['n']} cosine={d['cosine']:.4f} min={d['min_cosine']:.4f}")
+    return "\n".join(lines)
+
+
+def compare(a: dict, b: dict, *, names: tuple[str, str] = ("A", "B")) -> str:
+    """Two results side by side with differences (B - A)."""
+    fa, fb = flatten(a, ""), flatten(b, "")
+    keys = sorted(set(fa) | set(fb))
+    width = max([len(k) for k in keys] + [10])
+    lines = [f"{'metric':<{width}} {names[0]:>12} {names[1]:>12} {'diff':>10}"]
+    for k in keys:
+        va, vb = fa.get(k), fb.get(k)
+        diff = f"{vb - va:+10.4f}" if va is not None and vb is not None else f"{'':>10}"
+        fmt = lambda v: f"{v:12.4f}" if v is not None else f"{'-':>12}"
+        lines.append(f"{k.lstrip('/'):<{width}} {fmt(va)} {fmt(vb)} {diff}")
     return "\n".join(lines)

@@ -33,9 +33,10 @@ PRESETS: dict[str, Preset] = {
         text_hidden=32, text_layers=2, text_heads=2, text_kv_heads=1, text_intermediate=64,
         vocab_size=512, max_tiles=4,
     ),
-    # the built-in demo: learns colour / shape / count / position / boxes on 2 CPU cores in minutes
+    # the built-in demo: learns colour / shape / count / position / boxes on 2 CPU cores in minutes;
+    # 48-px tiles of 3x3 image tokens (8-px patches, 2x2 pixel shuffle)
     "demo": Preset(
-        image_size=64, patch_size=8, vision_hidden=128, vision_layers=4, vision_heads=4,
+        image_size=48, patch_size=8, vision_hidden=128, vision_layers=4, vision_heads=4,
         text_hidden=256, text_layers=4, text_heads=4, text_kv_heads=2, text_intermediate=704,
         vocab_size=1024, max_tiles=4,
     ),

@@ -1,0 +1,41 @@
+"""`vlmscale eval` on 1 and 2 ranks gives identical metrics (work is dealt in fixed batches)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import BIN, REPO
+
+pytestmark = pytest.mark.distributed
+
+
+def _eval(nproc, out_file, model, reference, data):
+    args = ["vqa,grounding,pope,text,drift", "--model", str(model), "--reference", str(reference), "--data", str(data),
+            "--max-samples", "12", "--max-new-tokens", "8", "--out", str(out_file)]
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "vlmscale.cli", "eval", *args]
+    else:
+        cmd = [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(29900 + os.getpid() % 50),
+               "--no_local_rank", "--module", "vlmscale.cli", "eval", *args]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out_file.read_text())
+    result.pop("model")
+    return result
+
+
+def test_one_and_two_ranks_agree(sft_run, start_model, demo_dir, tmp_path):
+    out, _ = sft_run
+    one = _eval(1, tmp_path / "one.json", out / "hf", start_model, demo_dir / "heldout")
+    two = _eval(2, tmp_path / "two.json", out / "hf", start_model, demo_dir / "heldout")
+    assert one == two
+    assert one["text"]["tokens"] > 0 and 0.0 < one["drift"]["cosine"] < 1.0
+    proc = subprocess.run([sys.executable, "-m", "vlmscale.cli", "eval", "compare", str(tmp_path / "one.json"),
+                           str(tmp_path / "two.json")], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0 and "text/loss" in proc.stdout

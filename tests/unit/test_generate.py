@@ -1,0 +1,39 @@
+import torch
+
+from vlmscale.data.render import Rendered
+from vlmscale.eval.generate import VCDConfig, _next_tokens, plan_batches
+from vlmscale.eval.suites import compare, flatten
+
+
+class _Logits:
+    def __init__(self, logits):
+        self.logits = torch.tensor(logits)
+
+
+def test_vcd_hand_computed():
+    with_image = _Logits([[2.0, 1.9, -5.0]])  # p ~ [0.52, 0.48, 0.0003]
+    noised = _Logits([[2.0, 0.0, 3.0]])
+    vcd = VCDConfig(alpha=1.0, beta=0.1)
+    # (1+a)*l - a*l' = [2.0, 3.8, -13.0]; token 2 is implausible under l(v) anyway
+    assert _next_tokens(with_image, noised, vcd).tolist() == [1]
+    assert _next_tokens(with_image, None, None).tolist() == [0]  # plain greedy
+
+
+def test_vcd_plausibility_cut_blocks_contrast_artifacts():
+    with_image = _Logits([[5.0, 0.0, 1.0]])
+    noised = _Logits([[5.0, -10.0, 1.0]])  # contrast would pick token 1 (5 + 10), but p(1|v) is tiny
+    assert _next_tokens(with_image, noised, VCDConfig(alpha=1.0, beta=0.1)).tolist() == [0]
+
+
+def test_batches_do_not_depend_on_world_size():
+    prompts = [Rendered(input_ids=[0] * n, labels=[], pixel_values=None) for n in (3, 5, 3, 3, 5, 4)]
+    batches = plan_batches(prompts, batch_size=2)
+    assert batches == [[0, 2], [3], [5], [1, 4]]
+
+
+def test_flatten_and_compare():
+    a = {"vqa": {"colour": {"accuracy": 0.5, "n": 10}}, "vqa_examples": [{"q": "x"}]}
+    b = {"vqa": {"colour": {"accuracy": 0.75, "n": 10}}}
+    assert flatten(a) == {"eval/vqa/colour/accuracy": 0.5, "eval/vqa/colour/n": 10.0}
+    table = compare(a, b)
+    assert "vqa/colour/accuracy" in table and "+0.2500" in table

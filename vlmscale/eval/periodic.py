@@ -1,0 +1,74 @@
+"""Evaluation inside a training run: every ``eval.every_steps`` steps and at the end.
+
+Runs the suites on the live (possibly ZeRO-3 partitioned) model on every rank together. The
+drift suite compares the vision encoder with its state at the start of the run; those
+reference features are computed once and stored rank-sharded under ``output_dir/eval/`` so a
+resumed run keeps the same reference.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from vlmscale.config.schema import EvalConfig
+from vlmscale.engine.distributed import DistInfo, barrier
+from vlmscale.eval.generate import VCDConfig
+from vlmscale.eval.suites import drift_records, encoder_features, flatten, format_table, run_suites
+from vlmscale.model.tokenizer import ProcessorAssets
+
+log = logging.getLogger(__name__)
+
+
+def vcd_config(cfg: EvalConfig) -> VCDConfig | None:
+    if not cfg.vcd:
+        return None
+    return VCDConfig(alpha=cfg.vcd_alpha, beta=cfg.vcd_beta, noise=cfg.vcd_noise)
+
+
+class PeriodicEval:
+    def __init__(self, cfg: EvalConfig, *, heldout: Path, output_dir: Path, dist: DistInfo, assets: ProcessorAssets):
+        self.cfg, self.heldout, self.dist, self.assets = cfg, heldout, dist, assets
+        self.dir = output_dir / "eval"
+        self.reference: dict[int, torch.Tensor] | None = None
+
+    def _reference_file(self) -> Path:
+        return self.dir / f"drift_reference-w{self.dist.world_size}-rank{self.dist.rank:05d}.pt"
+
+    def prepare(self, model, *, fresh: bool) -> None:
+        """Capture (or reload) the drift reference: the encoder as it was when the run started."""
+        if "drift" not in self.cfg.suites:
+            return
+        path = self._reference_file()
+        if path.is_file():
+            self.reference = torch.load(path, weights_only=True)
+            return
+        if not fresh:
+            log.warning("no drift reference for world size %d in %s: the drift suite is skipped in this resumed run",
+                        self.dist.world_size, self.dir)
+            return
+        records = drift_records(self.heldout, self.cfg.max_samples)
+        self.reference = encoder_features(model, self.assets, records, rank=self.dist.rank, world_size=self.dist.world_size)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        torch.save(self.reference, path)
+        barrier()
+
+    def due(self, step: int) -> bool:
+        return self.cfg.every_steps > 0 and step % self.cfg.every_steps == 0
+
+    def run(self, model, *, step: int, final: bool = False) -> dict:
+        suites = [s for s in self.cfg.suites if s != "drift" or self.reference is not None]
+        results = run_suites(
+            model, self.assets, self.heldout, suites, rank=self.dist.rank, world_size=self.dist.world_size,
+            max_samples=self.cfg.final_max_samples if final else self.cfg.max_samples,
+            max_new_tokens=self.cfg.max_new_tokens, vcd=vcd_config(self.cfg), reference_features=self.reference,
+        )
+        if self.dist.is_main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            name = "final.json" if final else f"step-{step:08d}.json"
+            (self.dir / name).write_text(json.dumps({"step": step, **results}, indent=2))
+            log.info("evaluation at step %d%s:\n%s", step, " (final)" if final else "", format_table(results))
+        return {"step": step, **flatten(results)}

@@ -42,7 +42,7 @@ def _eval(args) -> int:
 
     from vlmscale.engine.distributed import DistInfo, init_distributed
     from vlmscale.eval.generate import VCDConfig
-    from vlmscale.eval.suites import drift_records, encoder_features, format_table, run_suites
+    from vlmscale.eval.suites import drift_reference, format_table, run_suites
     from vlmscale.model.build import load_pretrained
 
     dist = init_distributed() if int(os.environ.get("WORLD_SIZE", "1")) > 1 else DistInfo(0, 1, 0)
@@ -54,14 +54,14 @@ def _eval(args) -> int:
             print("error: the drift suite needs --reference DIR (the model to compare the encoder with)", file=sys.stderr)
             return 2
         ref_model, ref_assets = load_pretrained(args.reference, max_tiles=None, dtype=dtype)
-        reference = encoder_features(ref_model, ref_assets, drift_records(Path(args.data), args.max_samples),
-                                     rank=dist.rank, world_size=dist.world_size)
+        reference = drift_reference(ref_model, ref_assets, Path(args.data), max_samples=args.max_samples,
+                                    rank=dist.rank, world_size=dist.world_size)
         del ref_model
     model, assets = load_pretrained(args.model, max_tiles=None, dtype=dtype)
     vcd = VCDConfig(alpha=args.vcd_alpha, beta=args.vcd_beta) if args.vcd else None
     results = run_suites(model, assets, Path(args.data), suites, rank=dist.rank, world_size=dist.world_size,
                          max_samples=args.max_samples, max_new_tokens=args.max_new_tokens, vcd=vcd,
-                         reference_features=reference)
+                         reference=reference)
     if dist.is_main:
         print(format_table(results))
         if args.out:

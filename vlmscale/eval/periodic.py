@@ -17,7 +17,7 @@ import torch
 from vlmscale.config.schema import EvalConfig
 from vlmscale.engine.distributed import DistInfo, barrier
 from vlmscale.eval.generate import VCDConfig
-from vlmscale.eval.suites import drift_records, encoder_features, flatten, format_table, run_suites
+from vlmscale.eval.suites import drift_reference, flatten, format_table, run_suites
 from vlmscale.model.tokenizer import ProcessorAssets
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ class PeriodicEval:
     def __init__(self, cfg: EvalConfig, *, heldout: Path, output_dir: Path, dist: DistInfo, assets: ProcessorAssets):
         self.cfg, self.heldout, self.dist, self.assets = cfg, heldout, dist, assets
         self.dir = output_dir / "eval"
-        self.reference: dict[int, torch.Tensor] | None = None
+        self.reference: dict | None = None
 
     def _reference_file(self) -> Path:
         return self.dir / f"drift_reference-w{self.dist.world_size}-rank{self.dist.rank:05d}.pt"
@@ -50,8 +50,9 @@ class PeriodicEval:
             log.warning("no drift reference for world size %d in %s: the drift suite is skipped in this resumed run",
                         self.dist.world_size, self.dir)
             return
-        records = drift_records(self.heldout, self.cfg.max_samples)
-        self.reference = encoder_features(model, self.assets, records, rank=self.dist.rank, world_size=self.dist.world_size)
+        # over the final evaluation's images, so periodic and final drift compare like with like
+        self.reference = drift_reference(model, self.assets, self.heldout, max_samples=self.cfg.final_max_samples,
+                                         rank=self.dist.rank, world_size=self.dist.world_size)
         self.dir.mkdir(parents=True, exist_ok=True)
         torch.save(self.reference, path)
         barrier()
@@ -64,7 +65,7 @@ class PeriodicEval:
         results = run_suites(
             model, self.assets, self.heldout, suites, rank=self.dist.rank, world_size=self.dist.world_size,
             max_samples=self.cfg.final_max_samples if final else self.cfg.max_samples,
-            max_new_tokens=self.cfg.max_new_tokens, vcd=vcd_config(self.cfg), reference_features=self.reference,
+            max_new_tokens=self.cfg.max_new_tokens, vcd=vcd_config(self.cfg), reference=self.reference,
         )
         if self.dist.is_main:
             self.dir.mkdir(parents=True, exist_ok=True)

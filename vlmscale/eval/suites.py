@@ -178,9 +178,17 @@ def drift(current: dict[int, torch.Tensor], reference: dict[int, torch.Tensor]) 
 # ------------------------------------------------------------------ entry points
 
 
+def drift_reference(model, assets, heldout: Path, *, max_samples: int, rank: int, world_size: int) -> dict:
+    """Reference encoder features for the drift suite: ``{"n_records": N, "features": {index: tensor}}``."""
+    records = _records(heldout / DRIFT_SOURCE, max_samples)
+    feats = encoder_features(model, assets, records, rank=rank, world_size=world_size)
+    return {"n_records": len(records), "features": feats}
+
+
 def run_suites(model, assets: ProcessorAssets, heldout: Path, suites: list[str], *, rank: int = 0, world_size: int = 1,
                max_samples: int = 0, max_new_tokens: int = 24, vcd: VCDConfig | None = None,
-               reference_features: dict[int, torch.Tensor] | None = None) -> dict:
+               reference: dict | None = None) -> dict:
+    """Run ``suites``; drift compares with ``reference`` (from :func:`drift_reference`) on the same images."""
     results: dict = {}
     for suite in suites:
         if suite not in SUITES:
@@ -188,7 +196,12 @@ def run_suites(model, assets: ProcessorAssets, heldout: Path, suites: list[str],
         data = heldout / (DRIFT_SOURCE if suite == "drift" else suite)
         if not data.exists():
             raise ValueError(f"eval suite {suite!r}: {data} does not exist")
-        records = _records(data, max_samples)
+        if suite == "drift":
+            if reference is None:
+                raise ValueError("the drift suite needs a reference model (--reference DIR, or eval during training)")
+            records = _records(data, reference["n_records"])
+        else:
+            records = _records(data, max_samples)
         if suite in GENERATIVE:
             preds = answer_all(model, assets, records, rank=rank, world_size=world_size,
                                max_new_tokens=max_new_tokens, vcd=vcd)
@@ -199,15 +212,9 @@ def run_suites(model, assets: ProcessorAssets, heldout: Path, suites: list[str],
         elif suite == "text":
             results["text"] = text_loss(model, assets, records, rank=rank, world_size=world_size)
         else:
-            if reference_features is None:
-                raise ValueError("the drift suite needs reference features (--reference DIR, or eval during training)")
             current = encoder_features(model, assets, records, rank=rank, world_size=world_size)
-            results["drift"] = drift(current, reference_features)
+            results["drift"] = drift(current, reference["features"])
     return results
-
-
-def drift_records(heldout: Path, max_samples: int) -> list:
-    return _records(heldout / DRIFT_SOURCE, max_samples)
 
 
 def flatten(results: dict, prefix: str = "eval") -> dict[str, float]:

@@ -1,94 +1,24 @@
 """Joint supervised fine-tuning of an InternVL-style VLM under DeepSpeed ZeRO-3.
 
-Trains on a weighted mixture of conversation shards (images anywhere, any count) re-blended with
-text-only data, then exports a Hugging Face model. With no arguments it trains the built-in demo
-model on the built-in demo data (generated on first use)::
+Trains the projector and the LLM (and, by default for the from-scratch demo, the vision
+encoder) on a weighted mixture of conversation shards — images anywhere, any count — re-blended
+with text-only data, then exports a Hugging Face model. With no arguments it trains the built-in
+demo model on the built-in demo data (generated on first use)::
 
     deepspeed --num_gpus 2 recipes/sft.py
     deepspeed recipes/sft.py --config recipes/configs/sft_llava_example.yaml train.max_steps=100
+    deepspeed recipes/sft.py model.init_from=runs/pretrain-demo/hf policy.vision.trainable=false
 
 Outputs (all under ``output_dir``): config.yaml, metrics.jsonl, tensorboard/, checkpoints/,
 hf/ (safetensors + tokenizer + processor), eval/ and eval.json (held-out scores of the final
 model). Re-running the same command resumes from the newest complete checkpoint (``resume=auto``).
 """
 
-from __future__ import annotations
-
-import json
-import logging
 import sys
-import time
-from pathlib import Path
 
-from tqdm import tqdm
-
-from vlmscale.config import ConfigError, SFTConfig, load_config, parse_cli
-from vlmscale.data.dataset import TooManyBadSamples, resolve_path
-from vlmscale.engine.distributed import device
-from vlmscale.engine.progress import Progress
-from vlmscale.engine.setup import make_loader, setup_run
-from vlmscale.engine.trainer import export_hf, train_step
-from vlmscale.eval.periodic import PeriodicEval
-
-log = logging.getLogger("vlmscale.sft")
-
-
-def main(argv: list[str]) -> int:
-    # ---------------------------------------------------------------- config (before any process group)
-    config_path, overrides = parse_cli(argv)
-    try:
-        cfg = load_config(SFTConfig, path=config_path, overrides=overrides)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
-
-    # ---------------------------------------------------------------- build
-    run = setup_run(cfg)
-    engine, dist = run.engine, run.dist
-    batches = iter(make_loader(run))
-    progress = Progress(run.client_state, dist=dist)
-    evaluator = PeriodicEval(cfg.eval, heldout=resolve_path(cfg.data.heldout, cfg.data),
-                             output_dir=Path(cfg.output_dir), dist=dist, assets=run.assets)
-    evaluator.prepare(engine.module, fresh=run.start_step == 0)
-    dev = device()
-
-    # ---------------------------------------------------------------- train
-    engine.train()
-    bar = tqdm(total=cfg.train.max_steps, initial=run.start_step, disable=not dist.is_main, desc=cfg.stage, dynamic_ncols=True)
-    for step in range(run.start_step, cfg.train.max_steps):
-        t_wait = time.time()
-        micro = [next(batches) for _ in range(cfg.train.grad_accum_steps)]
-        progress.data_wait += time.time() - t_wait
-        stats = train_step(engine, micro, device=dev)
-        progress.update(stats, data=cfg.data)
-        done = step + 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{stats.loss:.3f}")
-        if done % cfg.train.log_every_steps == 0 or done == cfg.train.max_steps:
-            run.metrics.log(progress.record(done, stats, lr=engine.get_lr()[0]))
-        if done % cfg.checkpoint.every_steps == 0 or done == cfg.train.max_steps:
-            run.checkpoints.save(engine, step=done, client_state=progress.client_state(done))
-        if evaluator.due(done) and done < cfg.train.max_steps:
-            run.metrics.log(evaluator.run(engine.module, step=done))
-    bar.close()
-
-    # ---------------------------------------------------------------- export + final eval
-    out = Path(cfg.output_dir)
-    if cfg.checkpoint.export:
-        export_hf(engine, assets=run.assets, out_dir=out / "hf",
-                  meta={"stage": cfg.stage, "steps": cfg.train.max_steps, "samples_seen": progress.samples})
-    if cfg.eval.at_end:
-        record = evaluator.run(engine.module, step=cfg.train.max_steps, final=True)
-        run.metrics.log(record)
-        if dist.is_main:
-            (out / "eval.json").write_text(json.dumps(record, indent=2))
-    run.metrics.close()
-    return 0
-
+from vlmscale.config import SFTConfig
+from vlmscale.engine.launch import recipe_main
+from vlmscale.engine.lm_stage import train_lm_stage
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main(sys.argv[1:]))
-    except TooManyBadSamples as exc:
-        log.error("stopping: %s", exc)
-        sys.exit(3)
+    sys.exit(recipe_main(SFTConfig, train_lm_stage, sys.argv[1:]))

@@ -1,6 +1,7 @@
 """The ``vlmscale`` command: data generation and conversion, evaluation.
 
     vlmscale data demo --out DIR
+    vlmscale model init --preset demo --out DIR
     vlmscale data convert llava --json FILE --image-root DIR --out DIR
     vlmscale eval SUITE[,SUITE] --model DIR --data DIR [--reference DIR] [--vcd] [--out FILE.json]
     vlmscale eval compare A.json B.json
@@ -24,6 +25,22 @@ def _data_demo(args) -> int:
         return 2
     meta = generate_demo(out, num_train_scenes=args.train_scenes, num_heldout_scenes=args.heldout_scenes, seed=args.seed)
     print(json.dumps(meta["counts"], indent=2))
+    return 0
+
+
+def _model_init(args) -> int:
+    import torch
+
+    from vlmscale.config.schema import ModelConfig
+    from vlmscale.model.build import build_model, load_weights_plain
+
+    torch.manual_seed(args.seed)
+    model, assets = build_model(ModelConfig(preset=args.preset), max_tiles=args.max_tiles, dtype=getattr(torch, args.dtype),
+                                load_weights=load_weights_plain)
+    out = Path(args.out)
+    model.save_pretrained(out)
+    assets.save(out)
+    print(f"wrote an untrained '{args.preset}' model ({sum(p.numel() for p in model.parameters()):,} parameters) to {out}")
     return 0
 
 
@@ -110,6 +127,15 @@ def build_parser() -> argparse.ArgumentParser:
     llava.add_argument("--out", required=True)
     llava.add_argument("--shard-size", type=int, default=1000)
     llava.set_defaults(func=_data_convert)
+
+    model = sub.add_parser("model", help="model utilities").add_subparsers(dest="model_command", required=True)
+    init = model.add_parser("init", help="export an untrained preset model in HF format")
+    init.add_argument("--preset", default="demo", choices=["tiny", "demo"])
+    init.add_argument("--out", required=True)
+    init.add_argument("--seed", type=int, default=1234)
+    init.add_argument("--max-tiles", type=int, default=4)
+    init.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    init.set_defaults(func=_model_init)
 
     ev = sub.add_parser("eval", help="score a model on held-out data, or compare two results")
     ev.add_argument("suite", help="vqa, grounding, pope, text, drift (comma-separated), or 'compare A.json B.json'")

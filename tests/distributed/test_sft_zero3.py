@@ -113,3 +113,6 @@ def test_periodic_and_final_eval_under_zero3(sft_run):
         assert key in final, key
     assert final["eval/drift/cosine"] < 1.0  # the encoder trained (default policy), so it drifted
     assert (out / "eval" / "step-00000004.json").is_file() and (out / "eval" / "final.json").is_file()
+    step4 = json.loads((out / "eval" / "step-00000004.json").read_text())
+    lengths = {len(e["pred"]) for suite in ("vqa", "pope", "grounding") for e in step4[suite + "_examples"]}
+    assert len(lengths) > 1, lengths  # answers of different lengths were generated in the same run

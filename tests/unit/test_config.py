@@ -86,3 +86,21 @@ def test_ds_optimizer_section_rejected(tmp_path):
     cfg = load_config(SFTConfig, overrides=[f"deepspeed.config={bad}"])
     with pytest.raises(ConfigError, match="remove the 'optimizer' section"):
         build_ds_config(cfg, world_size=1)
+
+
+def test_stage_defaults_follow_the_seeds():
+    from vlmscale.config import AlignConfig, PretrainConfig
+
+    align = load_config(AlignConfig)
+    assert (align.policy.vision.trainable, align.policy.projector.trainable, align.policy.llm.trainable) == (False, True, False)
+    assert align.optim.lr == pytest.approx(1e-3)
+    pre = load_config(PretrainConfig)
+    assert (pre.policy.vision.trainable, pre.policy.projector.trainable, pre.policy.llm.trainable) == (False, True, True)
+    assert [s.weight for s in pre.data.sources] == [1.0, 1.0]  # interleaved : pairs = 1 : 1
+
+
+def test_align_with_frozen_projector_is_rejected():
+    from vlmscale.config import AlignConfig
+
+    with pytest.raises(ConfigError, match="policy.projector must be trainable"):
+        load_config(AlignConfig, overrides=["policy.projector.trainable=false", "policy.llm.trainable=true"])

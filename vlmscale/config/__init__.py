@@ -2,6 +2,9 @@
 
 from vlmscale.config.load import ConfigError, load_config, parse_cli, to_dict
 from vlmscale.config.schema import (
+    AlignConfig,
+    PretrainConfig,
+    RunConfig,
     CheckpointConfig,
     DataConfig,
     DeepSpeedSection,
@@ -16,6 +19,9 @@ from vlmscale.config.schema import (
 )
 
 __all__ = [
+    "AlignConfig",
+    "PretrainConfig",
+    "RunConfig",
     "CheckpointConfig",
     "ConfigError",
     "DataConfig",

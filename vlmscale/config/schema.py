@@ -129,7 +129,7 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 5e-4  # peak learning rate (modules may override in policy.<module>.lr)
+    lr: float = 6e-4  # peak learning rate (modules may override in policy.<module>.lr)
     weight_decay: float = 0.0  # AdamW decoupled weight decay (not applied to norms and biases)
     beta1: float = 0.9
     beta2: float = 0.999
@@ -151,8 +151,8 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 1400  # optimizer steps
-    micro_batch_size: int = 8  # samples per rank per forward
+    max_steps: int = 1000  # optimizer steps
+    micro_batch_size: int = 16  # samples per rank per forward
     grad_accum_steps: int = 1  # micro-batches per optimizer step
     global_batch_size: int | None = None  # optional check: must equal micro * accum * world size
     log_every_steps: int = 10  # metrics.jsonl / tensorboard cadence
@@ -204,7 +204,7 @@ class EvalConfig:
     vcd_noise: float = 0.5  # share of noise in VCD's distorted image
 
     def validate(self) -> None:
-        known = ("vqa", "grounding", "pope", "text", "drift")
+        known = ("vqa", "grounding", "pope", "text", "caption", "drift")
         for s in self.suites:
             if s not in known:
                 raise ConfigError(f"eval.suites: unknown suite {s!r}; known: {list(known)}")
@@ -241,6 +241,57 @@ class RunConfig:
 
 @dataclass
 class SFTConfig(RunConfig):
-    """Joint SFT: projector + LLM trained, vision encoder frozen by default, text re-blended."""
+    """Joint SFT: projector + LLM (+ the demo's from-scratch encoder) on conversations, text re-blended."""
 
     stage: Literal["sft"] = "sft"
+
+
+def _align_policy() -> PolicyConfig:
+    return PolicyConfig(vision=ModulePolicy(trainable=False), projector=ModulePolicy(trainable=True),
+                        llm=ModulePolicy(trainable=False))
+
+
+def _align_data() -> DataConfig:
+    return DataConfig(sources=[SourceConfig(name="captions", path="demo:train/captions", weight=1.0)])
+
+
+@dataclass
+class AlignConfig(RunConfig):
+    """Projector alignment (stage 1): vision encoder and LLM frozen, only the projector learns, on captions."""
+
+    stage: Literal["align"] = "align"
+    output_dir: str = "runs/align-demo"
+    policy: PolicyConfig = field(default_factory=_align_policy)
+    data: DataConfig = field(default_factory=_align_data)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=20))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=300))
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(suites=["caption", "text"]))
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.policy.projector.trainable or self.policy.projector.lr == 0:
+            raise ConfigError("align trains the projector: policy.projector must be trainable (it is the whole point of the stage)")
+
+
+def _pretrain_policy() -> PolicyConfig:
+    return PolicyConfig(vision=ModulePolicy(trainable=False), projector=ModulePolicy(trainable=True),
+                        llm=ModulePolicy(trainable=True))
+
+
+def _pretrain_data() -> DataConfig:
+    # VILA: interleaved documents and image-text pairs, 1:1
+    return DataConfig(sources=[SourceConfig(name="docs", path="demo:train/docs", weight=1.0),
+                               SourceConfig(name="captions", path="demo:train/captions", weight=1.0)])
+
+
+@dataclass
+class PretrainConfig(RunConfig):
+    """Interleaved image-text pretraining (stage 2): projector + LLM trained, vision encoder frozen."""
+
+    stage: Literal["pretrain"] = "pretrain"
+    output_dir: str = "runs/pretrain-demo"
+    policy: PolicyConfig = field(default_factory=_pretrain_policy)
+    data: DataConfig = field(default_factory=_pretrain_data)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-4, warmup_steps=30))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=400))
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(suites=["caption", "text", "drift"]))

@@ -27,7 +27,7 @@ from vlmscale.data.shards import ShardWriter
 
 log = logging.getLogger(__name__)
 
-DEMO_VERSION = 2
+DEMO_VERSION = 3
 # 48-px scenes on a 3x3 grid of 16-px cells: with 8-px patches and InternVL's 2x2 pixel shuffle
 # each cell is exactly one image token, so an object's colour and shape meet in one token.
 IMAGE_SIZE = 48
@@ -209,10 +209,19 @@ def _txt(text: str) -> dict:
 
 
 def _conversation(objs, rng, n_turns: int) -> list[dict]:
-    qs = vqa_questions(objs, rng)
-    rng.shuffle(qs)
+    """Question types drawn uniformly (then a question of that type), so rarer types are not starved."""
+    by_type: dict[str, list] = {}
+    for qtype, q, a in vqa_questions(objs, rng):
+        by_type.setdefault(qtype, []).append((qtype, q, a))
+    picked = []
+    while len(picked) < n_turns and by_type:
+        qtype = rng.choice(sorted(by_type))
+        items = by_type[qtype]
+        picked.append(items.pop(rng.randrange(len(items))))
+        if not items:
+            del by_type[qtype]
     msgs = []
-    for i, (_, q, a) in enumerate(qs[:n_turns]):
+    for i, (_, q, a) in enumerate(picked):
         msgs.append(_user(_img(), _txt(q)) if i == 0 else _user(_txt(q)))
         msgs.append(_assistant(a))
     return msgs

@@ -28,7 +28,9 @@ from vlmscale.model.tokenizer import ProcessorAssets
 
 log = logging.getLogger(__name__)
 GENERATIVE = ("vqa", "grounding", "pope")
-SUITES = GENERATIVE + ("text", "drift")
+LOSS_SUITES = ("text", "caption")  # held-out supervised-token loss: text-only / image captions
+SUITES = GENERATIVE + LOSS_SUITES + ("drift",)
+SUITE_DATA = {"caption": "captions", "drift": "captions"}  # suite -> held-out folder, when not its own name
 DRIFT_SOURCE = "captions"  # held-out images the drift suite encodes
 
 
@@ -106,7 +108,7 @@ SCORERS = {"vqa": score_vqa, "grounding": score_grounding, "pope": score_pope}
 
 @torch.no_grad()
 def text_loss(model, assets, records, *, rank: int, world_size: int, batch_size: int = 16) -> dict:
-    """Mean supervised-token loss and perplexity on held-out text-only conversations."""
+    """Mean supervised-token loss and perplexity of held-out conversations (``text``: text-only; ``caption``: with images)."""
     was_training = model.training
     model.eval()
     rendered = [render_sample(rec, members, assets, max_seq_len=1 << 20) for rec, members in records]
@@ -193,7 +195,7 @@ def run_suites(model, assets: ProcessorAssets, heldout: Path, suites: list[str],
     for suite in suites:
         if suite not in SUITES:
             raise ValueError(f"unknown eval suite {suite!r}; known: {list(SUITES)}")
-        data = heldout / (DRIFT_SOURCE if suite == "drift" else suite)
+        data = heldout / SUITE_DATA.get(suite, suite)
         if not data.exists():
             raise ValueError(f"eval suite {suite!r}: {data} does not exist")
         if suite == "drift":
@@ -209,8 +211,8 @@ def run_suites(model, assets: ProcessorAssets, heldout: Path, suites: list[str],
             results[suite] = SCORERS[suite](rows)
             results[suite + "_examples"] = [
                 {"q": rec["messages"][-1]["content"][-1]["text"], "gold": rec["answer"], "pred": p} for rec, p in rows[:8]]
-        elif suite == "text":
-            results["text"] = text_loss(model, assets, records, rank=rank, world_size=world_size)
+        elif suite in LOSS_SUITES:
+            results[suite] = text_loss(model, assets, records, rank=rank, world_size=world_size)
         else:
             current = encoder_features(model, assets, records, rank=rank, world_size=world_size)
             results["drift"] = drift(current, reference["features"])
@@ -251,9 +253,10 @@ def format_table(results: dict) -> str:
         for split, r in results["pope"].items():
             lines.append(f"{split:<12}{r['n']:>6}{r['accuracy']:>7.3f}{r['precision']:>7.3f}{r['recall']:>7.3f}"
                          f"{r['f1']:>7.3f}{r['yes_ratio']:>7.3f}")
-    if "text" in results:
-        t = results["text"]
-        lines.append(f"text        n={t['n']} tokens={t['tokens']} loss={t['loss']:.4f} perplexity={t['perplexity']:.3f}")
+    for suite in LOSS_SUITES:
+        if suite in results:
+            t = results[suite]
+            lines.append(f"{suite:<12}n={t['n']} tokens={t['tokens']} loss={t['loss']:.4f} perplexity={t['perplexity']:.3f}")
     if "drift" in results:
         d = results["drift"]
         lines.append(f"drift       n={d['n']} cosine={d['cosine']:.4f} min={d['min_cosine']:.4f}")

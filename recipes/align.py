@@ -1,0 +1,22 @@
+"""Projector alignment (stage 1 of the LLaVA / InternVL pipeline) under DeepSpeed ZeRO-3.
+
+The vision encoder and the LLM stay frozen; only the pixel-shuffle MLP projector learns to map
+vision features into the LLM's embedding space, on image-caption pairs (seed
+000_644b0e0b7218f5b3.txt, section 1.2). Starts from a preset or a composition::
+
+    deepspeed --num_gpus 2 recipes/align.py
+    deepspeed recipes/align.py model.vision=/ckpt/InternVL3-1B-hf model.llm=/ckpt/Qwen2.5-0.5B \\
+        'data.sources=[{name: cc3m, path: /data/cc3m_shards, weight: 1}]'
+
+Outputs as every stage: config.yaml, metrics.jsonl, tensorboard/, checkpoints/, hf/, eval.json
+(held-out caption and text loss). The next stage starts with ``model.init_from=<output_dir>/hf``.
+"""
+
+import sys
+
+from vlmscale.config import AlignConfig
+from vlmscale.engine.launch import recipe_main
+from vlmscale.engine.lm_stage import train_lm_stage
+
+if __name__ == "__main__":
+    sys.exit(recipe_main(AlignConfig, train_lm_stage, sys.argv[1:]))

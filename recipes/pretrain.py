@@ -1,0 +1,21 @@
+"""Interleaved image-text pretraining (stage 2, VILA style) under DeepSpeed ZeRO-3.
+
+The projector and the LLM train, the vision encoder stays frozen, on interleaved documents
+(images anywhere in the text) mixed 1:1 with image-text pairs (seed 002_14f2dc33f4df71f7.txt:
+updating the LLM is essential; interleaved data helps)::
+
+    deepspeed --num_gpus 2 recipes/pretrain.py model.init_from=runs/align-demo/hf
+    deepspeed recipes/pretrain.py model.init_from=runs/align/hf \\
+        'data.sources=[{name: mmc4, path: /data/mmc4, weight: 1}, {name: coyo, path: /data/coyo, weight: 1}]'
+
+Outputs as every stage; the next stage starts with ``model.init_from=<output_dir>/hf``.
+"""
+
+import sys
+
+from vlmscale.config import PretrainConfig
+from vlmscale.engine.launch import recipe_main
+from vlmscale.engine.lm_stage import train_lm_stage
+
+if __name__ == "__main__":
+    sys.exit(recipe_main(PretrainConfig, train_lm_stage, sys.argv[1:]))

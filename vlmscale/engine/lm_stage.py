@@ -1,0 +1,71 @@
+"""The language-modelling stages (align, pretrain, sft): one loop, three configurations.
+
+The stages differ only in their parameter policy, data mixture and defaults (see
+``vlmscale.config.schema``); each recipe parses its config and calls :func:`train_lm_stage`,
+which reads top to bottom: build -> train -> export -> evaluate.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from vlmscale.config.schema import RunConfig
+from vlmscale.data.dataset import resolve_path
+from vlmscale.engine.distributed import device
+from vlmscale.engine.progress import Progress
+from vlmscale.engine.setup import make_loader, setup_run
+from vlmscale.engine.trainer import export_hf, train_step
+from vlmscale.eval.periodic import PeriodicEval
+
+log = logging.getLogger(__name__)
+
+
+def train_lm_stage(cfg: RunConfig) -> int:
+    # ---------------------------------------------------------------- build
+    run = setup_run(cfg)
+    engine, dist = run.engine, run.dist
+    batches = iter(make_loader(run))
+    progress = Progress(run.client_state, dist=dist)
+    evaluator = PeriodicEval(cfg.eval, heldout=resolve_path(cfg.data.heldout, cfg.data),
+                             output_dir=Path(cfg.output_dir), dist=dist, assets=run.assets)
+    evaluator.prepare(engine.module, fresh=run.start_step == 0)
+    dev = device()
+
+    # ---------------------------------------------------------------- train
+    engine.train()
+    bar = tqdm(total=cfg.train.max_steps, initial=run.start_step, disable=not dist.is_main, desc=cfg.stage,
+               dynamic_ncols=True)
+    for step in range(run.start_step, cfg.train.max_steps):
+        t_wait = time.time()
+        micro = [next(batches) for _ in range(cfg.train.grad_accum_steps)]
+        progress.data_wait += time.time() - t_wait
+        stats = train_step(engine, micro, device=dev)
+        progress.update(stats, data=cfg.data)
+        done = step + 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{stats.loss:.3f}")
+        if done % cfg.train.log_every_steps == 0 or done == cfg.train.max_steps:
+            run.metrics.log(progress.record(done, stats, lr=engine.get_lr()[0]))
+        if done % cfg.checkpoint.every_steps == 0 or done == cfg.train.max_steps:
+            run.checkpoints.save(engine, step=done, client_state=progress.client_state(done))
+        if evaluator.due(done) and done < cfg.train.max_steps:
+            run.metrics.log(evaluator.run(engine.module, step=done))
+    bar.close()
+
+    # ---------------------------------------------------------------- export + final eval
+    out = Path(cfg.output_dir)
+    if cfg.checkpoint.export:
+        export_hf(engine, assets=run.assets, out_dir=out / "hf",
+                  meta={"stage": cfg.stage, "steps": cfg.train.max_steps, "samples_seen": progress.samples})
+    if cfg.eval.at_end:
+        record = evaluator.run(engine.module, step=cfg.train.max_steps, final=True)
+        run.metrics.log(record)
+        if dist.is_main:
+            (out / "eval.json").write_text(json.dumps(record, indent=2))
+    run.metrics.close()
+    return 0

@@ -217,6 +217,21 @@ class EvalConfig:
 
 
 @dataclass
+class LoraSection:
+    enabled: bool = False  # train LoRA adapters on the LLM instead of its full weights
+    r: int = 16  # adapter rank
+    alpha: float = 32.0  # scaling numerator (scale = alpha / r)
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+    def validate(self) -> None:
+        if self.r < 1:
+            raise ConfigError("lora.r must be >= 1")
+        if not self.targets:
+            raise ConfigError("lora.targets is empty: name the LLM linear layers to adapt (e.g. q_proj)")
+
+
+@dataclass
 class RunConfig:
     stage: str = "sft"  # recipe name, recorded in outputs
     output_dir: str = "runs/sft-demo"  # everything the run writes goes here
@@ -229,13 +244,16 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    lora: LoraSection = field(default_factory=LoraSection)
 
     def validate(self) -> None:
+        if self.lora.enabled and not self.policy.llm.trainable:
+            raise ConfigError("lora.enabled trains adapters on the LLM, but policy.llm.trainable is false; enable one or the other")
         if not self.output_dir:
             raise ConfigError("output_dir is empty")
         if self.resume not in ("auto", "never") and not self.resume:
             raise ConfigError("resume must be auto, never or a checkpoint path")
-        for section in ("model", "policy", "data", "optim", "train", "checkpoint", "deepspeed", "eval"):
+        for section in ("model", "policy", "data", "optim", "train", "checkpoint", "deepspeed", "eval", "lora"):
             getattr(self, section).validate()
 
 

@@ -61,7 +61,9 @@ def train_lm_stage(cfg: RunConfig) -> int:
     out = Path(cfg.output_dir)
     if cfg.checkpoint.export:
         export_hf(engine, assets=run.assets, out_dir=out / "hf",
-                  meta={"stage": cfg.stage, "steps": cfg.train.max_steps, "samples_seen": progress.samples})
+                  meta={"stage": cfg.stage, "steps": cfg.train.max_steps, "samples_seen": progress.samples,
+                        "lora_merged": cfg.lora.enabled},
+                  lora_scaling=cfg.lora.alpha / cfg.lora.r if cfg.lora.enabled else None)
     if cfg.eval.at_end:
         record = evaluator.run(engine.module, step=cfg.train.max_steps, final=True)
         run.metrics.log(record)

@@ -23,6 +23,7 @@ from vlmscale.engine.metrics import MetricsLogger, setup_logging
 from vlmscale.engine.trainer import create_engine
 from vlmscale.engine.zero import load_weights, local_param_share, zero3_model_scope
 from vlmscale.model.build import build_model
+from vlmscale.model.lora import add_lora
 from vlmscale.model.policy import apply_policy
 from vlmscale.model.tokenizer import ProcessorAssets
 
@@ -65,7 +66,10 @@ def setup_run(cfg: RunConfig) -> Run:
     log.info("parameters on this rank after build: %s of %s (%.0f%%)", f"{held:,}", f"{total:,}", 100 * held / max(total, 1))
     if cfg.train.activation_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    groups, summary = apply_policy(model, cfg.policy, base_lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    if cfg.lora.enabled:
+        add_lora(model, cfg.lora)
+    groups, summary = apply_policy(model, cfg.policy, base_lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+                                   lora=cfg.lora.enabled)
     log.info("parameter policy (%s):\n%s", cfg.stage, summary.table())
     engine, _ = create_engine(model, param_groups=groups, ds_config=ds_config, optim=cfg.optim, max_steps=cfg.train.max_steps)
     checkpoints = CheckpointManager(out, dist=dist, keep_last=cfg.checkpoint.keep_last)

@@ -17,6 +17,7 @@ from vlmscale.config.schema import OptimConfig
 from vlmscale.engine.distributed import all_reduce_sum, barrier
 from vlmscale.engine.zero import gathered_state_dict
 from vlmscale.model.forward import num_supervised, token_losses, vlm_logits
+from vlmscale.model.lora import merge_lora_state_dict
 from vlmscale.model.tokenizer import ProcessorAssets
 
 log = logging.getLogger(__name__)
@@ -101,12 +102,18 @@ def train_step(engine, micro_batches: list[dict], *, device: torch.device) -> St
     )
 
 
-def export_hf(engine, *, assets: ProcessorAssets, out_dir: str | Path, meta: dict[str, Any]) -> Path | None:
-    """Write safetensors weights, config, tokenizer and processor to ``out_dir`` (collective)."""
+def export_hf(engine, *, assets: ProcessorAssets, out_dir: str | Path, meta: dict[str, Any],
+              lora_scaling: float | None = None) -> Path | None:
+    """Write safetensors weights, config, tokenizer and processor to ``out_dir`` (collective).
+
+    With ``lora_scaling`` the adapters are merged into the base weights first.
+    """
     t0 = time.time()
     out = Path(out_dir)
     state = gathered_state_dict(engine)
     if state is not None:
+        if lora_scaling is not None:
+            state = merge_lora_state_dict(state, scaling=lora_scaling)
         out.mkdir(parents=True, exist_ok=True)
         model = engine.module
         model.config.dtype = next(iter(state.values())).dtype

@@ -55,7 +55,7 @@ def preset_config(name: str, *, vocab_size: int, image_token_id: int, pad_token_
         intermediate_size=4 * p.vision_hidden,
         image_size=p.image_size,
         patch_size=p.patch_size,
-        layer_scale_init_value=1.0,
+        layer_scale_init_value=0.1,
     )
     text = Qwen2Config(
         hidden_size=p.text_hidden,
@@ -91,6 +91,9 @@ def sincos_2d(grid: int, dim: int) -> torch.Tensor:
         angles = coord[:, None] * omega[None, :]
         parts += [angles.sin(), angles.cos()]
     return torch.cat(parts, dim=1).float()
+
+
+POSITION_SCALE = 0.1
 
 
 class InMemory:
@@ -147,10 +150,11 @@ def build_model(
     config._attn_implementation = cfg.attn_implementation
     model = InternVLForConditionalGeneration._from_config(config, dtype=dtype)
     # InternVL initialises the vision position embeddings to zero, which leaves a from-scratch
-    # encoder blind to where things are; presets start from fixed 2-D sin-cos embeddings instead.
+    # encoder blind to where things are; presets start from 2-D sin-cos embeddings instead, scaled
+    # well below the patch content (std ~0.4) so that position does not drown out appearance.
     p = PRESETS[cfg.preset]
     grid = p.image_size // p.patch_size
-    table = torch.cat([torch.zeros(1, p.vision_hidden), sincos_2d(grid, p.vision_hidden)]).unsqueeze(0)
+    table = torch.cat([torch.zeros(1, p.vision_hidden), POSITION_SCALE * sincos_2d(grid, p.vision_hidden)]).unsqueeze(0)
     load_weights(model, {"model.vision_tower.embeddings.position_embeddings": InMemory(table)})
     _finish(model, assets)
     return model, assets

@@ -34,9 +34,11 @@ def numel(p: torch.Tensor) -> int:
     return int(getattr(p, "ds_numel", p.numel()))
 
 
-def _trainable(name: str, rule: ModulePolicy) -> bool:
+def _trainable(name: str, rule: ModulePolicy, *, lora: bool) -> bool:
     if not rule.trainable or rule.lr == 0:
         return False
+    if lora and module_of(name) == "llm":
+        return ".lora_A." in name or ".lora_B." in name  # adapters train, base weights stay frozen
     span = rule.layer_range()
     if span is None:
         return True
@@ -57,8 +59,8 @@ class PolicySummary:
         return "\n".join(rows)
 
 
-def apply_policy(model: torch.nn.Module, policy: PolicyConfig, *, base_lr: float,
-                 weight_decay: float) -> tuple[list[dict], PolicySummary]:
+def apply_policy(model: torch.nn.Module, policy: PolicyConfig, *, base_lr: float, weight_decay: float,
+                 lora: bool = False) -> tuple[list[dict], PolicySummary]:
     """Freeze/unfreeze per the policy and build optimizer groups (lr per module, no decay on 1-D params)."""
     num_layers = model.config.vision_config.num_hidden_layers
     span = policy.vision.layer_range()
@@ -70,7 +72,7 @@ def apply_policy(model: torch.nn.Module, policy: PolicyConfig, *, base_lr: float
     for name, p in model.named_parameters():
         module = module_of(name)
         rule: ModulePolicy = getattr(policy, module)
-        on = _trainable(name, rule)
+        on = _trainable(name, rule, lora=lora)
         p.requires_grad_(on)
         (trainable if on else frozen)[module] += numel(p)
         if on:

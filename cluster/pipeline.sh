@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The staged pipeline on the built-in demo: align -> pretrain -> sft, each starting from the
+# previous stage's Hugging Face export. Any stage re-run resumes from its newest checkpoint.
+#
+#   bash cluster/pipeline.sh                 # 2 ranks (CPU) or set NUM_GPUS
+#   NUM_GPUS=8 OUT=runs/pipeline bash cluster/pipeline.sh train.micro_batch_size=4
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-runs/pipeline}
+LAUNCH=(deepspeed --num_gpus "${NUM_GPUS:-2}")
+
+"${LAUNCH[@]}" recipes/align.py output_dir="$OUT/align" "$@"
+"${LAUNCH[@]}" recipes/pretrain.py output_dir="$OUT/pretrain" model.init_from="$OUT/align/hf" "$@"
+"${LAUNCH[@]}" recipes/sft.py output_dir="$OUT/sft" model.init_from="$OUT/pretrain/hf" "$@"
+echo "pipeline done: $OUT/sft/hf"

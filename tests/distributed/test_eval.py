@@ -39,3 +39,17 @@ def test_one_and_two_ranks_agree(sft_run, start_model, demo_dir, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "vlmscale.cli", "eval", "compare", str(tmp_path / "one.json"),
                            str(tmp_path / "two.json")], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0 and "text/loss" in proc.stdout
+
+
+def test_ranks_finishing_at_different_steps_do_not_hang(demo_dir, tmp_path):
+    out = tmp_path / "lengths.json"
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(29950 + os.getpid() % 40), "--no_local_rank",
+           str(REPO / "tests" / "distributed" / "zero3_generate_script.py"), str(demo_dir), str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r0 = json.loads((tmp_path / "lengths.json.rank0").read_text())["lengths"]
+    r1 = json.loads((tmp_path / "lengths.json.rank1").read_text())["lengths"]
+    assert r0 and r1
+    # rank 0 stopped at its first token; rank 1 kept decoding (up to 12) while rank 0 stepped along idle
+    assert max(r0.values()) == 0 < max(r1.values()), (r0, r1)

@@ -102,8 +102,8 @@ def test_export_loads_in_stock_transformers_and_generates(sft_run, demo_dir):
 
 
 def test_periodic_and_final_eval_under_zero3(sft_run):
-    """Both ranks generate answers of different lengths (an 8-step model rambles until max_new_tokens
-    or stops early); the run must neither hang nor diverge, and every suite reports."""
+    """Evaluation inside a 2-rank ZeRO-3 run, every suite (ranks finishing at different decode
+    steps is forced in test_eval.py::test_ranks_finishing_at_different_steps_do_not_hang)."""
     out, _ = sft_run
     evals = [r for r in metrics(out) if "eval/vqa/overall/accuracy" in r]
     assert [r["step"] for r in evals] == [4, 8]
@@ -113,6 +113,3 @@ def test_periodic_and_final_eval_under_zero3(sft_run):
         assert key in final, key
     assert final["eval/drift/cosine"] < 1.0  # the encoder trained (default policy), so it drifted
     assert (out / "eval" / "step-00000004.json").is_file() and (out / "eval" / "final.json").is_file()
-    step4 = json.loads((out / "eval" / "step-00000004.json").read_text())
-    lengths = {len(e["pred"]) for suite in ("vqa", "pope", "grounding") for e in step4[suite + "_examples"]}
-    assert len(lengths) > 1, lengths  # answers of different lengths were generated in the same run

@@ -98,8 +98,10 @@ def _next_tokens(main: _Branch, contrast: _Branch | None, vcd: VCDConfig | None)
 
 @torch.no_grad()
 def generate(model, assets: ProcessorAssets, prompts: list[Rendered], *, max_new_tokens: int, batch_size: int = 16,
-             rank: int = 0, world_size: int = 1, vcd: VCDConfig | None = None) -> dict[int, str]:
-    """Greedy answers ``{prompt index: text}`` for the batches dealt to ``rank`` (collective when world_size > 1)."""
+             rank: int = 0, world_size: int = 1, vcd: VCDConfig | None = None,
+             return_ids: bool = False) -> dict[int, str] | dict[int, list[int]]:
+    """Greedy answers ``{prompt index: text}`` (or generated token ids up to end-of-sequence) for the
+    batches dealt to ``rank``; collective when world_size > 1."""
     was_training = model.training
     model.eval()
     batches = plan_batches(prompts, batch_size=batch_size)
@@ -134,6 +136,8 @@ def generate(model, assets: ProcessorAssets, prompts: list[Rendered], *, max_new
                 contrast.step(nxt)
         if group is not None:
             for row, j in enumerate(group):
-                answers[j] = assets.tokenizer.decode(out[row], skip_special_tokens=True).strip()
+                ids_row = out[row].tolist()
+                ids_row = ids_row[: ids_row.index(eos)] if eos in ids_row else ids_row
+                answers[j] = ids_row if return_ids else assets.tokenizer.decode(ids_row, skip_special_tokens=True).strip()
     model.train(was_training)
     return answers

@@ -26,7 +26,8 @@ def start_model(tmp_path_factory):
 def sft_overrides(demo_dir, out, start):
     return [f"output_dir={out}", f"data.demo_dir={demo_dir}", f"model.init_from={start}", "train.micro_batch_size=4",
             "train.grad_accum_steps=2", "train.log_every_steps=1", "checkpoint.every_steps=4", "optim.lr=1e-2",
-            "optim.warmup_steps=1", "policy.vision.layers=1-1", "eval.max_samples=10", "eval.final_max_samples=12", "eval.max_new_tokens=8"]
+            "optim.warmup_steps=1", "policy.vision.trainable=true", "policy.vision.layers=1-1",
+            "policy.projector.lr=1e-2", "eval.max_samples=10", "eval.final_max_samples=12", "eval.max_new_tokens=8"]
 
 
 @pytest.fixture(scope="session")

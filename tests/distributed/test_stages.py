@@ -26,7 +26,7 @@ def _check(before, after, trainable) -> None:
 def _stage(recipe, out, demo_dir, init_from, *extra):
     return launch(recipe, f"output_dir={out}", f"data.demo_dir={demo_dir}", f"model.init_from={init_from}",
                   "train.max_steps=4", "train.micro_batch_size=4", "train.log_every_steps=1", "checkpoint.every_steps=4",
-                  "optim.lr=1e-2", "optim.warmup_steps=1", "eval.final_max_samples=8", "eval.max_new_tokens=4", *extra)
+                  "optim.lr=1e-2", "policy.projector.lr=1e-2", "optim.warmup_steps=1", "eval.final_max_samples=8", "eval.max_new_tokens=4", *extra)
 
 
 @pytest.fixture(scope="module")

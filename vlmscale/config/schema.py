@@ -62,10 +62,11 @@ class ModulePolicy:
 class PolicyConfig:
     """Which modules train and at what learning rate; applied before the engine exists."""
 
-    # The SFT defaults train the demo preset from scratch, so its (random) encoder trains too; from a
-    # pretrained export, freeze it or train a layer range at ~1/10 of the LLM rate (seed 000, 6.3).
-    vision: ModulePolicy = field(default_factory=ModulePolicy)
-    projector: ModulePolicy = field(default_factory=ModulePolicy)
+    # SFT defaults (seed 000, 1.2 and 6.3): the vision encoder stays frozen. The built-in demo trains
+    # from a random preset; a frozen random encoder keeps colour and shape apart in its features, and
+    # a slow projector keeps them apart in the image tokens (fast, they collapse into "object here").
+    vision: ModulePolicy = field(default_factory=lambda: ModulePolicy(trainable=False))
+    projector: ModulePolicy = field(default_factory=lambda: ModulePolicy(lr=3e-5))
     llm: ModulePolicy = field(default_factory=ModulePolicy)  # includes embeddings and LM head
 
     def validate(self) -> None:

@@ -27,7 +27,7 @@ from vlmscale.data.shards import ShardWriter
 
 log = logging.getLogger(__name__)
 
-DEMO_VERSION = 3
+DEMO_VERSION = 4
 # 48-px scenes on a 3x3 grid of 16-px cells: with 8-px patches and InternVL's 2x2 pixel shuffle
 # each cell is exactly one image token, so an object's colour and shape meet in one token.
 IMAGE_SIZE = 48
@@ -153,8 +153,8 @@ def vqa_questions(objs: list[Obj], rng: random.Random) -> list[tuple[str, str, s
     for o in objs:
         qs.append(("shape", f"What shape is the {o.colour} object?", o.shape))
     qs.append(("count", "How many objects are there?", str(len(objs))))
-    for o in _alone_in_column(objs):
-        qs.append(("position", f"Is the {o.name} on the left, in the middle or on the right?", COLUMNS[o.col]))
+    for o in _alone_in_column(objs):  # colours are unique in a scene, so the colour names the object
+        qs.append(("position", f"Is the {o.colour} object on the left, in the middle or on the right?", COLUMNS[o.col]))
     o = rng.choice(objs)
     qs.append(("probe", f"Is there a {o.name} in the image?", "yes"))
     neg = absent_object(objs, rng, rng.choice(["random", "popular", "adversarial"]))
@@ -209,13 +209,17 @@ def _txt(text: str) -> dict:
 
 
 def _conversation(objs, rng, n_turns: int) -> list[dict]:
-    """Question types drawn uniformly (then a question of that type), so rarer types are not starved."""
+    """Question types drawn by weight (then a question of that type), so rarer types are not starved.
+
+    Yes/no probes need a conjunction (this colour and this shape in one object) and get double weight.
+    """
     by_type: dict[str, list] = {}
     for qtype, q, a in vqa_questions(objs, rng):
         by_type.setdefault(qtype, []).append((qtype, q, a))
     picked = []
     while len(picked) < n_turns and by_type:
-        qtype = rng.choice(sorted(by_type))
+        types = sorted(by_type)
+        qtype = rng.choices(types, weights=[2.0 if t == "probe" else 1.0 for t in types])[0]
         items = by_type[qtype]
         picked.append(items.pop(rng.randrange(len(items))))
         if not items:

@@ -104,3 +104,15 @@ def test_align_with_frozen_projector_is_rejected():
 
     with pytest.raises(ConfigError, match="policy.projector must be trainable"):
         load_config(AlignConfig, overrides=["policy.projector.trainable=false", "policy.llm.trainable=true"])
+
+
+def test_missing_inputs_are_config_errors_before_launch(tmp_path):
+    from vlmscale.engine.launch import check_paths
+
+    cfg = load_config(SFTConfig, overrides=[f"data.sources=[{{name: x, path: '{tmp_path / 'nope'}', weight: 1}}]"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        check_paths(cfg)
+    cfg = load_config(SFTConfig, overrides=[f"model.init_from={tmp_path}"])
+    with pytest.raises(ConfigError, match="no config.json"):
+        check_paths(cfg)
+    check_paths(load_config(SFTConfig))  # demo sources and the shipped DeepSpeed JSON resolve

@@ -164,11 +164,11 @@ def load_pretrained(path: str, *, max_tiles: int | None, dtype: torch.dtype, cfg
     """Load a full InternVL checkpoint in HF format (our exports, or OpenGVLab ``*-hf`` models)."""
     p = Path(path)
     if not (p / "config.json").is_file():
-        raise ValueError(f"model.init_from={path!r}: no config.json there; point it at an HF export such as <run>/hf")
+        raise ValueError(f"{path!r}: no config.json there; expected an HF-format InternVL export such as <output_dir>/hf")
     config = AutoConfig.from_pretrained(p, trust_remote_code=bool(cfg and cfg.trust_remote_code))
     if not isinstance(config, InternVLConfig):
         raise ValueError(
-            f"model.init_from={path!r} holds a {type(config).__name__}, not an InternVL model; "
+            f"{path!r} holds a {type(config).__name__}, not an InternVL model; "
             "use model.vision + model.llm to compose one"
         )
     model = AutoModelForImageTextToText.from_pretrained(

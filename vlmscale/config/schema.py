@@ -91,11 +91,11 @@ class SourceConfig:
 
 def _demo_sft_sources() -> list[SourceConfig]:
     return [
-        SourceConfig(name="vqa", path="demo:train/vqa", weight=4.0),
+        SourceConfig(name="vqa", path="demo:train/vqa", weight=5.0),
         SourceConfig(name="grounding", path="demo:train/grounding", weight=1.5),
         SourceConfig(name="multi", path="demo:train/multi", weight=1.0),
         SourceConfig(name="captions", path="demo:train/captions", weight=2.0),
-        SourceConfig(name="text", path="demo:train/text", weight=1.5),  # text-only re-blend: 15%
+        SourceConfig(name="text", path="demo:train/text", weight=1.5),  # text-only re-blend: 14%
     ]
 
 
@@ -152,7 +152,7 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 1000  # optimizer steps
+    max_steps: int = 1300  # optimizer steps
     micro_batch_size: int = 16  # samples per rank per forward
     grad_accum_steps: int = 1  # micro-batches per optimizer step
     global_batch_size: int | None = None  # optional check: must equal micro * accum * world size

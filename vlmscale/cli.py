@@ -57,7 +57,7 @@ def _eval(args) -> int:
 
     import torch
 
-    from vlmscale.engine.distributed import DistInfo, init_distributed
+    from vlmscale.engine.distributed import DistInfo, init_distributed, shutdown
     from vlmscale.eval.generate import VCDConfig
     from vlmscale.eval.suites import drift_reference, format_table, run_suites
     from vlmscale.model.build import load_pretrained
@@ -83,6 +83,7 @@ def _eval(args) -> int:
         print(format_table(results))
         if args.out:
             Path(args.out).write_text(json.dumps({"model": args.model, "vcd": args.vcd, **results}, indent=2))
+    shutdown()
     return 0
 
 

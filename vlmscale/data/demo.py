@@ -27,7 +27,7 @@ from vlmscale.data.shards import ShardWriter
 
 log = logging.getLogger(__name__)
 
-DEMO_VERSION = 4
+DEMO_VERSION = 5
 # 48-px scenes on a 3x3 grid of 16-px cells: with 8-px patches and InternVL's 2x2 pixel shuffle
 # each cell is exactly one image token, so an object's colour and shape meet in one token.
 IMAGE_SIZE = 48
@@ -208,10 +208,14 @@ def _txt(text: str) -> dict:
     return {"type": "text", "text": text}
 
 
+QUESTION_WEIGHTS = {"probe": 2.0, "colour": 1.5, "position": 1.5, "shape": 1.0, "count": 0.5}
+
+
 def _conversation(objs, rng, n_turns: int) -> list[dict]:
     """Question types drawn by weight (then a question of that type), so rarer types are not starved.
 
-    Yes/no probes need a conjunction (this colour and this shape in one object) and get double weight.
+    Weights follow difficulty for the demo model: probes need a conjunction (this colour and this
+    shape in one object), colour and position a retrieval by another attribute; counting is easy.
     """
     by_type: dict[str, list] = {}
     for qtype, q, a in vqa_questions(objs, rng):
@@ -219,7 +223,7 @@ def _conversation(objs, rng, n_turns: int) -> list[dict]:
     picked = []
     while len(picked) < n_turns and by_type:
         types = sorted(by_type)
-        qtype = rng.choices(types, weights=[2.0 if t == "probe" else 1.0 for t in types])[0]
+        qtype = rng.choices(types, weights=[QUESTION_WEIGHTS[t] for t in types])[0]
         items = by_type[qtype]
         picked.append(items.pop(rng.randrange(len(items))))
         if not items:

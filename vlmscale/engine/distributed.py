@@ -86,3 +86,11 @@ def device() -> torch.device:
     from deepspeed.accelerator import get_accelerator
 
     return torch.device(get_accelerator().current_device_name())
+
+
+def shutdown() -> None:
+    """Leave the process group in order (a group left to interpreter teardown can abort the process)."""
+    if dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
+        dist.destroy_process_group()

@@ -11,6 +11,7 @@ from typing import Callable, TypeVar
 
 from vlmscale.config import ConfigError, load_config, parse_cli
 from vlmscale.data.dataset import TooManyBadSamples
+from vlmscale.engine.distributed import shutdown
 
 log = logging.getLogger(__name__)
 C = TypeVar("C")
@@ -44,7 +45,9 @@ def recipe_main(config_cls: type[C], train: Callable[[C], int], argv: list[str])
         print(f"config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     try:
-        return train(cfg)
+        code = train(cfg)
     except TooManyBadSamples as exc:
         log.error("stopping: %s", exc)
         return EXIT_BAD_DATA
+    shutdown()
+    return code

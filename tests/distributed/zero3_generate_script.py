@@ -15,7 +15,7 @@ from vlmscale.config import SFTConfig, load_config
 from vlmscale.config.deepspeed import build_ds_config
 from vlmscale.data.render import render_prompt
 from vlmscale.data.shards import ShardDataset
-from vlmscale.engine.distributed import init_distributed
+from vlmscale.engine.distributed import init_distributed, shutdown
 from vlmscale.engine.zero import load_weights, zero3_model_scope
 from vlmscale.eval.generate import _Branch, generate, plan_batches
 from vlmscale.model.build import build_model
@@ -48,3 +48,4 @@ answers = generate(engine.module, assets, prompts, max_new_tokens=12, rank=dist.
 lengths = {j: len(ids) for j, ids in answers.items()}
 with open(f"{out_file}.rank{dist.rank}", "w") as f:
     json.dump({"rank": dist.rank, "lengths": lengths}, f)
+shutdown()

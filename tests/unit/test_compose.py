@@ -1,7 +1,6 @@
 """model.vision + model.llm: a vision encoder and an LLM joined by a fresh projector."""
 
 import torch
-from safetensors.torch import save_file
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from vlmscale.config import SFTConfig, load_config

@@ -1,9 +1,6 @@
 import io
-import json
 
-import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from vlmscale.data.render import IGNORE, BadSample, render_prompt, render_sample

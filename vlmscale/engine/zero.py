@@ -66,17 +66,6 @@ def gathered_state_dict(engine) -> dict[str, torch.Tensor] | None:
     return {k: v.detach().cpu().clone() for k, v in engine.module.state_dict().items()}
 
 
-@contextlib.contextmanager
-def gathered(params: list[torch.Tensor]) -> Iterator[None]:
-    """Full parameters on every rank for the duration (read-only)."""
-    partitioned = [p for p in params if is_partitioned(p)]
-    if not partitioned:
-        yield
-        return
-    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
-        yield
-
-
 def local_param_share(model: torch.nn.Module) -> tuple[int, int]:
     """(elements this rank holds, elements in the model): ~1/world under ZeRO-3, all otherwise."""
     held = total = 0

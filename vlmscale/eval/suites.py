@@ -31,7 +31,6 @@ GENERATIVE = ("vqa", "grounding", "pope")
 LOSS_SUITES = ("text", "caption")  # held-out supervised-token loss: text-only / image captions
 SUITES = GENERATIVE + LOSS_SUITES + ("drift",)
 SUITE_DATA = {"caption": "captions", "drift": "captions"}  # suite -> held-out folder, when not its own name
-DRIFT_SOURCE = "captions"  # held-out images the drift suite encodes
 
 
 def _records(data: Path, max_samples: int) -> list[tuple[dict, dict[str, bytes]]]:
@@ -182,7 +181,7 @@ def drift(current: dict[int, torch.Tensor], reference: dict[int, torch.Tensor]) 
 
 def drift_reference(model, assets, heldout: Path, *, max_samples: int, rank: int, world_size: int) -> dict:
     """Reference encoder features for the drift suite: ``{"n_records": N, "features": {index: tensor}}``."""
-    records = _records(heldout / DRIFT_SOURCE, max_samples)
+    records = _records(heldout / SUITE_DATA["drift"], max_samples)
     feats = encoder_features(model, assets, records, rank=rank, world_size=world_size)
     return {"n_records": len(records), "features": feats}
 

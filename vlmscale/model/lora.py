@@ -26,10 +26,6 @@ def add_lora(model: torch.nn.Module, cfg: LoraSection) -> None:
     inject_adapter_in_model(config, model.model.language_model)
 
 
-def is_lora_param(name: str) -> bool:
-    return ".lora_A." in name or ".lora_B." in name
-
-
 def merge_lora_state_dict(state: dict[str, torch.Tensor], *, scaling: float) -> dict[str, torch.Tensor]:
     """Fold adapters into their base weights and restore the plain parameter names."""
     adapters: dict[str, dict[str, torch.Tensor]] = {}

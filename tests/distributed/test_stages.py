@@ -78,3 +78,17 @@ def test_lora_under_zero3_merges_into_a_stock_export(tmp_path, demo_dir, start_m
                            "What colour is the circle?"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1])["new_tokens"] >= 1
+
+
+def test_video_trains_under_zero3_within_budget(tmp_path, demo_dir, start_model):
+    """Video clips mixed with single images on 2 ranks: trains, loss falls, the video suite scores."""
+    out = tmp_path / "video"
+    sources = "data.sources=[{name: video, path: 'demo:train/video', weight: 1}, {name: vqa, path: 'demo:train/vqa', weight: 1}]"
+    _stage("sft", out, demo_dir, start_model, sources, "data.video.max_frames=6", "data.video.pool=2",
+           "data.video.token_budget=80", "train.max_steps=6", "eval.suites=[video]")
+    rows = [r for r in metrics(out) if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert all(r["bad_samples"] == 0 for r in rows)  # no clip was over budget or skipped
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    final = [r for r in metrics(out) if "eval/video/video/n" in r]
+    assert final and final[-1]["eval/video/video/n"] == 8

@@ -100,6 +100,24 @@ def _demo_sft_sources() -> list[SourceConfig]:
 
 
 @dataclass
+class VideoConfig:
+    """How a video sample becomes tokens (docs/data.md, "Video token budget")."""
+
+    max_frames: int = 8  # frames sampled from a clip (uniformly, or keyframes)
+    pool: int = 2  # average-pool each frame's token grid pool x pool (1 = keep every token)
+    token_budget: int = 256  # all tokens of one clip (time tags, image blocks) stay within this
+    sampling: Literal["uniform", "keyframe"] = "uniform"
+
+    def validate(self) -> None:
+        if self.max_frames < 1:
+            raise ConfigError("data.video.max_frames must be >= 1")
+        if self.pool < 1:
+            raise ConfigError("data.video.pool must be >= 1 (1 keeps every token of a frame)")
+        if self.token_budget < 1:
+            raise ConfigError("data.video.token_budget must be >= 1")
+
+
+@dataclass
 class DataConfig:
     sources: list[SourceConfig] = field(default_factory=_demo_sft_sources)  # the training mixture
     heldout: str = "demo:heldout"  # held-out split scored by `vlmscale eval` and end-of-run eval
@@ -109,6 +127,7 @@ class DataConfig:
     num_workers: int = 1  # dataloader worker processes per rank
     max_bad_fraction: float = 0.1  # stop the run if more than this fraction of samples is unusable
     bad_check_after: int = 64  # samples read before the bad-fraction limit is enforced
+    video: VideoConfig = field(default_factory=VideoConfig)
 
     def validate(self) -> None:
         if not self.sources:
@@ -126,6 +145,7 @@ class DataConfig:
             raise ConfigError("data.num_workers must be >= 0")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise ConfigError("data.max_bad_fraction must be within [0, 1]")
+        self.video.validate()
 
 
 @dataclass
@@ -191,6 +211,10 @@ class DeepSpeedSection:
             raise ConfigError(f"deepspeed.config={self.config!r}: expected a .json file (e.g. ds_configs/zero3.json)")
 
 
+# generative (vqa, video, grounding, pope), held-out loss (text, caption), encoder drift; see docs/evaluation.md
+EVAL_SUITES = ("vqa", "video", "grounding", "pope", "text", "caption", "drift")
+
+
 @dataclass
 class EvalConfig:
     every_steps: int = 0  # run the suites every N steps during training (0 = only at the end)
@@ -205,10 +229,9 @@ class EvalConfig:
     vcd_noise: float = 0.5  # share of noise in VCD's distorted image
 
     def validate(self) -> None:
-        known = ("vqa", "grounding", "pope", "text", "caption", "drift")
         for s in self.suites:
-            if s not in known:
-                raise ConfigError(f"eval.suites: unknown suite {s!r}; known: {list(known)}")
+            if s not in EVAL_SUITES:
+                raise ConfigError(f"eval.suites: unknown suite {s!r}; known: {list(EVAL_SUITES)}")
         if self.every_steps < 0 or self.max_samples < 0 or self.final_max_samples < 0:
             raise ConfigError("eval.every_steps, eval.max_samples and eval.final_max_samples must be >= 0")
         if self.max_new_tokens < 1:

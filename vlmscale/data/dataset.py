@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from vlmscale.config.schema import DataConfig
+from vlmscale.config.schema import DataConfig, VideoConfig
 from vlmscale.data.demo import ensure_demo
 from vlmscale.data.mixture import Mixture
 from vlmscale.data.render import IGNORE, BadSample, Rendered, render_sample
@@ -56,9 +56,10 @@ class Item:
 
 class TrainDataset(torch.utils.data.Dataset):
     def __init__(self, *, sources: list[ShardDataset], names: list[str], weights: list[float],
-                 assets: ProcessorAssets, max_seq_len: int, seed: int):
+                 assets: ProcessorAssets, max_seq_len: int, seed: int, video: VideoConfig | None = None):
         self.sources, self.names, self.assets = sources, names, assets
         self.max_seq_len = max_seq_len
+        self.video = video
         self.mixture = Mixture(sizes=[len(s) for s in sources], weights=weights, seed=seed)
 
     def __len__(self) -> int:  # the stream is unbounded; the sampler decides what is read
@@ -80,7 +81,7 @@ class TrainDataset(torch.utils.data.Dataset):
             raise BadSample("bad_json", f"{ref.key}: top level is not an object")
         sample_id = str(record.get("id", f"{Path(ref.shard).name}:{ref.key}"))
         try:
-            return render_sample(record, members, self.assets, max_seq_len=self.max_seq_len), sample_id
+            return render_sample(record, members, self.assets, max_seq_len=self.max_seq_len, video=self.video), sample_id
         except BadSample as exc:
             exc.detail = f"{sample_id}: {exc.detail}"
             raise
@@ -152,7 +153,7 @@ def collate(items: list[Item], *, pad_id: int) -> dict:
     input_ids = torch.full((n, longest), pad_id, dtype=torch.long)
     labels = torch.full((n, longest), IGNORE, dtype=torch.long)
     attention = torch.zeros((n, longest), dtype=torch.long)
-    tiles = []
+    tiles, pool = [], []
     for i, it in enumerate(items):
         r = it.rendered
         input_ids[i, : len(r.input_ids)] = torch.tensor(r.input_ids)
@@ -160,6 +161,7 @@ def collate(items: list[Item], *, pad_id: int) -> dict:
         attention[i, : len(r.input_ids)] = 1
         if r.pixel_values is not None:
             tiles.append(r.pixel_values)
+            pool.extend(r.tile_pool)
     skipped: dict[str, int] = {}
     for it in items:
         for reason in it.skipped:
@@ -169,6 +171,7 @@ def collate(items: list[Item], *, pad_id: int) -> dict:
         "labels": labels,
         "attention_mask": attention,
         "pixel_values": torch.cat(tiles) if tiles else None,
+        "tile_pool": torch.tensor(pool, dtype=torch.long) if tiles else None,
         "sample_ids": [it.sample_id for it in items],
         "skipped": skipped,
         "num_read": n + sum(skipped.values()),

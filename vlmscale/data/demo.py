@@ -1,8 +1,8 @@
 """The built-in demo dataset: rendered scenes of coloured shapes.
 
 Every task family the product trains on is represented: captions, multi-turn VQA (colour, shape,
-count, position, yes/no object probes), grounding boxes, multi-image comparison, interleaved
-documents, text-only QA and preference pairs. Objects co-occur with fixed partners, so POPE's
+count, position, yes/no object probes), grounding boxes, multi-image comparison, video clips of a
+moving object, interleaved documents, text-only QA and preference pairs. Objects co-occur with fixed partners, so POPE's
 adversarial negatives (a present object's usual partner, absent) mean something.
 
 Generation is deterministic for a seed and takes seconds; ``ensure_demo`` generates once per
@@ -27,7 +27,7 @@ from vlmscale.data.shards import ShardWriter
 
 log = logging.getLogger(__name__)
 
-DEMO_VERSION = 4
+DEMO_VERSION = 5
 # 48-px scenes on a 3x3 grid of 16-px cells: with 8-px patches and InternVL's 2x2 pixel shuffle
 # each cell is exactly one image token, so an object's colour and shape meet in one token.
 IMAGE_SIZE = 48
@@ -243,15 +243,15 @@ class _Gen:
         self.writers: dict[str, ShardWriter] = {}
         self.counts: dict[str, int] = {}
 
-    def add(self, source: str, record: dict, images: list[bytes]) -> None:
+    def add(self, source: str, record: dict, images: list[bytes] | dict[str, bytes]) -> None:
         if source not in self.writers:
             self.writers[source] = ShardWriter(self.root / self.split / source, max_count=2000)
             self.counts[source] = 0
         key = f"{self.split}-{source}-{self.counts[source]:06d}"
         record = {"id": key, **record}
         members = {"json": json.dumps(record).encode()}
-        for i, data in enumerate(images):
-            members[f"img{i}.png"] = data
+        named = images if isinstance(images, dict) else {f"img{i}.png": data for i, data in enumerate(images)}
+        members.update(named)
         self.writers[source].write(key, members)
         self.counts[source] += 1
 
@@ -331,6 +331,43 @@ def _preference(g: _Gen):
     return {"task": "preference", "messages": prompt, "chosen": good, "rejected": bad}, [png]
 
 
+VIDEO_FRAMES = 12
+
+
+def _video_clip(g: _Gen):
+    """A clip of one object crossing the frame left or right; asks which way it moves."""
+    rng = g.rng
+    colour, shape = rng.choices(OBJECTS, weights=POPULARITY)[0]
+    direction = rng.choice(["left", "right"])
+    row, size = rng.randrange(3), 12
+    y1 = row * (IMAGE_SIZE // 3) + 2
+    span = IMAGE_SIZE - size - 4
+    background = rng.getrandbits(32)
+    frames = []
+    for i in range(VIDEO_FRAMES):
+        frac = i / (VIDEO_FRAMES - 1)
+        x1 = 2 + round(span * (frac if direction == "right" else 1 - frac))
+        obj = Obj(colour, shape, row, min(2, (x1 + size // 2) // (IMAGE_SIZE // 3)), (x1, y1, x1 + size, y1 + size))
+        frames.append(render_scene([obj], random.Random(background)))
+    names = [f"frame{i:02d}.png" for i in range(VIDEO_FRAMES)]
+    frames = dict(zip(names, frames))
+    q = f"Which way does the {colour} {shape} move, left or right?"
+    video = {"type": "video", "frames": names, "fps": 4}
+    rec = {"task": "vqa", "qtype": "video", "answer": direction, "messages": [_user(video, _txt(q)), _assistant(direction)]}
+    return rec, frames
+
+
+def generate_video(root: Path, split: str, *, num_clips: int, seed: int) -> dict[str, int]:
+    """Video clips, generated apart from the other sources (their own seed) so those stay unchanged."""
+    g = _Gen(root, split, seed)
+    for _ in range(num_clips):
+        rec, frames = _video_clip(g)
+        if split == "heldout":
+            rec = {**rec, "messages": rec["messages"][:1]}
+        g.add("video", rec, frames)
+    return g.close()
+
+
 def generate_heldout(root: Path, *, num_scenes: int, seed: int) -> dict[str, int]:
     g = _Gen(root, "heldout", seed)
     rng = g.rng
@@ -374,6 +411,8 @@ def generate_demo(out: Path, *, num_train_scenes: int = 6000, num_heldout_scenes
         "train": generate_train(out, num_scenes=num_train_scenes, seed=seed),
         "heldout": generate_heldout(out, num_scenes=num_heldout_scenes, seed=seed + 1),
     }
+    counts["train"].update(generate_video(out, "train", num_clips=max(8, num_train_scenes // 10), seed=seed + 2))
+    counts["heldout"].update(generate_video(out, "heldout", num_clips=max(8, num_heldout_scenes // 2), seed=seed + 3))
     meta = {"version": DEMO_VERSION, "seed": seed, "counts": counts}
     (out / "demo.json").write_text(json.dumps(meta, indent=2))
     return meta

@@ -4,13 +4,16 @@ The token sequence is exactly what the exported chat template plus the stock Int
 produce (tests/unit/test_render.py holds them together): ChatML turns, and each image as
 ``<img>`` + ``<IMG_CONTEXT>`` x (tiles x image_seq_length) + ``</img>`` followed by a newline.
 Labels are set while building: assistant content and its ``<|im_end|>`` are supervised, nothing
-else; documents supervise all their text. Problems raise :class:`BadSample` with a reason that
+else; documents supervise all their text. A video part becomes a few sampled frames, each one
+tile tagged with its time, its token grid optionally pooled, the whole clip within
+``data.video.token_budget`` tokens (:func:`plan_video`). Problems raise :class:`BadSample` with a reason that
 the data loader counts.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -18,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from vlmscale.config.schema import VideoConfig
 from vlmscale.model.tokenizer import IM_END, IM_START, IMG_CONTEXT, IMG_END, IMG_START, ProcessorAssets
 
 IGNORE = -100
@@ -40,21 +44,81 @@ class Rendered:
     labels: list[int]
     pixel_values: torch.Tensor | None  # (total tiles, 3, H, W)
     tiles_per_image: list[int] = field(default_factory=list)
+    tile_pool: list[int] = field(default_factory=list)  # per tile: 1, or a video frame's pooling factor
 
     @property
     def num_supervised(self) -> int:
         return sum(1 for t in self.labels if t != IGNORE)
 
 
+def _decode(data: bytes) -> Image.Image:
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+        return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise BadSample("corrupt_image", str(exc)) from exc
+
+
+def pooled_tokens(image_seq_length: int, pool: int) -> int:
+    """Tokens of one tile after ``pool`` x ``pool`` average pooling of its (square) token grid."""
+    grid = math.isqrt(image_seq_length)
+    if grid * grid != image_seq_length:
+        raise ValueError(f"image_seq_length={image_seq_length} is not a square grid; use data.video.pool=1")
+    return math.ceil(grid / pool) ** 2
+
+
+@dataclass
+class VideoPlan:
+    frames: list[int]  # indices into the clip, in time order
+    tokens_per_frame: int  # image tokens of one frame after pooling
+    total_tokens: int  # everything the clip adds: time tags, <img> blocks, newlines
+
+
+def _frame_cost(tag_tokens: int, tokens_per_frame: int, newline_tokens: int) -> int:
+    return tag_tokens + 2 + tokens_per_frame + newline_tokens
+
+
+def plan_video(num_frames: int, *, tag_tokens: list[int], newline_tokens: int, image_seq_length: int,
+               cfg: VideoConfig, scores: list[float] | None = None) -> VideoPlan:
+    """Choose frames so the clip fits ``cfg.token_budget``: at most ``cfg.max_frames``, fewer if needed.
+
+    ``tag_tokens[k]`` is the token count of the k-th chosen frame's time tag. Uniform sampling takes
+    the centre of each of n equal segments; keyframe sampling takes frame 0 and the n - 1 frames
+    with the largest ``scores`` (change from the previous frame).
+    """
+    per_frame = pooled_tokens(image_seq_length, cfg.pool)
+    n = min(num_frames, cfg.max_frames)
+    while n > 0 and sum(_frame_cost(tag_tokens[k], per_frame, newline_tokens) for k in range(n)) > cfg.token_budget:
+        n -= 1
+    if n == 0:
+        one = _frame_cost(tag_tokens[0], per_frame, newline_tokens)
+        raise BadSample("video_over_budget", f"one frame needs {one} tokens > data.video.token_budget={cfg.token_budget}")
+    if cfg.sampling == "keyframe" and scores is not None and n > 1:
+        ranked = sorted(range(1, num_frames), key=lambda i: (-scores[i], i))
+        frames = sorted([0] + ranked[: n - 1])
+    else:
+        frames = [min(num_frames - 1, int((k + 0.5) * num_frames / n)) for k in range(n)]
+    total = sum(_frame_cost(tag_tokens[k], per_frame, newline_tokens) for k in range(n))
+    return VideoPlan(frames, per_frame, total)
+
+
+def _change_scores(images: list[Image.Image]) -> list[float]:
+    arrays = [np.asarray(im.resize((32, 32)), dtype=np.float32) for im in images]
+    return [0.0] + [float(np.abs(a - b).mean()) for a, b in zip(arrays[1:], arrays[:-1])]
+
+
 class _Builder:
-    def __init__(self, assets: ProcessorAssets):
+    def __init__(self, assets: ProcessorAssets, video: VideoConfig | None = None):
         self.assets = assets
+        self.video_cfg = video or VideoConfig()
         self.ids: list[int] = []
         self.labels: list[int] = []
         self.buffer: list[str] = []
         self.buffer_supervised = False
         self.tiles: list[torch.Tensor] = []
         self.tiles_per_image: list[int] = []
+        self.tile_pool: list[int] = []
 
     def text(self, text: str, *, supervised: bool) -> None:
         if self.buffer and supervised != self.buffer_supervised:
@@ -76,29 +140,56 @@ class _Builder:
         self.ids.append(idx)
         self.labels.append(idx if supervised else IGNORE)
 
+    def _block(self, n_context: int) -> None:
+        ctx = self.assets.token_id(IMG_CONTEXT)
+        block = [self.assets.token_id(IMG_START)] + [ctx] * n_context + [self.assets.token_id(IMG_END)]
+        self.ids.extend(block)
+        self.labels.extend([IGNORE] * len(block))
+
+    def _tokens(self, text: str) -> list[int]:
+        return self.assets.tokenizer(text, add_special_tokens=False)["input_ids"]
+
     def image(self, data: bytes) -> None:
         self.flush()
-        try:
-            img = Image.open(io.BytesIO(data))
-            img.load()
-            img = img.convert("RGB")
-        except (UnidentifiedImageError, OSError, ValueError) as exc:
-            raise BadSample("corrupt_image", str(exc)) from exc
-        out = self.assets.image_processor(images=[img], return_tensors="np")
+        out = self.assets.image_processor(images=[_decode(data)], return_tensors="np")
         pixels = torch.from_numpy(np.asarray(out["pixel_values"]))
         n_tiles = int(pixels.shape[0])
         self.tiles.append(pixels)
         self.tiles_per_image.append(n_tiles)
-        ctx = self.assets.token_id(IMG_CONTEXT)
-        block = [self.assets.token_id(IMG_START)] + [ctx] * (n_tiles * self.assets.image_seq_length) + [self.assets.token_id(IMG_END)]
-        self.ids.extend(block)
-        self.labels.extend([IGNORE] * len(block))
+        self.tile_pool.extend([1] * n_tiles)
+        self._block(n_tiles * self.assets.image_seq_length)
         self.text("\n", supervised=False)
+
+    def video(self, frames: list[bytes], timestamps: list[float]) -> None:
+        """Sampled frames, one tile each: ``Frame{k} ({t}s): <img>...</img>\n``, tokenized on their own
+        so the clip's token count is exactly what :func:`plan_video` budgeted."""
+        self.flush()
+        cfg = self.video_cfg
+        keyframes = cfg.sampling == "keyframe"
+        decoded = [_decode(f) for f in frames] if keyframes else None
+        newline = self._tokens("\n")
+        # tag token counts depend on the chosen frames' times: plan with the widest tags, then render exact
+        widest = max(len(self._tokens(f"Frame{k + 1} ({t:.1f}s): ")) for k, t in enumerate(timestamps))
+        plan = plan_video(len(frames), tag_tokens=[widest] * len(frames), newline_tokens=len(newline),
+                          image_seq_length=self.assets.image_seq_length, cfg=cfg,
+                          scores=_change_scores(decoded) if keyframes else None)
+        for k, i in enumerate(plan.frames):
+            img = decoded[i] if decoded is not None else _decode(frames[i])
+            out = self.assets.image_processor(images=[img], crop_to_patches=False, return_tensors="np")
+            self.tiles.append(torch.from_numpy(np.asarray(out["pixel_values"])))
+            self.tiles_per_image.append(1)
+            self.tile_pool.append(cfg.pool)
+            tag = self._tokens(f"Frame{k + 1} ({timestamps[i]:.1f}s): ")
+            self.ids.extend(tag)
+            self.labels.extend([IGNORE] * len(tag))
+            self._block(plan.tokens_per_frame)
+            self.ids.extend(newline)
+            self.labels.extend([IGNORE] * len(newline))
 
     def result(self) -> Rendered:
         self.flush()
         pixels = torch.cat(self.tiles) if self.tiles else None
-        return Rendered(self.ids, self.labels, pixels, self.tiles_per_image)
+        return Rendered(self.ids, self.labels, pixels, self.tiles_per_image, self.tile_pool)
 
 
 def _image_bytes(name: object, members: dict[str, bytes]) -> bytes:
@@ -107,6 +198,21 @@ def _image_bytes(name: object, members: dict[str, bytes]) -> bytes:
     if name not in members:
         raise BadSample("missing_image", f"no member {name!r}")
     return members[name]
+
+
+def _video(part: dict, members: dict[str, bytes]) -> tuple[list[bytes], list[float]]:
+    names = part.get("frames")
+    if not isinstance(names, list) or not names:
+        raise BadSample("bad_schema", "a video part needs a non-empty 'frames' list of member names")
+    frames = [_image_bytes(n, members) for n in names]
+    if "timestamps" in part:
+        times = part["timestamps"]
+        if not isinstance(times, list) or len(times) != len(frames):
+            raise BadSample("bad_schema", f"video: {len(frames)} frames but timestamps={times!r}")
+    else:
+        fps = float(part.get("fps", 1.0))
+        times = [i / fps for i in range(len(frames))]
+    return frames, [float(t) for t in times]
 
 
 def _parts(content: object, images: list[str], cursor: list[int]) -> list[dict]:
@@ -129,15 +235,28 @@ def _parts(content: object, images: list[str], cursor: list[int]) -> list[dict]:
     return parts
 
 
-def render_sample(record: dict, members: dict[str, bytes], assets: ProcessorAssets, *, max_seq_len: int) -> Rendered:
+def _visual(b: _Builder, part: dict, members: dict[str, bytes]) -> bool:
+    """Add an image or video part; False if the part is neither."""
+    kind = part.get("type")
+    if kind == "image":
+        b.image(_image_bytes(part.get("image"), members))
+    elif kind == "video":
+        b.video(*_video(part, members))
+    else:
+        return False
+    return True
+
+
+def render_sample(record: dict, members: dict[str, bytes], assets: ProcessorAssets, *, max_seq_len: int,
+                  video: VideoConfig | None = None) -> Rendered:
     """Tokens, labels and tiles for one sample of the vlmscale schema (see docs/data.md)."""
-    b = _Builder(assets)
+    b = _Builder(assets, video)
     if "document" in record:
         for part in record["document"]:
             kind = part.get("type")
-            if kind == "image":
-                b.image(_image_bytes(part.get("image"), members))
-            elif kind == "text":
+            if _visual(b, part, members):
+                continue
+            if kind == "text":
                 b.text(part.get("text", ""), supervised=True)
             else:
                 raise BadSample("bad_schema", f"document part type {kind!r}")
@@ -158,9 +277,9 @@ def render_sample(record: dict, members: dict[str, bytes], assets: ProcessorAsse
             b.text(role + "\n", supervised=False)
             for part in _parts(msg.get("content"), images, cursor):
                 kind = part.get("type")
-                if kind == "image":
-                    b.image(_image_bytes(part.get("image"), members))
-                elif kind == "text":
+                if _visual(b, part, members):
+                    continue
+                if kind == "text":
                     text = part.get("text", "")
                     has_answer |= supervised and bool(text.strip())
                     b.text(text, supervised=supervised)
@@ -180,16 +299,15 @@ def render_sample(record: dict, members: dict[str, bytes], assets: ProcessorAsse
     return out
 
 
-def render_prompt(messages: list[dict], members: dict[str, bytes], assets: ProcessorAssets) -> Rendered:
+def render_prompt(messages: list[dict], members: dict[str, bytes], assets: ProcessorAssets,
+                  video: VideoConfig | None = None) -> Rendered:
     """Tokens for generation: the conversation so far plus ``<|im_start|>assistant\\n``."""
-    b = _Builder(assets)
+    b = _Builder(assets, video)
     for msg in messages:
         b.special(IM_START, supervised=False)
         b.text(msg["role"] + "\n", supervised=False)
         for part in _parts(msg["content"], [], [0]):
-            if part["type"] == "image":
-                b.image(_image_bytes(part["image"], members))
-            else:
+            if not _visual(b, part, members):
                 b.text(part["text"], supervised=False)
         b.special(IM_END, supervised=False)
         b.text("\n", supervised=False)

@@ -32,7 +32,7 @@ def train_lm_stage(cfg: RunConfig) -> int:
     batches = iter(make_loader(run))
     progress = Progress(run.client_state, dist=dist)
     evaluator = PeriodicEval(cfg.eval, heldout=resolve_path(cfg.data.heldout, cfg.data),
-                             output_dir=Path(cfg.output_dir), dist=dist, assets=run.assets)
+                             output_dir=Path(cfg.output_dir), dist=dist, assets=run.assets, video=cfg.data.video)
     evaluator.prepare(engine.module, fresh=run.start_step == 0)
     dev = device()
 

@@ -98,6 +98,7 @@ def make_loader(run: Run) -> torch.utils.data.DataLoader:
         assets=run.assets,
         max_seq_len=cfg.data.max_seq_len,
         seed=cfg.train.seed,
+        video=cfg.data.video,
     )
     sampler = StepBatchSampler(
         rank=run.dist.rank, world_size=run.dist.world_size, micro_batch_size=cfg.train.micro_batch_size,

@@ -82,6 +82,7 @@ def train_step(engine, micro_batches: list[dict], *, device: torch.device) -> St
             input_ids=b["input_ids"].to(device),
             attention_mask=b["attention_mask"].to(device),
             pixel_values=None if b["pixel_values"] is None else b["pixel_values"].to(device),
+            tile_pool=b.get("tile_pool"),
         )
         per_token = token_losses(logits, b["labels"].to(device))
         summed = per_token.sum()

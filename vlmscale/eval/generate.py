@@ -24,7 +24,7 @@ import torch.distributed as dist
 from transformers import DynamicCache
 
 from vlmscale.data.render import Rendered
-from vlmscale.model.forward import image_features
+from vlmscale.model.forward import merge_image_features
 from vlmscale.model.tokenizer import ProcessorAssets
 
 
@@ -65,18 +65,10 @@ def _distort(pixels: torch.Tensor, vcd: VCDConfig) -> torch.Tensor:
 class _Branch:
     """One prompt batch's decoding state: KV cache and next-token logits."""
 
-    def __init__(self, model, ids: torch.Tensor, pixels: torch.Tensor | None):
+    def __init__(self, model, ids: torch.Tensor, pixels: torch.Tensor | None, tile_pool: torch.Tensor | None = None):
         self.model = model
         self.cache = DynamicCache()
-        inner = model.model
-        embeds = inner.get_input_embeddings()(ids)
-        feats = image_features(model, pixels)
-        if pixels is not None:
-            mask = (ids == model.config.image_token_id).unsqueeze(-1)
-            embeds = embeds.masked_scatter(mask, feats.to(embeds.dtype))
-        else:
-            embeds = embeds + 0.0 * feats.sum()
-        self.logits = self._run(embeds)
+        self.logits = self._run(merge_image_features(model, ids, pixels, tile_pool))
 
     def _run(self, embeds: torch.Tensor) -> torch.Tensor:
         out = self.model.model.language_model(inputs_embeds=embeds, past_key_values=self.cache, use_cache=True)
@@ -113,15 +105,16 @@ def generate(model, assets: ProcessorAssets, prompts: list[Rendered], *, max_new
     for r in range(rounds):
         group = mine[r] if r < len(mine) else None
         if group is None:  # placeholder batch: keep this rank's collectives in step with the others
-            ids, pixels = torch.tensor([[eos]]), None
+            ids, pixels, pool = torch.tensor([[eos]]), None, None
         else:
             ids = torch.tensor([prompts[j].input_ids for j in group])
             tiles = [prompts[j].pixel_values for j in group if prompts[j].pixel_values is not None]
             pixels = torch.cat(tiles).to(dtype) if tiles else None
-        main = _Branch(model, ids, pixels)
+            pool = torch.tensor([f for j in group for f in prompts[j].tile_pool], dtype=torch.long)
+        main = _Branch(model, ids, pixels, pool)
         contrast = None
         if vcd is not None:
-            contrast = _Branch(model, ids, None if pixels is None else _distort(pixels, vcd))
+            contrast = _Branch(model, ids, None if pixels is None else _distort(pixels, vcd), pool)
         done = torch.zeros(ids.shape[0], dtype=torch.bool) if group is not None else torch.ones(1, dtype=torch.bool)
         out = torch.full((ids.shape[0], max_new_tokens), pad, dtype=torch.long)
         for t in range(max_new_tokens):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from vlmscale.config.schema import EvalConfig
+from vlmscale.config.schema import EvalConfig, VideoConfig
 from vlmscale.engine.distributed import DistInfo, barrier
 from vlmscale.eval.generate import VCDConfig
 from vlmscale.eval.suites import drift_reference, flatten, format_table, run_suites
@@ -30,8 +30,9 @@ def vcd_config(cfg: EvalConfig) -> VCDConfig | None:
 
 
 class PeriodicEval:
-    def __init__(self, cfg: EvalConfig, *, heldout: Path, output_dir: Path, dist: DistInfo, assets: ProcessorAssets):
-        self.cfg, self.heldout, self.dist, self.assets = cfg, heldout, dist, assets
+    def __init__(self, cfg: EvalConfig, *, heldout: Path, output_dir: Path, dist: DistInfo, assets: ProcessorAssets,
+                 video: VideoConfig | None = None):
+        self.cfg, self.heldout, self.dist, self.assets, self.video = cfg, heldout, dist, assets, video
         self.dir = output_dir / "eval"
         self.reference: dict | None = None
 
@@ -66,6 +67,7 @@ class PeriodicEval:
             model, self.assets, self.heldout, suites, rank=self.dist.rank, world_size=self.dist.world_size,
             max_samples=self.cfg.final_max_samples if final else self.cfg.max_samples,
             max_new_tokens=self.cfg.max_new_tokens, vcd=vcd_config(self.cfg), reference=self.reference,
+            video=self.video,
         )
         if self.dist.is_main:
             self.dir.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from vlmscale.config.schema import EVAL_SUITES, VideoConfig
 from vlmscale.data.dataset import Item, collate
 from vlmscale.data.render import Rendered, render_prompt, render_sample
 from vlmscale.data.shards import ShardDataset
@@ -27,9 +28,10 @@ from vlmscale.model.forward import token_losses, vlm_logits
 from vlmscale.model.tokenizer import ProcessorAssets
 
 log = logging.getLogger(__name__)
-GENERATIVE = ("vqa", "grounding", "pope")
+GENERATIVE = ("vqa", "video", "grounding", "pope")
 LOSS_SUITES = ("text", "caption")  # held-out supervised-token loss: text-only / image captions
-SUITES = GENERATIVE + LOSS_SUITES + ("drift",)
+SUITES = EVAL_SUITES
+assert set(SUITES) == set(GENERATIVE + LOSS_SUITES + ("drift",))
 SUITE_DATA = {"caption": "captions", "drift": "captions"}  # suite -> held-out folder, when not its own name
 
 
@@ -54,8 +56,8 @@ def _merge(part: dict[int, object]) -> dict[int, object]:
 
 
 def answer_all(model, assets, records, *, rank: int, world_size: int, max_new_tokens: int,
-               vcd: VCDConfig | None) -> list[str]:
-    prompts = [render_prompt(rec["messages"], members, assets) for rec, members in records]
+               vcd: VCDConfig | None, video: VideoConfig | None = None) -> list[str]:
+    prompts = [render_prompt(rec["messages"], members, assets, video) for rec, members in records]
     mine = generate(model, assets, prompts, max_new_tokens=max_new_tokens, rank=rank, world_size=world_size, vcd=vcd)
     merged = _merge(mine)
     return [merged[i] for i in range(len(prompts))]
@@ -99,7 +101,7 @@ def score_pope(rows: list[tuple[dict, str]]) -> dict:
     return {split: pope_scores(pairs) for split, pairs in sorted(splits.items())}
 
 
-SCORERS = {"vqa": score_vqa, "grounding": score_grounding, "pope": score_pope}
+SCORERS = {"vqa": score_vqa, "video": score_vqa, "grounding": score_grounding, "pope": score_pope}
 
 
 # ------------------------------------------------------------------ text retention
@@ -120,7 +122,7 @@ def text_loss(model, assets, records, *, rank: int, world_size: int, batch_size:
         idx = batches[b] if b < len(batches) else [0]  # placeholder keeps collectives in step
         batch = collate([Item(rendered[i], str(i), 0, []) for i in idx], pad_id=pad)
         logits = vlm_logits(model, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                            pixel_values=batch["pixel_values"])
+                            pixel_values=batch["pixel_values"], tile_pool=batch["tile_pool"])
         losses = token_losses(logits, batch["labels"]).double()
         if b < len(batches):
             mine[b] = (float(losses.sum()), int((batch["labels"][:, 1:] != -100).sum()))
@@ -188,7 +190,7 @@ def drift_reference(model, assets, heldout: Path, *, max_samples: int, rank: int
 
 def run_suites(model, assets: ProcessorAssets, heldout: Path, suites: list[str], *, rank: int = 0, world_size: int = 1,
                max_samples: int = 0, max_new_tokens: int = 24, vcd: VCDConfig | None = None,
-               reference: dict | None = None) -> dict:
+               reference: dict | None = None, video: VideoConfig | None = None) -> dict:
     """Run ``suites``; drift compares with ``reference`` (from :func:`drift_reference`) on the same images."""
     results: dict = {}
     for suite in suites:
@@ -205,7 +207,7 @@ def run_suites(model, assets: ProcessorAssets, heldout: Path, suites: list[str],
             records = _records(data, max_samples)
         if suite in GENERATIVE:
             preds = answer_all(model, assets, records, rank=rank, world_size=world_size,
-                               max_new_tokens=max_new_tokens, vcd=vcd)
+                               max_new_tokens=max_new_tokens, vcd=vcd, video=video)
             rows = [(rec, p) for (rec, _), p in zip(records, preds)]
             results[suite] = SCORERS[suite](rows)
             results[suite + "_examples"] = [
@@ -237,13 +239,16 @@ def flatten(results: dict, prefix: str = "eval") -> dict[str, float]:
 
 def format_table(results: dict) -> str:
     lines = []
-    if "vqa" in results:
-        lines.append(f"{'vqa type':<12}{'n':>6}{'accuracy':>10}{'chance':>9}{'majority':>10}")
-        for qtype, r in results["vqa"].items():
+    for suite in ("vqa", "video"):
+        if suite not in results:
+            continue
+        lines.append(f"{suite + ' type':<12}{'n':>6}{'accuracy':>10}{'chance':>9}{'majority':>10}")
+        for qtype, r in results[suite].items():
             if qtype != "overall":
                 lines.append(f"{qtype:<12}{r['n']:>6}{r['accuracy']:>10.3f}{r['chance']:>9.3f}{r['majority']:>10.3f}")
-        o = results["vqa"]["overall"]
-        lines.append(f"{'overall':<12}{o['n']:>6}{o['accuracy']:>10.3f}")
+        if len(results[suite]) > 2:
+            o = results[suite]["overall"]
+            lines.append(f"{'overall':<12}{o['n']:>6}{o['accuracy']:>10.3f}")
     if "grounding" in results:
         g = results["grounding"]
         lines.append(f"grounding   n={g['n']} acc@0.5={g['acc@0.5']:.3f} mean_iou={g['mean_iou']:.3f} unparsable={g['unparsable']}")

@@ -4,9 +4,14 @@ Under ZeRO-3 every rank must run the same modules in the same order, or the para
 all-gathers of one rank wait forever for the other. A micro-batch without images therefore
 runs the vision encoder on one blank tile whose features enter the graph multiplied by zero:
 the collectives match on every rank, and the result is exactly the text-only forward.
+
+Video frames may have their token grid average-pooled (``tile_pool`` > 1 for that tile), which is
+how a clip of many frames fits its token budget.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -18,28 +23,53 @@ def _dummy_tile(model: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros((1, 3, size[0], size[1]), dtype=dtype)
 
 
-def image_features(model: torch.nn.Module, pixel_values: torch.Tensor | None) -> torch.Tensor:
-    """Projected features ``(tiles * image_seq_length, hidden)``; a blank tile when there are no images."""
+def _pool_tiles(features: torch.Tensor, tile_pool: torch.Tensor) -> torch.Tensor:
+    """``(tiles, seq, hidden)`` -> flat features, each tile's square grid pooled by its factor."""
+    grid = math.isqrt(features.shape[1])
+    out = []
+    for tile, factor in zip(features, tile_pool.tolist()):
+        if factor == 1:
+            out.append(tile)
+            continue
+        x = tile.reshape(grid, grid, -1).permute(2, 0, 1)
+        x = torch.nn.functional.avg_pool2d(x, factor, ceil_mode=True)
+        out.append(x.flatten(1).transpose(0, 1))
+    return torch.cat(out)
+
+
+def image_features(model: torch.nn.Module, pixel_values: torch.Tensor | None,
+                   tile_pool: torch.Tensor | None = None) -> torch.Tensor:
+    """Projected features ``(image tokens, hidden)``; a blank tile when there are no images."""
     inner = model.model
     dtype = next(inner.multi_modal_projector.parameters()).dtype
     pixels = pixel_values.to(dtype) if pixel_values is not None else _dummy_tile(model, dtype)
     features = inner.get_image_features(pixel_values=pixels, return_dict=True).pooler_output
+    if pixel_values is not None and tile_pool is not None and bool((tile_pool > 1).any()):
+        return _pool_tiles(features, tile_pool)
     return features.reshape(-1, features.shape[-1])
 
 
+def merge_image_features(model: torch.nn.Module, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
+                         tile_pool: torch.Tensor | None = None) -> torch.Tensor:
+    """Token embeddings with the image features in the ``<IMG_CONTEXT>`` slots.
+
+    Without images the encoder still runs (on a blank tile) and contributes exactly zero.
+    """
+    embeds = model.model.get_input_embeddings()(input_ids)
+    features = image_features(model, pixel_values, tile_pool).to(embeds.dtype)
+    if pixel_values is None:
+        return embeds + 0.0 * features.sum()
+    mask = (input_ids == model.config.image_token_id).unsqueeze(-1)
+    if int(mask.sum()) != features.shape[0]:
+        raise ValueError(f"{int(mask.sum())} image tokens but {features.shape[0]} image features in the batch")
+    return embeds.masked_scatter(mask, features)
+
+
 def vlm_logits(model: torch.nn.Module, *, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-               pixel_values: torch.Tensor | None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+               pixel_values: torch.Tensor | None, position_ids: torch.Tensor | None = None,
+               tile_pool: torch.Tensor | None = None) -> torch.Tensor:
     inner = model.model
-    embeds = inner.get_input_embeddings()(input_ids)
-    has_images = pixel_values is not None
-    features = image_features(model, pixel_values).to(embeds.dtype)
-    if has_images:
-        mask = (input_ids == model.config.image_token_id).unsqueeze(-1)
-        if int(mask.sum()) != features.shape[0]:
-            raise ValueError(f"{int(mask.sum())} image tokens but {features.shape[0]} image features in the batch")
-        embeds = embeds.masked_scatter(mask, features)
-    else:
-        embeds = embeds + 0.0 * features.sum()
+    embeds = merge_image_features(model, input_ids, pixel_values, tile_pool)
     out = inner.language_model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     return model.lm_head(out.last_hidden_state)
 

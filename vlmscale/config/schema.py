@@ -81,6 +81,7 @@ class SourceConfig:
     name: str = ""  # label used in logs and metrics
     path: str = ""  # directory (or single .tar) of webdataset shards; "demo:<split>/<task>" = built-in demo
     weight: float = 1.0  # relative sampling weight within the mixture
+    text_only: bool = False  # a text-only source: its share is set by data.text_fraction when given
 
     def validate(self, where: str) -> None:
         if not self.path:
@@ -95,7 +96,7 @@ def _demo_sft_sources() -> list[SourceConfig]:
         SourceConfig(name="grounding", path="demo:train/grounding", weight=1.5),
         SourceConfig(name="multi", path="demo:train/multi", weight=1.0),
         SourceConfig(name="captions", path="demo:train/captions", weight=2.0),
-        SourceConfig(name="text", path="demo:train/text", weight=1.5),  # text-only re-blend: 14%
+        SourceConfig(name="text", path="demo:train/text", weight=1.5, text_only=True),  # re-blend 1.5 / 11 = 14%
     ]
 
 
@@ -128,6 +129,18 @@ class DataConfig:
     max_bad_fraction: float = 0.1  # stop the run if more than this fraction of samples is unusable
     bad_check_after: int = 64  # samples read before the bad-fraction limit is enforced
     video: VideoConfig = field(default_factory=VideoConfig)
+    # share of samples drawn from text_only sources (VILA's text re-blend); null = use the weights as given
+    text_fraction: float | None = None
+
+    def mixture_weights(self) -> list[float]:
+        """Per-source sampling weights after applying ``text_fraction`` (relative weights kept within each group)."""
+        weights = [s.weight for s in self.sources]
+        if self.text_fraction is None:
+            return weights
+        text = sum(w for w, s in zip(weights, self.sources) if s.text_only)
+        other = sum(w for w, s in zip(weights, self.sources) if not s.text_only)
+        return [w / text * self.text_fraction if s.text_only else w / other * (1 - self.text_fraction)
+                for w, s in zip(weights, self.sources)]
 
     def validate(self) -> None:
         if not self.sources:
@@ -146,6 +159,13 @@ class DataConfig:
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise ConfigError("data.max_bad_fraction must be within [0, 1]")
         self.video.validate()
+        if self.text_fraction is not None:
+            if not 0.0 <= self.text_fraction < 1.0:
+                raise ConfigError("data.text_fraction must be within [0, 1)")
+            if not any(s.text_only for s in self.sources):
+                raise ConfigError("data.text_fraction is set but no source has text_only: true")
+            if all(s.text_only for s in self.sources):
+                raise ConfigError("data.text_fraction needs at least one source that is not text_only")
 
 
 @dataclass

@@ -91,10 +91,14 @@ def setup_run(cfg: RunConfig) -> Run:
 def make_loader(run: Run) -> torch.utils.data.DataLoader:
     cfg = run.cfg
     sources = open_sources(cfg.data)
+    weights = cfg.data.mixture_weights()
+    if run.dist.is_main:
+        total = sum(weights)
+        log.info("data mixture: %s", ", ".join(f"{s.name or s.path} {w / total:.1%}" for s, w in zip(cfg.data.sources, weights)))
     dataset = TrainDataset(
         sources=sources,
         names=[s.name or s.path for s in cfg.data.sources],
-        weights=[s.weight for s in cfg.data.sources],
+        weights=weights,
         assets=run.assets,
         max_seq_len=cfg.data.max_seq_len,
         seed=cfg.train.seed,

@@ -200,11 +200,16 @@ class TrainConfig:
     seed: int = 1234  # model init, data order and mixture all derive from this
     bf16: bool = True  # bf16 weights/activations with fp32 master weights (CPU too)
     activation_checkpointing: bool = False  # recompute LLM/vision activations in backward
+    max_consecutive_nonfinite: int = 5  # stop (exit 4) after this many consecutive skipped non-finite steps
+    hang_timeout_s: float = 900.0  # a step (or save) taking longer than this dumps stacks and exits (5); 0 = off
+    log_sample_ids: bool = False  # write each step's sample ids to output_dir/samples/rank-N.jsonl (audit)
 
     def validate(self) -> None:
-        for name in ("max_steps", "micro_batch_size", "grad_accum_steps", "log_every_steps"):
+        for name in ("max_steps", "micro_batch_size", "grad_accum_steps", "log_every_steps", "max_consecutive_nonfinite"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1")
+        if self.hang_timeout_s < 0:
+            raise ConfigError("train.hang_timeout_s must be >= 0 (0 disables the watchdog)")
         if self.global_batch_size is not None and self.global_batch_size < 1:
             raise ConfigError("train.global_batch_size must be >= 1 (or null)")
 
@@ -279,7 +284,9 @@ class LoraSection:
 class RunConfig:
     stage: str = "sft"  # recipe name, recorded in outputs
     output_dir: str = "runs/sft-demo"  # everything the run writes goes here
-    resume: str = "auto"  # auto: newest complete checkpoint if any | never | a checkpoint path
+    # auto: newest complete checkpoint if any, else start fresh | latest: newest complete checkpoint, error if
+    # none | never | a checkpoint directory
+    resume: str = "auto"
     model: ModelConfig = field(default_factory=ModelConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -295,8 +302,8 @@ class RunConfig:
             raise ConfigError("lora.enabled trains adapters on the LLM, but policy.llm.trainable is false; enable one or the other")
         if not self.output_dir:
             raise ConfigError("output_dir is empty")
-        if self.resume not in ("auto", "never") and not self.resume:
-            raise ConfigError("resume must be auto, never or a checkpoint path")
+        if not self.resume:
+            raise ConfigError("resume must be auto, latest, never or a checkpoint path")
         for section in ("model", "policy", "data", "optim", "train", "checkpoint", "deepspeed", "eval", "lora"):
             getattr(self, section).validate()
 
@@ -330,9 +337,9 @@ class AlignConfig(RunConfig):
     eval: EvalConfig = field(default_factory=lambda: EvalConfig(suites=["caption", "text"]))
 
     def validate(self) -> None:
-        super().validate()
         if not self.policy.projector.trainable or self.policy.projector.lr == 0:
             raise ConfigError("align trains the projector: policy.projector must be trainable (it is the whole point of the stage)")
+        super().validate()
 
 
 def _pretrain_policy() -> PolicyConfig:

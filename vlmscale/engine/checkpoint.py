@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from vlmscale.engine import faults
 from vlmscale.engine.distributed import DistInfo, barrier
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+class ResumeError(RuntimeError):
+    """Resume was requested but nothing loadable exists."""
+
+
 class CheckpointManager:
     def __init__(self, output_dir: str | Path, *, dist: DistInfo, keep_last: int):
         self.root = Path(output_dir) / "checkpoints"
@@ -85,22 +90,24 @@ class CheckpointManager:
         torch.save(rng_state(), path)
         with open(path, "rb") as f:
             os.fsync(f.fileno())
+        faults.fire("save", step)
         barrier()
         if self.dist.is_main:
             meta = {"step": step, "world_size": self.dist.world_size, "time": time.time()}
             _atomic_write(self.root / tag / COMMIT, json.dumps(meta))
             _atomic_write(self.root / "latest", tag)
-            self._retain()
+            self._retain(step)
         barrier()
         log.info("checkpoint %s committed in %.1fs", tag, time.time() - t0)
         return self.root / tag
 
-    def _retain(self) -> None:
+    def _retain(self, step: int) -> None:
         if self.keep_last <= 0:
             return
         for tag in committed_tags(self.root)[: -self.keep_last]:
             doomed = self.root / f".deleting-{tag}"
             os.replace(self.root / tag, doomed)  # atomic: a kill mid-delete leaves no half checkpoint
+            faults.fire("retain", step)
             shutil.rmtree(doomed, ignore_errors=True)
 
     def clean_partial(self) -> None:
@@ -112,25 +119,39 @@ class CheckpointManager:
                 log.warning("removing incomplete checkpoint %s", p)
                 shutil.rmtree(p, ignore_errors=True)
 
+    def newest(self) -> str | None:
+        """The ``latest`` pointer if it names a committed checkpoint, else the newest committed one."""
+        tags = committed_tags(self.root)
+        pointer = self.root / "latest"
+        if pointer.is_file():
+            named = pointer.read_text().strip()
+            if named in tags:
+                return named
+            log.warning("%s names %r, which is not a complete checkpoint; using the newest complete one", pointer, named)
+        return tags[-1] if tags else None
+
     def find(self, resume: str) -> str | None:
-        """The tag to resume from: newest committed (auto), none (never), or the one named."""
+        """The tag to resume from: newest complete (auto: if any; latest: must exist), none (never), or the one named."""
         if resume == "never":
             return None
-        if resume == "auto":
-            tags = committed_tags(self.root)
-            return tags[-1] if tags else None
+        if resume in ("auto", "latest"):
+            tag = self.newest()
+            if tag is None and resume == "latest":
+                raise ResumeError(f"resume=latest but {self.root} holds no complete checkpoint; "
+                                  "use resume=auto to start fresh when there is none")
+            return tag
         named = Path(resume)
         if not (named / COMMIT).is_file():
-            raise ValueError(f"resume={resume!r} is not a committed checkpoint directory (no {COMMIT} marker)")
+            raise ResumeError(f"resume={resume!r} is not a complete checkpoint directory (no {COMMIT} marker)")
         if named.parent.resolve() != self.root.resolve():
-            raise ValueError(f"resume={resume!r} must be a checkpoint under {self.root}")
+            raise ResumeError(f"resume={resume!r} must be a checkpoint under {self.root}")
         return named.name
 
     def load(self, engine, tag: str) -> dict[str, Any]:
         path, client = engine.load_checkpoint(str(self.root), tag=tag, load_optimizer_states=True,
                                               load_lr_scheduler_states=True)
         if path is None:
-            raise RuntimeError(f"DeepSpeed could not load checkpoint {self.root / tag}; refusing to start from scratch")
+            raise ResumeError(f"DeepSpeed could not load checkpoint {self.root / tag}; refusing to start from scratch")
         rng_file = self.root / tag / "rng" / f"rank-{self.dist.rank:05d}.pt"
         if rng_file.is_file():
             set_rng_state(torch.load(rng_file, weights_only=True))

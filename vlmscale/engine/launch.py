@@ -1,6 +1,8 @@
 """What every recipe's ``__main__`` does: parse and validate the config, run, map failures to exit codes.
 
-Exit codes: 0 done; 2 configuration error (before any process group starts); 3 too much bad data.
+Exit codes: 0 done; 2 configuration error (before any process group starts); 3 too much bad data;
+4 too many consecutive non-finite steps; 5 resume requested but nothing loadable (or unsafe);
+1 the hang watchdog fired (stacks in output_dir/hang/) or any other failure.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ C = TypeVar("C")
 
 EXIT_CONFIG = 2
 EXIT_BAD_DATA = 3
+EXIT_NONFINITE = 4
+EXIT_RESUME = 5
 
 
 def check_paths(cfg) -> None:
@@ -26,7 +30,16 @@ def check_paths(cfg) -> None:
 
     from vlmscale.config.deepspeed import resolve_ds_path
 
+    from vlmscale.config.deepspeed import build_ds_config
+    from vlmscale.engine.checkpoint import CheckpointManager
+    from vlmscale.engine.distributed import DistInfo, env_dist_info
+
     resolve_ds_path(cfg.deepspeed.config)
+    # batch sizes against the world size the launcher set up
+    build_ds_config(cfg, world_size=env_dist_info().world_size)
+    if cfg.resume == "latest" and CheckpointManager(cfg.output_dir, dist=DistInfo(0, 1, 0), keep_last=0).newest() is None:
+        raise ConfigError(f"resume=latest but {Path(cfg.output_dir) / 'checkpoints'} holds no complete checkpoint "
+                          "(use resume=auto to start fresh when there is none)")
     for i, src in enumerate(cfg.data.sources):
         if not src.path.startswith("demo:") and not Path(src.path).exists():
             raise ConfigError(f"data.sources[{i}].path={src.path!r} does not exist")
@@ -42,12 +55,25 @@ def recipe_main(config_cls: type[C], train: Callable[[C], int], argv: list[str])
         cfg = load_config(config_cls, path=config_path, overrides=overrides)
         check_paths(cfg)
     except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
+        from vlmscale.engine.distributed import env_dist_info
+
+        if env_dist_info().rank == 0:  # every rank fails alike; one message is enough
+            print(f"config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    from vlmscale.engine.checkpoint import ResumeError
+    from vlmscale.engine.progress import NonFiniteTraining
+    from vlmscale.engine.safe_load import UnsafeCheckpoint
+
     try:
         code = train(cfg)
     except TooManyBadSamples as exc:
         log.error("stopping: %s", exc)
         return EXIT_BAD_DATA
+    except NonFiniteTraining as exc:
+        log.error("stopping: %s", exc)
+        return EXIT_NONFINITE
+    except (ResumeError, UnsafeCheckpoint) as exc:
+        log.error("cannot resume: %s", exc)
+        return EXIT_RESUME
     shutdown()
     return code

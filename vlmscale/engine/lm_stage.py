@@ -16,10 +16,13 @@ from tqdm import tqdm
 
 from vlmscale.config.schema import RunConfig
 from vlmscale.data.dataset import resolve_path
+from vlmscale.engine import faults
 from vlmscale.engine.distributed import device
+from vlmscale.engine.metrics import SampleLog
 from vlmscale.engine.progress import Progress
 from vlmscale.engine.setup import make_loader, setup_run
 from vlmscale.engine.trainer import export_hf, train_step
+from vlmscale.engine.watchdog import Watchdog
 from vlmscale.eval.periodic import PeriodicEval
 
 log = logging.getLogger(__name__)
@@ -34,6 +37,8 @@ def train_lm_stage(cfg: RunConfig) -> int:
     evaluator = PeriodicEval(cfg.eval, heldout=resolve_path(cfg.data.heldout, cfg.data),
                              output_dir=Path(cfg.output_dir), dist=dist, assets=run.assets, video=cfg.data.video)
     evaluator.prepare(engine.module, fresh=run.start_step == 0)
+    samples = SampleLog(cfg.output_dir, rank=dist.rank, enabled=cfg.train.log_sample_ids, resume_step=run.start_step)
+    watchdog = Watchdog(cfg.output_dir, rank=dist.rank, timeout_s=cfg.train.hang_timeout_s)
     dev = device()
 
     # ---------------------------------------------------------------- train
@@ -41,21 +46,27 @@ def train_lm_stage(cfg: RunConfig) -> int:
     bar = tqdm(total=cfg.train.max_steps, initial=run.start_step, disable=not dist.is_main, desc=cfg.stage,
                dynamic_ncols=True)
     for step in range(run.start_step, cfg.train.max_steps):
+        done = step + 1
+        watchdog.beat()
+        faults.fire("step", done)
         t_wait = time.time()
         micro = [next(batches) for _ in range(cfg.train.grad_accum_steps)]
         progress.data_wait += time.time() - t_wait
-        stats = train_step(engine, micro, device=dev)
-        progress.update(stats, data=cfg.data)
-        done = step + 1
+        stats = train_step(engine, micro, device=dev, poison=faults.poison_loss(done))
+        samples.log(done, stats.sample_ids)
+        progress.update(stats, step=done, data=cfg.data, max_consecutive_nonfinite=cfg.train.max_consecutive_nonfinite)
         bar.update(1)
         bar.set_postfix(loss=f"{stats.loss:.3f}")
-        if done % cfg.train.log_every_steps == 0 or done == cfg.train.max_steps:
+        if done % cfg.train.log_every_steps == 0 or done == cfg.train.max_steps or stats.update_skipped:
             run.metrics.log(progress.record(done, stats, lr=engine.get_lr()[0]))
         if done % cfg.checkpoint.every_steps == 0 or done == cfg.train.max_steps:
+            watchdog.beat()
             run.checkpoints.save(engine, step=done, client_state=progress.client_state(done))
         if evaluator.due(done) and done < cfg.train.max_steps:
-            run.metrics.log(evaluator.run(engine.module, step=done))
+            with watchdog.paused():
+                run.metrics.log(evaluator.run(engine.module, step=done))
     bar.close()
+    watchdog.close()
 
     # ---------------------------------------------------------------- export + final eval
     out = Path(cfg.output_dir)

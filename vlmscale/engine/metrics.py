@@ -19,6 +19,20 @@ def setup_logging(rank: int) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def truncate_jsonl(path: Path, step: int) -> None:
+    """Keep the records of steps <= ``step``; a line torn by a crash mid-write is dropped too."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except json.JSONDecodeError:
+            log.warning("%s: dropping a torn line (%d chars)", path, len(line))
+    path.write_text("".join(line + "\n" for line in keep))
+
+
 class MetricsLogger:
     def __init__(self, output_dir: str | Path, *, enabled: bool, resume_step: int = 0):
         self.enabled = enabled
@@ -27,10 +41,7 @@ class MetricsLogger:
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():  # drop records past the checkpoint we resume from
-            keep = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in keep))
+        truncate_jsonl(self.path, resume_step)  # drop records past the checkpoint we resume from
         from torch.utils.tensorboard import SummaryWriter
 
         self._tb = SummaryWriter(str(Path(output_dir) / "tensorboard"), purge_step=resume_step + 1)
@@ -49,3 +60,24 @@ class MetricsLogger:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+class SampleLog:
+    """Per-rank record of the sample ids each step trained on (``train.log_sample_ids``).
+
+    ``output_dir/samples/rank-NNNNN.jsonl``, one ``{"step", "ids"}`` line per step; on resume the
+    lines past the checkpoint are dropped, so the file lists exactly what the final model saw.
+    """
+
+    def __init__(self, output_dir: str | Path, *, rank: int, enabled: bool, resume_step: int = 0):
+        self.enabled = enabled
+        self.path = Path(output_dir) / "samples" / f"rank-{rank:05d}.jsonl"
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        truncate_jsonl(self.path, resume_step)
+
+    def log(self, step: int, ids: list[str]) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, "ids": ids}) + "\n")

@@ -6,6 +6,7 @@ restores these counters from the checkpoint's client state and continues the str
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -13,6 +14,12 @@ from vlmscale.config.schema import DataConfig
 from vlmscale.data.dataset import check_bad_fraction
 from vlmscale.engine.distributed import DistInfo, sum_counts
 from vlmscale.engine.trainer import StepStats
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteTraining(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient (each was skipped)."""
 
 
 class Progress:
@@ -24,10 +31,24 @@ class Progress:
         self.read = int(client_state.get("read_seen", 0))
         # per-rank skip counts by reason; rank 0 carries the resumed run's global totals
         self.skipped: dict[str, int] = dict(client_state.get("skipped", {})) if dist.is_main else {}
+        self.nonfinite_skips = int(client_state.get("nonfinite_skips", 0))
+        self.consecutive_nonfinite = int(client_state.get("consecutive_nonfinite", 0))
         self._window_start, self._window_tokens, self.data_wait = time.time(), 0, 0.0
 
-    def update(self, stats: StepStats, *, data: DataConfig) -> None:
-        """Count a finished step; stop the run (on every rank alike) if bad data passes the limit."""
+    def update(self, stats: StepStats, *, step: int, data: DataConfig, max_consecutive_nonfinite: int) -> None:
+        """Count a finished step; stop the run (on every rank alike) on too much bad data or too many
+        consecutive non-finite steps (every rank sees the same global flags, so all stop together)."""
+        if stats.update_skipped:
+            self.nonfinite_skips += 1
+            self.consecutive_nonfinite += 1
+            log.warning("step %d: non-finite loss or gradient norm on some rank; update skipped on every rank "
+                        "(%d in a row, %d in total)", step, self.consecutive_nonfinite, self.nonfinite_skips)
+            if self.consecutive_nonfinite >= max_consecutive_nonfinite:
+                raise NonFiniteTraining(
+                    f"{self.consecutive_nonfinite} consecutive steps with a non-finite loss or gradient (up to step {step}); "
+                    f"the last checkpoint is intact. Lower optim.lr, check the data, or raise train.max_consecutive_nonfinite")
+        else:
+            self.consecutive_nonfinite = 0
         self.samples += stats.samples
         self.tokens += stats.tokens
         self.bad += stats.bad
@@ -41,6 +62,7 @@ class Progress:
         """Collective (sums skip counts over ranks)."""
         return {"step": step, "samples_seen": self.samples, "tokens_seen": self.tokens, "bad_seen": self.bad,
                 "read_seen": self.read, "skipped": sum_counts(self.skipped), "data_position": self.samples,
+                "nonfinite_skips": self.nonfinite_skips, "consecutive_nonfinite": self.consecutive_nonfinite,
                 "world_size": self.dist.world_size}
 
     def record(self, step: int, stats: StepStats, *, lr: float) -> dict[str, Any]:
@@ -50,6 +72,7 @@ class Progress:
             "step": step, "loss": stats.loss, "lr": lr, "grad_norm": stats.grad_norm, "samples": self.samples,
             "tokens": self.tokens, "tokens_per_s": self._window_tokens / elapsed, "supervised_tokens": stats.supervised,
             "bad_samples": self.bad, "data_wait_fraction": self.data_wait / elapsed,
+            "nonfinite_skips": self.nonfinite_skips,
         }
         row.update({f"skipped/{k}": v for k, v in sum_counts(self.skipped).items()})
         self._window_start, self._window_tokens, self.data_wait = time.time(), 0, 0.0

@@ -18,7 +18,8 @@ from vlmscale.config.load import to_dict
 from vlmscale.config.schema import RunConfig
 from vlmscale.data.dataset import StepBatchSampler, TrainDataset, collate, open_sources
 from vlmscale.engine.checkpoint import CheckpointManager
-from vlmscale.engine.distributed import DistInfo, init_distributed
+from vlmscale.engine import safe_load
+from vlmscale.engine.distributed import DistInfo, barrier, init_distributed
 from vlmscale.engine.metrics import MetricsLogger, setup_logging
 from vlmscale.engine.trainer import create_engine
 from vlmscale.engine.zero import load_weights, local_param_share, zero3_model_scope
@@ -72,9 +73,11 @@ def setup_run(cfg: RunConfig) -> Run:
                                    lora=cfg.lora.enabled)
     log.info("parameter policy (%s):\n%s", cfg.stage, summary.table())
     engine, _ = create_engine(model, param_groups=groups, ds_config=ds_config, optim=cfg.optim, max_steps=cfg.train.max_steps)
+    safe_load.install(engine)
     checkpoints = CheckpointManager(out, dist=dist, keep_last=cfg.checkpoint.keep_last)
     if dist.is_main:
         checkpoints.clean_partial()
+    barrier()
     tag = checkpoints.find(cfg.resume)
     client: dict[str, Any] = {}
     start_step = 0

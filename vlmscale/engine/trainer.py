@@ -58,14 +58,22 @@ class StepStats:
     bad: int  # samples skipped this step, all ranks
     read: int  # samples read (trained + skipped), all ranks
     skipped: dict[str, int] = field(default_factory=dict)  # this rank's skips by reason
+    update_skipped: bool = False  # non-finite loss or gradient on some rank: no rank applied the update
+    sample_ids: list[str] = field(default_factory=list)  # this rank's samples in this step
 
 
-def train_step(engine, micro_batches: list[dict], *, device: torch.device) -> StepStats:
+def train_step(engine, micro_batches: list[dict], *, device: torch.device, poison: bool = False) -> StepStats:
     """One optimizer step over the accumulation window.
 
     The loss is normalised by the supervised-token count of the whole window on all ranks, so a
     token weighs the same whatever micro-batch or rank it lands in (DeepSpeed divides by the
     accumulation steps and averages over ranks; the scale below undoes both).
+
+    Non-finite guard: before the last backward every rank learns whether any rank saw a non-finite
+    loss in this window. If one did, every rank back-propagates NaN, so DeepSpeed's global
+    gradient-norm check (which also catches non-finite gradients from finite losses) discards the
+    update on all ranks alike: parameters, optimizer moments and the LR schedule stay as they were.
+    ``poison`` makes this rank's loss NaN (fault injection for tests).
     """
     local_sup = sum(num_supervised(b["labels"]) for b in micro_batches)
     local_tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)
@@ -75,8 +83,9 @@ def train_step(engine, micro_batches: list[dict], *, device: torch.device) -> St
     total_sup, tokens, bad, read, samples = all_reduce_sum([local_sup, local_tokens, local_bad, local_read, local_samples])
     world = engine.world_size if hasattr(engine, "world_size") else 1
     scale = world * engine.gradient_accumulation_steps() / max(total_sup, 1.0)
-    loss_sum = 0.0
-    for b in micro_batches:
+    skipped_before = engine.skipped_steps
+    loss_sum, nonfinite_local, any_nonfinite = 0.0, False, False
+    for i, b in enumerate(micro_batches):
         logits = vlm_logits(
             engine.module,
             input_ids=b["input_ids"].to(device),
@@ -84,11 +93,22 @@ def train_step(engine, micro_batches: list[dict], *, device: torch.device) -> St
             pixel_values=None if b["pixel_values"] is None else b["pixel_values"].to(device),
             tile_pool=b.get("tile_pool"),
         )
-        per_token = token_losses(logits, b["labels"].to(device))
-        summed = per_token.sum()
-        engine.backward(summed * scale)
+        summed = token_losses(logits, b["labels"].to(device)).sum()
+        if poison:
+            summed = summed * float("nan")
+        nonfinite_local |= not math.isfinite(float(summed.detach()))
+        loss = summed * scale
+        if i == len(micro_batches) - 1:
+            (flag,) = all_reduce_sum([float(nonfinite_local)])
+            any_nonfinite = flag > 0
+            if any_nonfinite:
+                loss = loss * float("nan")
+        engine.backward(loss)
         engine.step()
         loss_sum += float(summed.detach())
+    update_skipped = engine.skipped_steps > skipped_before
+    if any_nonfinite and not update_skipped:
+        raise RuntimeError("a rank saw a non-finite loss but DeepSpeed applied the update; refusing to continue")
     (global_loss,) = all_reduce_sum([loss_sum])
     grad_norm = engine.get_global_grad_norm()
     skipped: dict[str, int] = {}
@@ -99,7 +119,8 @@ def train_step(engine, micro_batches: list[dict], *, device: torch.device) -> St
         loss=global_loss / max(total_sup, 1.0),
         grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
         tokens=int(tokens), supervised=int(total_sup), samples=int(samples), bad=int(bad), read=int(read),
-        skipped=skipped,
+        skipped=skipped, update_skipped=update_skipped,
+        sample_ids=[sid for b in micro_batches for sid in b["sample_ids"]],
     )
 
 

@@ -1,0 +1,293 @@
+"""Reliability on 2 CPU ranks under ZeRO-3 with the tiny model (docs/reliability.md).
+
+One uninterrupted 20-step run is the reference. A second run of the same config goes through a
+chain of failures, each relaunched with ``resume=latest``:
+
+1. SIGKILL rank 1 as step 7 begins                  -> resumes from step 5
+2. SIGKILL rank 1 inside the save of step 10         -> step 10 is torn; resumes from step 5 again
+3. SIGKILL rank 0 while retention deletes step 5     -> half-deleted dir is cleaned; resumes from 15
+4. runs to step 20
+
+Its losses at every step and the multiset of sample ids it trained on must equal the reference's.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from tests.helpers import launch, metrics
+
+pytestmark = pytest.mark.distributed
+
+STEPS = 20
+
+
+def _overrides(demo_dir, out, start, *extra):
+    return [f"output_dir={out}", f"data.demo_dir={demo_dir}", f"model.init_from={start}", "train.micro_batch_size=4",
+            f"train.max_steps={STEPS}", "train.log_every_steps=1", "train.log_sample_ids=true",
+            "checkpoint.every_steps=5", "checkpoint.keep_last=2", "checkpoint.export=false", "eval.at_end=false",
+            "optim.lr=1e-2", "optim.warmup_steps=1", "policy.projector.lr=1e-2", *extra]
+
+
+def _losses(out: Path) -> dict[int, float]:
+    rows = [r for r in metrics(out) if "loss" in r]
+    steps = [r["step"] for r in rows]
+    assert len(steps) == len(set(steps)), f"a step was logged twice: {steps}"
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def _sample_ids(out: Path) -> collections.Counter:
+    ids: collections.Counter = collections.Counter()
+    for f in sorted((out / "samples").glob("rank-*.jsonl")):
+        rows = [json.loads(line) for line in f.read_text().splitlines()]
+        assert sorted(r["step"] for r in rows) == list(range(1, STEPS + 1)), f"{f}: steps not logged exactly once"
+        for r in rows:
+            ids.update(r["ids"])
+    return ids
+
+
+def _ckpts(out: Path) -> set[str]:
+    return {p.name for p in (out / "checkpoints").iterdir() if p.is_dir()}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, demo_dir, start_model):
+    out = tmp_path_factory.mktemp("reliability") / "reference"
+    launch("sft", *_overrides(demo_dir, out, start_model))
+    return out
+
+
+@pytest.fixture(scope="module")
+def crashed(tmp_path_factory, demo_dir, start_model):
+    """The failure chain; returns the output dir and each launch's (returncode, stderr, checkpoint dirs after)."""
+    out = tmp_path_factory.mktemp("reliability") / "crashed"
+    args = _overrides(demo_dir, out, start_model)
+    runs = []
+    for fault, resume in [("kill@step=7,rank=1", "auto"), ("kill@save=10,rank=1", "latest"),
+                          ("kill@retain=15,rank=0", "latest"), ("", "latest")]:
+        t0 = time.time()
+        proc = launch("sft", *args, f"resume={resume}", check=False, env={"VLMSCALE_FAULT": fault})
+        runs.append({"code": proc.returncode, "log": proc.stderr, "ckpts": _ckpts(out), "seconds": time.time() - t0})
+    return out, runs
+
+
+def test_kill_one_rank_then_resume_matches_the_uninterrupted_run(reference, crashed):
+    out, runs = crashed
+    assert runs[0]["code"] != 0
+    assert runs[0]["ckpts"] == {"step-00000005"}
+    assert "resumed from step-00000005 at step 5" in runs[1]["log"]
+    assert runs[-1]["code"] == 0, runs[-1]["log"][-3000:]
+    ref, got = _losses(reference), _losses(out)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    # same world size, same data, same reduction order: bitwise equal, not merely close
+    assert [got[s] for s in range(6, STEPS + 1)] == [ref[s] for s in range(6, STEPS + 1)]
+    ref_ids, got_ids = _sample_ids(reference), _sample_ids(out)
+    assert got_ids == ref_ids
+    assert max(ref_ids.values()) == 1, "the reference itself repeats a sample; the no-repeat check would be vacuous"
+
+
+def test_torn_save_is_ignored_and_removed(crashed):
+    out, runs = crashed
+    assert runs[1]["code"] != 0
+    assert "step-00000010" in runs[1]["ckpts"]  # shards written ...
+    log = runs[2]["log"]
+    assert "removing incomplete checkpoint" in log and "step-00000010" in log  # ... but never committed
+    assert "resumed from step-00000005 at step 5" in log
+
+
+def test_retention_survives_a_kill_mid_delete(crashed):
+    out, runs = crashed
+    assert runs[2]["code"] != 0
+    assert runs[2]["ckpts"] == {"step-00000010", "step-00000015", ".deleting-step-00000005"}
+    assert "resumed from step-00000015 at step 15" in runs[3]["log"]
+    assert _ckpts(out) == {"step-00000015", "step-00000020"}  # exactly keep_last=2, all complete
+    assert (out / "checkpoints" / "latest").read_text() == "step-00000020"
+    for tag in _ckpts(out):
+        assert (out / "checkpoints" / tag / "COMMITTED").is_file()
+
+
+def test_explicit_resume_with_nothing_loadable_fails(tmp_path, demo_dir, start_model):
+    out = tmp_path / "empty"
+    (out / "checkpoints" / "step-00000005").mkdir(parents=True)  # a torn save only
+    proc = launch("sft", *_overrides(demo_dir, out, start_model), "resume=latest", check=False)
+    assert proc.returncode == 2
+    assert "resume=latest" in proc.stderr and "no complete checkpoint" in proc.stderr
+    assert "Initializing TorchBackend" not in proc.stdout + proc.stderr  # refused before any process group
+
+
+# ---------------------------------------------------------------------------------------- NaN / inf
+
+
+def _fp32_partition(ckpt: Path, rank: int) -> torch.Tensor:
+    from vlmscale.engine.safe_load import safe_torch_load
+
+    state = safe_torch_load(str(ckpt / f"bf16_zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"))
+    osd = state["optimizer_state_dict"]
+    return torch.cat([t.flatten().float() for t in osd["fp32_flat_groups"]])
+
+
+def test_nonfinite_loss_on_one_rank_skips_the_update_everywhere(tmp_path, demo_dir, start_model):
+    out = tmp_path / "nan"
+    launch("sft", *_overrides(demo_dir, out, start_model), "train.max_steps=5", "checkpoint.every_steps=1",
+           "checkpoint.keep_last=0", env={"VLMSCALE_FAULT": "nan@step=3,rank=1"})
+    rows = {r["step"]: r for r in metrics(out) if "loss" in r}
+    assert rows[2]["nonfinite_skips"] == 0 and rows[3]["nonfinite_skips"] == 1 and rows[5]["nonfinite_skips"] == 1
+    ck = out / "checkpoints"
+    for rank in (0, 1):  # each rank's fp32 master partition: unchanged by step 3, changed by step 4
+        p2, p3, p4 = (_fp32_partition(ck / f"step-0000000{s}", rank) for s in (2, 3, 4))
+        assert torch.equal(p2, p3)
+        assert not torch.equal(p3, p4)
+    assert all(v == v for s, v in ((s, rows[s]["loss"]) for s in (4, 5)))  # finite again afterwards
+
+
+def test_consecutive_nonfinite_steps_stop_the_run(tmp_path, demo_dir, start_model):
+    out = tmp_path / "nan_stop"
+    proc = launch("sft", *_overrides(demo_dir, out, start_model), "train.max_steps=10", "checkpoint.every_steps=2",
+                  "train.max_consecutive_nonfinite=3", check=False, env={"VLMSCALE_FAULT": "nan@step>=3,rank=0"})
+    assert proc.returncode == 4, proc.stderr[-3000:]
+    assert "3 consecutive steps with a non-finite loss" in proc.stderr
+    ck = out / "checkpoints"
+    latest = (ck / "latest").read_text()
+    assert latest == "step-00000004" and (ck / latest / "COMMITTED").is_file()
+    for rank in (0, 1):  # the checkpoint after two skipped steps holds the step-2 parameters
+        assert torch.equal(_fp32_partition(ck / "step-00000002", rank), _fp32_partition(ck / latest, rank))
+    assert not (ck / "step-00000006").exists()
+
+
+# ---------------------------------------------------------------------------------------- hang watchdog
+
+
+def _leftovers(marker: str) -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if any(marker in part for part in (p.info["cmdline"] or [])):
+                found.append(p)
+        except psutil.Error:
+            pass
+    return found
+
+
+def test_stopped_rank_makes_the_others_exit_with_stack_dumps(tmp_path, demo_dir, start_model):
+    out = tmp_path / "hang"
+    t0 = time.time()
+    proc = launch("sft", *_overrides(demo_dir, out, start_model), "train.hang_timeout_s=10", check=False,
+                  env={"VLMSCALE_FAULT": "stop@step=3,rank=1"}, timeout=240)
+    elapsed = time.time() - t0
+    try:
+        assert proc.returncode != 0
+        dump = (out / "hang" / "rank-00000.txt").read_text()
+        assert "Timeout" in dump and "File " in dump  # faulthandler's all-thread stack dump
+        assert "train_step" in dump or "all_reduce" in dump
+        assert [r["step"] for r in metrics(out) if "loss" in r][-1] == 2
+        print(f"watchdog: launch exited after {elapsed:.0f}s (timeout 10s + launcher grace)")
+    finally:
+        left = _leftovers(str(out))
+        for p in left:
+            os.kill(p.pid, signal.SIGKILL)
+    assert not left, f"processes left behind: {[p.pid for p in left]}"
+
+
+# ---------------------------------------------------------------------------------------- modality divergence
+
+
+def _modality(tmp_path, demo_dir, mode, *flags, timeout=240):
+    import subprocess
+    import sys
+
+    from tests.helpers import BIN, REPO
+
+    out = tmp_path / mode
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(29900 + os.getpid() % 90),
+           "--no_local_rank", str(REPO / "tests" / "distributed" / "modality_script.py"), str(demo_dir), mode, str(out), *flags]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    t0 = time.time()
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+        code, log = proc.returncode, proc.stderr
+    except subprocess.TimeoutExpired as exc:
+        code, log = None, str(exc)
+    finally:
+        for p in _leftovers(str(out)):
+            os.kill(p.pid, signal.SIGKILL)
+    results = [json.loads(Path(f"{out}.rank{r}").read_text()) for r in (0, 1) if Path(f"{out}.rank{r}").exists()]
+    return code, log, results, time.time() - t0
+
+
+@pytest.mark.parametrize("mode", ["mixed", "text"])
+def test_ranks_with_and_without_images_do_not_hang(tmp_path, demo_dir, mode):
+    code, log, results, _ = _modality(tmp_path, demo_dir, mode)
+    assert code == 0, log[-3000:]
+    assert len(results) == 2
+    # one optimizer step over both ranks: each rank reports the same global loss
+    assert results[0]["losses"] == results[1]["losses"]
+    assert all(v == v for v in results[0]["losses"])
+
+
+def test_negative_control_without_the_guard_hangs_or_fails(tmp_path, demo_dir):
+    code, log, results, seconds = _modality(tmp_path, demo_dir, "mixed", "--no-guard")
+    assert code != 0, "without the dummy tile the mismatched ZeRO-3 collectives should not complete"
+    assert len(results) < 2
+    # gloo notices the mismatched all-gathers (NCCL would block until its timeout); either way no step completes
+    hung = any(p.read_text().startswith("Timeout") for p in (tmp_path / "mixed.dir" / "hang").glob("*.txt"))
+    assert hung or "collective mismatch" in log or code is None
+    print(f"negative control: exit code {code} after {seconds:.0f}s")
+
+
+# ---------------------------------------------------------------------------------------- configuration and loading
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("train.global_batch_size=5", "global_batch_size"),  # 4 per rank x 2 ranks = 8
+    ("train.max_step=3", "Did you mean"),
+    ("data.sources=[{name: x, path: /nonexistent/shards, weight: 1}]", "does not exist"),
+    ("policy.projector.trainable=false", "projector"),
+])
+def test_bad_configuration_fails_before_any_process_group(tmp_path, demo_dir, start_model, override, needle):
+    recipe = "align" if override.startswith("policy.projector") else "sft"
+    proc = launch(recipe, *_overrides(demo_dir, tmp_path / "bad", start_model), override, check=False, timeout=120)
+    assert proc.returncode == 2
+    assert "config error" in proc.stderr and needle in proc.stderr, proc.stderr[-2000:]
+    assert "Initializing TorchBackend" not in proc.stdout + proc.stderr
+    assert not (tmp_path / "bad").exists()
+
+
+class _Exploit:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_tampered_checkpoint_is_refused(tmp_path, reference, demo_dir, start_model):
+    import shutil
+
+    out = tmp_path / "tampered"
+    shutil.copytree(reference / "checkpoints", out / "checkpoints")
+    victim = out / "checkpoints" / "step-00000020" / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    marker = tmp_path / "PWNED"
+    torch.save({"module": _Exploit(marker)}, victim)
+    proc = launch("sft", *_overrides(demo_dir, out, start_model), "train.max_steps=25", "resume=latest", check=False)
+    assert proc.returncode == 5, proc.stderr[-3000:]
+    assert "refusing to load" in proc.stderr and "posix.system" in proc.stderr
+    assert not marker.exists(), "the tampered checkpoint ran code"
+
+
+def test_exports_are_safetensors_only(sft_run):
+    out, _ = sft_run
+    files = [p.name for p in (out / "hf").iterdir()]
+    assert "model.safetensors" in files
+    assert not [f for f in files if f.endswith((".bin", ".pt", ".pth", ".pkl", ".ckpt"))]
+    from vlmscale.config import SFTConfig, load_config
+
+    assert load_config(SFTConfig).model.trust_remote_code is False

@@ -1,0 +1,69 @@
+"""Deterministic fault injection, for the reliability tests (docs/reliability.md).
+
+Set ``VLMSCALE_FAULT`` to ``<action>@<point><op><n>[,rank=<r>]``; several faults are separated
+by ``;``. Unset (the default), every hook is a no-op.
+
+    kill@step=7,rank=1     SIGKILL rank 1 as step 7 begins
+    kill@save=10,rank=1    SIGKILL rank 1 inside the save of step 10, after its shards are written,
+                           before the checkpoint is committed (a torn save)
+    kill@retain=15         SIGKILL rank 0 in the middle of deleting an old checkpoint at step 15
+    nan@step=3,rank=1      rank 1's loss at step 3 becomes NaN
+    nan@step>=3,rank=0     ... at every step from 3 on
+    stop@step=5,rank=1     SIGSTOP rank 1 as step 5 begins (a hung rank)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+from dataclasses import dataclass
+
+ENV = "VLMSCALE_FAULT"
+_SPEC = re.compile(r"^(kill|nan|stop)@(step|save|retain)(>=|=)(\d+)(?:,rank=(\d+))?$")
+
+
+@dataclass(frozen=True)
+class Fault:
+    action: str
+    point: str
+    at_least: bool
+    n: int
+    rank: int | None
+
+    def matches(self, point: str, n: int, rank: int) -> bool:
+        if point != self.point or (self.rank is not None and rank != self.rank):
+            return False
+        return n >= self.n if self.at_least else n == self.n
+
+
+def parse(spec: str) -> list[Fault]:
+    faults = []
+    for part in filter(None, (p.strip() for p in spec.split(";"))):
+        m = _SPEC.match(part)
+        if m is None:
+            raise ValueError(f"{ENV}={spec!r}: cannot parse {part!r} (e.g. kill@step=7,rank=1; see vlmscale/engine/faults.py)")
+        action, point, op, n, rank = m.groups()
+        faults.append(Fault(action, point, op == ">=", int(n), None if rank is None else int(rank)))
+    return faults
+
+
+def _active() -> list[Fault]:
+    spec = os.environ.get(ENV, "")
+    return parse(spec) if spec else []
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def fire(point: str, n: int) -> None:
+    """Kill or stop this process if a fault is set for (point, n, this rank)."""
+    for f in _active():
+        if f.action in ("kill", "stop") and f.matches(point, n, _rank()):
+            os.kill(os.getpid(), signal.SIGKILL if f.action == "kill" else signal.SIGSTOP)
+
+
+def poison_loss(step: int) -> bool:
+    """Whether this rank's loss at ``step`` should be made NaN."""
+    return any(f.action == "nan" and f.matches("step", step, _rank()) for f in _active())

@@ -202,7 +202,6 @@ def test_stopped_rank_makes_the_others_exit_with_stack_dumps(tmp_path, demo_dir,
 
 def _modality(tmp_path, demo_dir, mode, *flags, timeout=240):
     import subprocess
-    import sys
 
     from tests.helpers import BIN, REPO
 

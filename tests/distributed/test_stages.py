@@ -55,6 +55,9 @@ def test_stage_outputs_and_eval(chain):
         assert (out / "checkpoints" / "step-00000004" / "COMMITTED").is_file()
         final = [r for r in metrics(out) if "eval/caption/loss" in r]
         assert final and final[-1]["step"] == 4
+    # align scores its starting model too (eval.at_start) and its caption loss falls
+    evals = {r["step"]: r["eval/caption/loss"] for r in metrics(chain / "align") if "eval/caption/loss" in r}
+    assert sorted(evals) == [0, 4] and evals[4] < evals[0]
 
 
 def test_lora_under_zero3_merges_into_a_stock_export(tmp_path, demo_dir, start_model):

@@ -244,6 +244,7 @@ EVAL_SUITES = ("vqa", "video", "grounding", "pope", "text", "caption", "drift")
 class EvalConfig:
     every_steps: int = 0  # run the suites every N steps during training (0 = only at the end)
     at_end: bool = True  # run the suites on the final model
+    at_start: bool = False  # also score the starting model (step 0) over the same samples as at_end
     suites: list[str] = field(default_factory=lambda: ["vqa", "grounding", "pope", "text", "drift"])
     max_samples: int = 64  # samples per suite in periodic evaluations (0 = all)
     final_max_samples: int = 0  # samples per suite in the final evaluation (0 = all)
@@ -334,7 +335,7 @@ class AlignConfig(RunConfig):
     data: DataConfig = field(default_factory=_align_data)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=20))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=300))
-    eval: EvalConfig = field(default_factory=lambda: EvalConfig(suites=["caption", "text"]))
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(suites=["caption", "text"], at_start=True))
 
     def validate(self) -> None:
         if not self.policy.projector.trainable or self.policy.projector.lr == 0:

@@ -41,6 +41,9 @@ def train_lm_stage(cfg: RunConfig) -> int:
     watchdog = Watchdog(cfg.output_dir, rank=dist.rank, timeout_s=cfg.train.hang_timeout_s)
     dev = device()
 
+    if cfg.eval.at_start and run.start_step == 0:
+        run.metrics.log(evaluator.run(engine.module, step=0, final=True, name="start"))
+
     # ---------------------------------------------------------------- train
     engine.train()
     bar = tqdm(total=cfg.train.max_steps, initial=run.start_step, disable=not dist.is_main, desc=cfg.stage,

@@ -61,7 +61,8 @@ class PeriodicEval:
     def due(self, step: int) -> bool:
         return self.cfg.every_steps > 0 and step % self.cfg.every_steps == 0
 
-    def run(self, model, *, step: int, final: bool = False) -> dict:
+    def run(self, model, *, step: int, final: bool = False, name: str | None = None) -> dict:
+        """Score ``model``; ``final`` uses ``eval.final_max_samples``; results go to ``eval/<name>.json``."""
         suites = [s for s in self.cfg.suites if s != "drift" or self.reference is not None]
         results = run_suites(
             model, self.assets, self.heldout, suites, rank=self.dist.rank, world_size=self.dist.world_size,
@@ -71,7 +72,7 @@ class PeriodicEval:
         )
         if self.dist.is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
-            name = "final.json" if final else f"step-{step:08d}.json"
-            (self.dir / name).write_text(json.dumps({"step": step, **results}, indent=2))
-            log.info("evaluation at step %d%s:\n%s", step, " (final)" if final else "", format_table(results))
+            name = name or ("final" if final else f"step-{step:08d}")
+            (self.dir / f"{name}.json").write_text(json.dumps({"step": step, **results}, indent=2))
+            log.info("evaluation at step %d (%s):\n%s", step, name, format_table(results))
         return {"step": step, **flatten(results)}

@@ -290,3 +290,39 @@ def test_exports_are_safetensors_only(sft_run):
     from vlmscale.config import SFTConfig, load_config
 
     assert load_config(SFTConfig).model.trust_remote_code is False
+
+
+# ---------------------------------------------------------------------------------------- preemption
+
+
+def test_sigterm_commits_a_checkpoint_and_the_relaunch_matches(tmp_path, reference, demo_dir, start_model):
+    """SIGTERM to every process of the job once step 7 is logged (what Slurm does on preemption)."""
+    import subprocess
+
+    from tests.helpers import BIN, REPO
+
+    out = tmp_path / "preempted"
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(29600 + os.getpid() % 300),
+           str(REPO / "recipes" / "sft.py"), *_overrides(demo_dir, out, start_model)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "VLMSCALE_FAULT": "stall@step>=8"}  # steps from 8 on take a second: the signal lands mid-run
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if (out / "metrics.jsonl").exists() and any(r.get("step", 0) >= 7 for r in metrics(out)):
+            break
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGTERM)
+    log, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "stopped by SIGTERM after step" in log, log[-3000:]
+    stopped = max(r["step"] for r in metrics(out) if "loss" in r)
+    tag = f"step-{stopped:08d}"
+    assert (out / "checkpoints" / tag / "COMMITTED").is_file(), sorted(_ckpts(out))
+    assert stopped % 5 != 0, "stopped on a regular checkpoint step; the test would not show the signal's checkpoint"
+    relaunch = launch("sft", *_overrides(demo_dir, out, start_model), "resume=latest")
+    assert f"resumed from {tag} at step {stopped}" in relaunch.stderr
+    ref, got = _losses(reference), _losses(out)
+    assert [got[s] for s in range(1, STEPS + 1)] == [ref[s] for s in range(1, STEPS + 1)]
+    assert _sample_ids(out) == _sample_ids(reference)

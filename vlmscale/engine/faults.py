@@ -10,6 +10,7 @@ by ``;``. Unset (the default), every hook is a no-op.
     nan@step=3,rank=1      rank 1's loss at step 3 becomes NaN
     nan@step>=3,rank=0     ... at every step from 3 on
     stop@step=5,rank=1     SIGSTOP rank 1 as step 5 begins (a hung rank)
+    stall@step>=7          sleep 1 s before each step from 7 on (a slow run, to signal it mid-way)
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from __future__ import annotations
 import os
 import re
 import signal
+import time
 from dataclasses import dataclass
 
 ENV = "VLMSCALE_FAULT"
-_SPEC = re.compile(r"^(kill|nan|stop)@(step|save|retain)(>=|=)(\d+)(?:,rank=(\d+))?$")
+_SPEC = re.compile(r"^(kill|nan|stop|stall)@(step|save|retain)(>=|=)(\d+)(?:,rank=(\d+))?$")
 
 
 @dataclass(frozen=True)
@@ -60,7 +62,11 @@ def _rank() -> int:
 def fire(point: str, n: int) -> None:
     """Kill or stop this process if a fault is set for (point, n, this rank)."""
     for f in _active():
-        if f.action in ("kill", "stop") and f.matches(point, n, _rank()):
+        if not f.matches(point, n, _rank()):
+            continue
+        if f.action == "stall":
+            time.sleep(1.0)
+        elif f.action in ("kill", "stop"):
             os.kill(os.getpid(), signal.SIGKILL if f.action == "kill" else signal.SIGSTOP)
 
 

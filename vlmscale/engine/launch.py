@@ -2,6 +2,7 @@
 
 Exit codes: 0 done; 2 configuration error (before any process group starts); 3 too much bad data;
 4 too many consecutive non-finite steps; 5 resume requested but nothing loadable (or unsafe);
+6 stopped by SIGTERM/SIGUSR1 after committing a checkpoint (relaunch to resume);
 1 the hang watchdog fired (stacks in output_dir/hang/) or any other failure.
 """
 
@@ -61,6 +62,7 @@ def recipe_main(config_cls: type[C], train: Callable[[C], int], argv: list[str])
             print(f"config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     from vlmscale.engine.checkpoint import ResumeError
+    from vlmscale.engine.preemption import EXIT_PREEMPTED, Preempted
     from vlmscale.engine.progress import NonFiniteTraining
     from vlmscale.engine.safe_load import UnsafeCheckpoint
 
@@ -75,5 +77,9 @@ def recipe_main(config_cls: type[C], train: Callable[[C], int], argv: list[str])
     except (ResumeError, UnsafeCheckpoint) as exc:
         log.error("cannot resume: %s", exc)
         return EXIT_RESUME
+    except Preempted as exc:
+        log.warning("%s", exc)
+        shutdown()
+        return EXIT_PREEMPTED
     shutdown()
     return code

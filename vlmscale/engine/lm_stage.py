@@ -19,6 +19,7 @@ from vlmscale.data.dataset import resolve_path
 from vlmscale.engine import faults
 from vlmscale.engine.distributed import device
 from vlmscale.engine.metrics import SampleLog
+from vlmscale.engine.preemption import Preempted, StopFlag
 from vlmscale.engine.progress import Progress
 from vlmscale.engine.setup import make_loader, setup_run
 from vlmscale.engine.trainer import export_hf, train_step
@@ -32,6 +33,7 @@ def train_lm_stage(cfg: RunConfig) -> int:
     # ---------------------------------------------------------------- build
     run = setup_run(cfg)
     engine, dist = run.engine, run.dist
+    stop = StopFlag()
     batches = iter(make_loader(run))
     progress = Progress(run.client_state, dist=dist)
     evaluator = PeriodicEval(cfg.eval, heldout=resolve_path(cfg.data.heldout, cfg.data),
@@ -62,9 +64,14 @@ def train_lm_stage(cfg: RunConfig) -> int:
         bar.set_postfix(loss=f"{stats.loss:.3f}")
         if done % cfg.train.log_every_steps == 0 or done == cfg.train.max_steps or stats.update_skipped:
             run.metrics.log(progress.record(done, stats, lr=engine.get_lr()[0]))
-        if done % cfg.checkpoint.every_steps == 0 or done == cfg.train.max_steps:
+        signum = stop.any_rank()
+        if done % cfg.checkpoint.every_steps == 0 or done == cfg.train.max_steps or signum:
             watchdog.beat()
             run.checkpoints.save(engine, step=done, client_state=progress.client_state(done))
+        if signum and done < cfg.train.max_steps:
+            watchdog.close()
+            run.metrics.close()
+            raise Preempted(done, signum)
         if evaluator.due(done) and done < cfg.train.max_steps:
             with watchdog.paused():
                 run.metrics.log(evaluator.run(engine.module, step=done))

@@ -21,6 +21,7 @@ from vlmscale.engine.checkpoint import CheckpointManager
 from vlmscale.engine import safe_load
 from vlmscale.engine.distributed import DistInfo, barrier, init_distributed
 from vlmscale.engine.metrics import MetricsLogger, setup_logging
+from vlmscale.engine.preemption import ignore_stop_signals
 from vlmscale.engine.trainer import create_engine
 from vlmscale.engine.zero import load_weights, local_param_share, zero3_model_scope
 from vlmscale.model.build import build_model
@@ -115,5 +116,5 @@ def make_loader(run: Run) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
         collate_fn=functools.partial(collate, pad_id=pad), prefetch_factor=4 if cfg.data.num_workers else None,
-        persistent_workers=False,
+        persistent_workers=False, worker_init_fn=ignore_stop_signals,
     )

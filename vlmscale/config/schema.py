@@ -123,7 +123,8 @@ class DataConfig:
     sources: list[SourceConfig] = field(default_factory=_demo_sft_sources)  # the training mixture
     heldout: str = "demo:heldout"  # held-out split scored by `vlmscale eval` and end-of-run eval
     demo_dir: str = "data/demo"  # where the built-in demo dataset lives (generated on first use)
-    max_seq_len: int = 512  # samples longer than this are skipped (counted as too_long)
+    max_seq_len: int = 512  # samples longer than this are skipped (counted as too_long); packed rows hold at most this
+    packing: bool = False  # pack each rank's micro-batch into rows of <= max_seq_len, attention kept per sample
     max_tiles: int = 6  # dynamic tiling: at most this many tiles per image (+1 thumbnail)
     num_workers: int = 1  # dataloader worker processes per rank
     max_bad_fraction: float = 0.1  # stop the run if more than this fraction of samples is unusable

@@ -16,7 +16,7 @@ import yaml
 from vlmscale.config.deepspeed import build_ds_config
 from vlmscale.config.load import to_dict
 from vlmscale.config.schema import RunConfig
-from vlmscale.data.dataset import StepBatchSampler, TrainDataset, collate, open_sources
+from vlmscale.data.dataset import StepBatchSampler, TrainDataset, collate, open_sources, pack_collate
 from vlmscale.engine.checkpoint import CheckpointManager
 from vlmscale.engine import safe_load
 from vlmscale.engine.distributed import DistInfo, barrier, init_distributed
@@ -112,8 +112,12 @@ def make_loader(run: Run) -> torch.utils.data.DataLoader:
         grad_accum_steps=cfg.train.grad_accum_steps, start_step=run.start_step, max_steps=cfg.train.max_steps,
     )
     pad = run.assets.tokenizer.pad_token_id
+    if cfg.data.packing:
+        collate_fn = functools.partial(pack_collate, pad_id=pad, max_len=cfg.data.max_seq_len)
+    else:
+        collate_fn = functools.partial(collate, pad_id=pad)
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
-        collate_fn=functools.partial(collate, pad_id=pad), prefetch_factor=4 if cfg.data.num_workers else None,
+        collate_fn=collate_fn, prefetch_factor=4 if cfg.data.num_workers else None,
         persistent_workers=False,
     )

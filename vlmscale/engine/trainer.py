@@ -86,12 +86,15 @@ def train_step(engine, micro_batches: list[dict], *, device: torch.device, poiso
     skipped_before = engine.skipped_steps
     loss_sum, nonfinite_local, any_nonfinite = 0.0, False, False
     for i, b in enumerate(micro_batches):
+        packed = b["position_ids"] is not None  # only the packing collate gives position ids
         logits = vlm_logits(
             engine.module,
             input_ids=b["input_ids"].to(device),
             attention_mask=b["attention_mask"].to(device),
             pixel_values=None if b["pixel_values"] is None else b["pixel_values"].to(device),
+            position_ids=b["position_ids"].to(device) if packed else None,
             tile_pool=b.get("tile_pool"),
+            packed=packed,
         )
         summed = token_losses(logits, b["labels"].to(device)).sum()
         if poison:

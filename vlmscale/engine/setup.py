@@ -24,6 +24,7 @@ from vlmscale.engine.metrics import MetricsLogger, setup_logging
 from vlmscale.engine.trainer import create_engine
 from vlmscale.engine.zero import load_weights, local_param_share, zero3_model_scope
 from vlmscale.model.build import build_model
+from vlmscale.model.checkpointing import enable_activation_checkpointing
 from vlmscale.model.lora import add_lora
 from vlmscale.model.policy import apply_policy
 from vlmscale.model.tokenizer import ProcessorAssets
@@ -65,8 +66,8 @@ def setup_run(cfg: RunConfig) -> Run:
         model, assets = build_model(cfg.model, max_tiles=cfg.data.max_tiles, dtype=dtype, load_weights=load_weights)
     held, total = local_param_share(model)
     log.info("parameters on this rank after build: %s of %s (%.0f%%)", f"{held:,}", f"{total:,}", 100 * held / max(total, 1))
-    if cfg.train.activation_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    ac = cfg.train.activation_checkpointing
+    enable_activation_checkpointing(model, llm=ac.llm, vision=ac.vision)
     if cfg.lora.enabled:
         add_lora(model, cfg.lora)
     groups, summary = apply_policy(model, cfg.policy, base_lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,

@@ -188,8 +188,9 @@ def collate(items: list[Item], *, pad_id: int) -> dict:
 def pack_collate(items: list[Item], *, pad_id: int, max_len: int) -> dict:
     """The micro-batch packed into rows of at most ``max_len`` tokens (``vlmscale.data.packing``).
 
-    Items are reordered row by row, and the tiles follow that order, so the image features still
-    land in their own samples' ``<IMG_CONTEXT>`` slots. ``rows`` lists each row's item indices.
+    Items are reordered row by row and the tiles (and ``sample_ids``) follow that order, so the image
+    features still land in their own samples' ``<IMG_CONTEXT>`` slots. ``rows`` lists each row's item
+    indices; ``position_ids`` restart at 0 for each sample.
     """
     rows = plan_rows([len(it.rendered.input_ids) for it in items], max_len=max_len)
     sequences = [(it.rendered.input_ids, it.rendered.labels) for it in items]

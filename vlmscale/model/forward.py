@@ -7,6 +7,10 @@ the collectives match on every rank, and the result is exactly the text-only for
 
 Video frames may have their token grid average-pooled (``tile_pool`` > 1 for that tile), which is
 how a clip of many frames fits its token budget.
+
+Packed rows (``data.packing``) hold several samples each; their position ids restart at every sample,
+and attention is kept within each sample by a block-diagonal causal mask (flash-attention: its varlen
+kernel on one flattened row).
 """
 
 from __future__ import annotations
@@ -95,8 +99,9 @@ def vlm_logits(model: torch.nn.Module, *, input_ids: torch.Tensor, attention_mas
     segment, see ``vlmscale.data.packing``); attention stays within each sample, and ``attention_mask``
     is not used.
     """
-    inner = model.model
-    lm = inner.language_model
+    if packed and position_ids is None:
+        raise ValueError("packed rows need position_ids restarting at 0 for each sample (pack_collate gives them)")
+    lm = model.model.language_model
     embeds = merge_image_features(model, input_ids, pixel_values, tile_pool)
     if not packed:
         hidden = lm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).last_hidden_state

@@ -123,7 +123,8 @@ class DataConfig:
     sources: list[SourceConfig] = field(default_factory=_demo_sft_sources)  # the training mixture
     heldout: str = "demo:heldout"  # held-out split scored by `vlmscale eval` and end-of-run eval
     demo_dir: str = "data/demo"  # where the built-in demo dataset lives (generated on first use)
-    max_seq_len: int = 512  # samples longer than this are skipped (counted as too_long)
+    max_seq_len: int = 512  # samples longer than this are skipped (counted as too_long); packed rows hold at most this
+    packing: bool = False  # pack each rank's micro-batch into rows of <= max_seq_len, attention kept per sample
     max_tiles: int = 6  # dynamic tiling: at most this many tiles per image (+1 thumbnail)
     num_workers: int = 1  # dataloader worker processes per rank
     max_bad_fraction: float = 0.1  # stop the run if more than this fraction of samples is unusable
@@ -191,6 +192,14 @@ class OptimConfig:
 
 
 @dataclass
+class ActivationCheckpointing:
+    """Recompute a module's layer activations in backward instead of keeping them (docs/performance.md)."""
+
+    llm: bool = False  # the language model's decoder layers
+    vision: bool = False  # the vision encoder's layers
+
+
+@dataclass
 class TrainConfig:
     max_steps: int = 1300  # optimizer steps
     micro_batch_size: int = 16  # samples per rank per forward
@@ -199,10 +208,16 @@ class TrainConfig:
     log_every_steps: int = 10  # metrics.jsonl / tensorboard cadence
     seed: int = 1234  # model init, data order and mixture all derive from this
     bf16: bool = True  # bf16 weights/activations with fp32 master weights (CPU too)
-    activation_checkpointing: bool = False  # recompute LLM/vision activations in backward
+    # per module {llm, vision}; a plain true/false (the older form) sets both
+    activation_checkpointing: ActivationCheckpointing | bool = field(default_factory=ActivationCheckpointing)
     max_consecutive_nonfinite: int = 5  # stop (exit 4) after this many consecutive skipped non-finite steps
     hang_timeout_s: float = 900.0  # a step (or save) taking longer than this dumps stacks and exits (5); 0 = off
     log_sample_ids: bool = False  # write each step's sample ids to output_dir/samples/rank-N.jsonl (audit)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.activation_checkpointing, bool):
+            on = self.activation_checkpointing
+            self.activation_checkpointing = ActivationCheckpointing(llm=on, vision=on)
 
     def validate(self) -> None:
         for name in ("max_steps", "micro_batch_size", "grad_accum_steps", "log_every_steps", "max_consecutive_nonfinite"):

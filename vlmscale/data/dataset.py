@@ -19,6 +19,7 @@ import torch
 from vlmscale.config.schema import DataConfig, VideoConfig
 from vlmscale.data.demo import ensure_demo
 from vlmscale.data.mixture import Mixture
+from vlmscale.data.packing import packed_tensors, plan_rows
 from vlmscale.data.render import IGNORE, BadSample, Rendered, render_sample
 from vlmscale.data.shards import ShardDataset
 from vlmscale.model.tokenizer import ProcessorAssets
@@ -147,18 +148,11 @@ class StepBatchSampler(torch.utils.data.Sampler):
         return (self.max_steps - self.start_step) * self.accum
 
 
-def collate(items: list[Item], *, pad_id: int) -> dict:
-    longest = max(len(it.rendered.input_ids) for it in items)
-    n = len(items)
-    input_ids = torch.full((n, longest), pad_id, dtype=torch.long)
-    labels = torch.full((n, longest), IGNORE, dtype=torch.long)
-    attention = torch.zeros((n, longest), dtype=torch.long)
+def _batch_extras(items: list[Item]) -> dict:
+    """Tiles (in item order), sample ids and skip counts, shared by both collates."""
     tiles, pool = [], []
-    for i, it in enumerate(items):
+    for it in items:
         r = it.rendered
-        input_ids[i, : len(r.input_ids)] = torch.tensor(r.input_ids)
-        labels[i, : len(r.labels)] = torch.tensor(r.labels)
-        attention[i, : len(r.input_ids)] = 1
         if r.pixel_values is not None:
             tiles.append(r.pixel_values)
             pool.extend(r.tile_pool)
@@ -167,12 +161,38 @@ def collate(items: list[Item], *, pad_id: int) -> dict:
         for reason in it.skipped:
             skipped[reason] = skipped.get(reason, 0) + 1
     return {
-        "input_ids": input_ids,
-        "labels": labels,
-        "attention_mask": attention,
         "pixel_values": torch.cat(tiles) if tiles else None,
         "tile_pool": torch.tensor(pool, dtype=torch.long) if tiles else None,
         "sample_ids": [it.sample_id for it in items],
         "skipped": skipped,
-        "num_read": n + sum(skipped.values()),
+        "num_read": len(items) + sum(skipped.values()),
     }
+
+
+def collate(items: list[Item], *, pad_id: int) -> dict:
+    """One sample per row, right-padded to the longest; ``position_ids`` is None (not packed)."""
+    longest = max(len(it.rendered.input_ids) for it in items)
+    n = len(items)
+    input_ids = torch.full((n, longest), pad_id, dtype=torch.long)
+    labels = torch.full((n, longest), IGNORE, dtype=torch.long)
+    attention = torch.zeros((n, longest), dtype=torch.long)
+    for i, it in enumerate(items):
+        r = it.rendered
+        input_ids[i, : len(r.input_ids)] = torch.tensor(r.input_ids)
+        labels[i, : len(r.labels)] = torch.tensor(r.labels)
+        attention[i, : len(r.input_ids)] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention, "position_ids": None,
+            **_batch_extras(items)}
+
+
+def pack_collate(items: list[Item], *, pad_id: int, max_len: int) -> dict:
+    """The micro-batch packed into rows of at most ``max_len`` tokens (``vlmscale.data.packing``).
+
+    Items are reordered row by row and the tiles (and ``sample_ids``) follow that order, so the image
+    features still land in their own samples' ``<IMG_CONTEXT>`` slots. ``rows`` lists each row's item
+    indices; ``position_ids`` restart at 0 for each sample.
+    """
+    rows = plan_rows([len(it.rendered.input_ids) for it in items], max_len=max_len)
+    sequences = [(it.rendered.input_ids, it.rendered.labels) for it in items]
+    placed = [items[i] for row in rows for i in row]
+    return {**packed_tensors(sequences, rows, pad_id=pad_id), **_batch_extras(placed), "rows": rows}

@@ -71,6 +71,7 @@ class Progress:
         row = {
             "step": step, "loss": stats.loss, "lr": lr, "grad_norm": stats.grad_norm, "samples": self.samples,
             "tokens": self.tokens, "tokens_per_s": self._window_tokens / elapsed, "supervised_tokens": stats.supervised,
+            "real_token_fraction": stats.tokens / max(stats.slots, 1),  # this step: non-pad / (rows x padded length)
             "bad_samples": self.bad, "data_wait_fraction": self.data_wait / elapsed,
             "nonfinite_skips": self.nonfinite_skips,
         }

@@ -16,7 +16,7 @@ import yaml
 from vlmscale.config.deepspeed import build_ds_config
 from vlmscale.config.load import to_dict
 from vlmscale.config.schema import RunConfig
-from vlmscale.data.dataset import StepBatchSampler, TrainDataset, collate, open_sources
+from vlmscale.data.dataset import StepBatchSampler, TrainDataset, collate, open_sources, pack_collate
 from vlmscale.engine.checkpoint import CheckpointManager
 from vlmscale.engine import safe_load
 from vlmscale.engine.distributed import DistInfo, barrier, init_distributed
@@ -25,6 +25,7 @@ from vlmscale.engine.preemption import ignore_stop_signals
 from vlmscale.engine.trainer import create_engine
 from vlmscale.engine.zero import load_weights, local_param_share, zero3_model_scope
 from vlmscale.model.build import build_model
+from vlmscale.model.checkpointing import enable_activation_checkpointing
 from vlmscale.model.lora import add_lora
 from vlmscale.model.policy import apply_policy
 from vlmscale.model.tokenizer import ProcessorAssets
@@ -66,8 +67,8 @@ def setup_run(cfg: RunConfig) -> Run:
         model, assets = build_model(cfg.model, max_tiles=cfg.data.max_tiles, dtype=dtype, load_weights=load_weights)
     held, total = local_param_share(model)
     log.info("parameters on this rank after build: %s of %s (%.0f%%)", f"{held:,}", f"{total:,}", 100 * held / max(total, 1))
-    if cfg.train.activation_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    ac = cfg.train.activation_checkpointing
+    enable_activation_checkpointing(model, llm=ac.llm, vision=ac.vision)
     if cfg.lora.enabled:
         add_lora(model, cfg.lora)
     groups, summary = apply_policy(model, cfg.policy, base_lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
@@ -113,8 +114,12 @@ def make_loader(run: Run) -> torch.utils.data.DataLoader:
         grad_accum_steps=cfg.train.grad_accum_steps, start_step=run.start_step, max_steps=cfg.train.max_steps,
     )
     pad = run.assets.tokenizer.pad_token_id
+    if cfg.data.packing:
+        collate_fn = functools.partial(pack_collate, pad_id=pad, max_len=cfg.data.max_seq_len)
+    else:
+        collate_fn = functools.partial(collate, pad_id=pad)
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
-        collate_fn=functools.partial(collate, pad_id=pad), prefetch_factor=4 if cfg.data.num_workers else None,
+        collate_fn=collate_fn, prefetch_factor=4 if cfg.data.num_workers else None,
         persistent_workers=False, worker_init_fn=ignore_stop_signals,
     )

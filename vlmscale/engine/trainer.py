@@ -53,6 +53,7 @@ class StepStats:
     loss: float
     grad_norm: float
     tokens: int  # non-pad tokens, all ranks
+    slots: int  # token slots fed to the model (rows x padded length), all ranks
     supervised: int  # supervised tokens, all ranks
     samples: int  # samples trained, all ranks
     bad: int  # samples skipped this step, all ranks
@@ -77,21 +78,26 @@ def train_step(engine, micro_batches: list[dict], *, device: torch.device, poiso
     """
     local_sup = sum(num_supervised(b["labels"]) for b in micro_batches)
     local_tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)
+    local_slots = sum(b["input_ids"].numel() for b in micro_batches)
     local_bad = sum(sum(b["skipped"].values()) for b in micro_batches)
     local_read = sum(b["num_read"] for b in micro_batches)
     local_samples = sum(len(b["sample_ids"]) for b in micro_batches)
-    total_sup, tokens, bad, read, samples = all_reduce_sum([local_sup, local_tokens, local_bad, local_read, local_samples])
+    total_sup, tokens, slots, bad, read, samples = all_reduce_sum(
+        [local_sup, local_tokens, local_slots, local_bad, local_read, local_samples])
     world = engine.world_size if hasattr(engine, "world_size") else 1
     scale = world * engine.gradient_accumulation_steps() / max(total_sup, 1.0)
     skipped_before = engine.skipped_steps
     loss_sum, nonfinite_local, any_nonfinite = 0.0, False, False
     for i, b in enumerate(micro_batches):
+        packed = b["position_ids"] is not None  # only the packing collate gives position ids
         logits = vlm_logits(
             engine.module,
             input_ids=b["input_ids"].to(device),
             attention_mask=b["attention_mask"].to(device),
             pixel_values=None if b["pixel_values"] is None else b["pixel_values"].to(device),
+            position_ids=b["position_ids"].to(device) if packed else None,
             tile_pool=b.get("tile_pool"),
+            packed=packed,
         )
         summed = token_losses(logits, b["labels"].to(device)).sum()
         if poison:
@@ -118,7 +124,7 @@ def train_step(engine, micro_batches: list[dict], *, device: torch.device, poiso
     return StepStats(
         loss=global_loss / max(total_sup, 1.0),
         grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
-        tokens=int(tokens), supervised=int(total_sup), samples=int(samples), bad=int(bad), read=int(read),
+        tokens=int(tokens), slots=int(slots), supervised=int(total_sup), samples=int(samples), bad=int(bad), read=int(read),
         skipped=skipped, update_skipped=update_skipped,
         sample_ids=[sid for b in micro_batches for sid in b["sample_ids"]],
     )

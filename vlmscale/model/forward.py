@@ -7,6 +7,10 @@ the collectives match on every rank, and the result is exactly the text-only for
 
 Video frames may have their token grid average-pooled (``tile_pool`` > 1 for that tile), which is
 how a clip of many frames fits its token budget.
+
+Packed rows (``data.packing``) hold several samples each; their position ids restart at every sample,
+and attention is kept within each sample by a block-diagonal causal mask (flash-attention: its varlen
+kernel on one flattened row).
 """
 
 from __future__ import annotations
@@ -65,13 +69,50 @@ def merge_image_features(model: torch.nn.Module, input_ids: torch.Tensor, pixel_
     return embeds.masked_scatter(mask, features)
 
 
+def packed_attention_mask(position_ids: torch.Tensor, *, dtype: torch.dtype) -> torch.Tensor:
+    """Block-diagonal causal mask ``(rows, 1, L, L)`` for packed rows, additive (0 = attend).
+
+    A sample starts wherever its position is 0; a token attends to itself and the earlier tokens of its
+    own sample only. Additive rather than boolean because eager attention adds the mask as it is (sdpa
+    takes either).
+    """
+    segment = (position_ids == 0).cumsum(-1)
+    length = position_ids.shape[-1]
+    causal = torch.ones((length, length), dtype=torch.bool, device=position_ids.device).tril()
+    allowed = (segment[:, :, None] == segment[:, None, :]) & causal
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=position_ids.device).masked_fill(~allowed, torch.finfo(dtype).min)
+    return mask.unsqueeze(1)
+
+
+def _varlen(language_model: torch.nn.Module) -> bool:
+    """Flash-attention takes no 4-D mask: packed rows go in as one flattened row, and its varlen kernel
+    reads the sample boundaries from ``position_ids``."""
+    return language_model.config._attn_implementation.startswith("flash_attention")
+
+
 def vlm_logits(model: torch.nn.Module, *, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                pixel_values: torch.Tensor | None, position_ids: torch.Tensor | None = None,
-               tile_pool: torch.Tensor | None = None) -> torch.Tensor:
-    inner = model.model
+               tile_pool: torch.Tensor | None = None, packed: bool = False) -> torch.Tensor:
+    """Logits ``(rows, L, vocab)``.
+
+    ``packed``: each row holds several samples whose ``position_ids`` restart at 0 (padding is one more
+    segment, see ``vlmscale.data.packing``); attention stays within each sample, and ``attention_mask``
+    is not used.
+    """
+    if packed and position_ids is None:
+        raise ValueError("packed rows need position_ids restarting at 0 for each sample (pack_collate gives them)")
+    lm = model.model.language_model
     embeds = merge_image_features(model, input_ids, pixel_values, tile_pool)
-    out = inner.language_model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-    return model.lm_head(out.last_hidden_state)
+    if not packed:
+        hidden = lm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).last_hidden_state
+    elif _varlen(lm):
+        rows, length = input_ids.shape
+        hidden = lm(inputs_embeds=embeds.reshape(1, rows * length, -1), attention_mask=None,
+                    position_ids=position_ids.reshape(1, -1), use_cache=False).last_hidden_state.reshape(rows, length, -1)
+    else:
+        mask = packed_attention_mask(position_ids, dtype=embeds.dtype)
+        hidden = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, use_cache=False).last_hidden_state
+    return model.lm_head(hidden)
 
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,19 @@ def zero3_model_scope(ds_config: dict[str, Any]) -> Iterator[None]:
         unset_hf_deepspeed_config()
 
 
+def start_micro_batch(engine) -> None:
+    """What ``engine(...)`` does before a forward, for callers that run the model directly.
+
+    DeepSpeed's ZeRO optimizers count micro-batches there: ZeRO-3 copies the first micro-batch's
+    gradient into its partition buffer and adds the later ones. Without this call every backward
+    counts as the first, so gradient accumulation would keep only the last micro-batch.
+    """
+    from deepspeed.runtime.base_optimizer import ZeROOptimizer
+
+    if isinstance(engine.optimizer, ZeROOptimizer):
+        engine.optimizer.clear_backward_seen_flag()
+
+
 def is_partitioned(p: torch.Tensor) -> bool:
     return hasattr(p, "ds_id")
 
@@ -77,3 +90,4 @@ def local_param_share(model: torch.nn.Module) -> tuple[int, int]:
             held += p.numel()
             total += p.numel()
     return held, total
+

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -205,3 +207,59 @@ def test_load_rejects_files_that_protect_nothing_or_another_model(process_group,
     write_files(other, iter([("model.language_model.layers.9.mlp.up_proj.weight", torch.ones(2), torch.ones(2))]), meta={})
     with pytest.raises(ValueError, match="match no parameter"):
         EWC.load(other, engine.module, weight=1.0)
+
+
+# ---------------------------------------------------------------- the Fisher estimate
+
+
+def test_fisher_is_the_mean_squared_per_sample_gradient(process_group, tiny_export, demo_dir, tmp_path):
+    from vlmscale.config.schema import VideoConfig
+    from vlmscale.data.dataset import Item, collate
+    from vlmscale.data.render import render_sample
+    from vlmscale.data.shards import ShardDataset
+    from vlmscale.model.forward import token_losses, vlm_logits
+    from vlmscale.regularize.fisher import estimate_fisher, sample_indices
+
+    data_dir = demo_dir / "train" / "vqa"
+    meta = estimate_fisher(model_dir=str(tiny_export), data_dir=str(data_dir), out_dir=str(tmp_path / "f"),
+                           dist=process_group, num_samples=5, params="llm", dtype=torch.float32, seed=3)
+    assert meta["samples"] == 5 and meta["params"] == "llm" and meta["skipped"] == {}
+
+    model, assets = load_pretrained(str(tiny_export), max_tiles=None, dtype=torch.float32)
+    data = ShardDataset(data_dir)
+    want = {n: torch.zeros_like(p) for n, p in model.named_parameters() if protects(n, "llm")}
+    indices = sample_indices(len(data), 5, seed=3)
+    assert len(set(indices)) == 5 and indices != list(range(5))  # a seeded subset, not the first five
+    for i in indices:
+        _, members = data.read(i)
+        b = collate([Item(render_sample(json.loads(members["json"]), members, assets, max_seq_len=4096,
+                                        video=VideoConfig()), "", 0, [])], pad_id=assets.tokenizer.pad_token_id)
+        model.zero_grad()
+        logits = vlm_logits(model, input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                            pixel_values=b["pixel_values"], tile_pool=b["tile_pool"])
+        token_losses(logits, b["labels"]).sum().backward()
+        for n in want:
+            want[n] += dict(model.named_parameters())[n].grad ** 2 / 5
+    saved = read_meta(tmp_path / "f")
+    assert set(saved["index"]) == set(want)
+    with safe_open(str(tmp_path / "f" / saved["index"][next(iter(want))]), framework="pt") as f:
+        for n, w in want.items():
+            assert torch.allclose(f.get_tensor(f"fisher.{n}"), w, rtol=1e-4, atol=1e-6 * float(w.max())), n
+            assert torch.equal(f.get_tensor(f"anchor.{n}"), dict(model.named_parameters())[n].detach())
+
+
+def test_fisher_command_refuses_bad_inputs_before_any_process_group(tiny_export, tmp_path, capsys):
+    from vlmscale.cli import main
+
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "x").write_text("")
+    base = ["ewc", "fisher", "--model", str(tiny_export), "--data", str(tiny_export)]
+    for args, needle in [([*base, "--out", str(busy)], "is not empty"),
+                         ([*base, "--out", str(tmp_path / "o"), "--deepspeed", "ds_configs/zero2.json"], "ZeRO-3"),
+                         ([*base, "--out", str(tmp_path / "o"), "--samples", "0"], "--samples"),
+                         (["ewc", "fisher", "--model", str(tmp_path), "--data", ".", "--out", str(tmp_path / "o")],
+                          "no config.json")]:
+        assert main(args) == 2
+        assert needle in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -123,8 +123,10 @@ def _full_weights(model_dir) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def test_ewc_gradient_is_weight_times_fisher_times_displacement(process_group, tiny_export, demo_dir, tmp_path):
-    """The gradient the update uses is the loss gradient plus weight * F * (theta - theta*), to 1e-6."""
+@pytest.mark.parametrize("ds_config", ["ds_configs/zero3.json", "ds_configs/zero3_offload.json"])
+def test_ewc_gradient_is_weight_times_fisher_times_displacement(process_group, tiny_export, demo_dir, tmp_path, ds_config):
+    """The gradient the update uses is the loss gradient plus weight * F * (theta - theta*), to 1e-6
+    (also with the optimizer state and fp32 gradients offloaded to CPU)."""
     weight, lr = 2.0, 0.1
     theta0 = _full_weights(tiny_export)
     g = torch.Generator().manual_seed(0)
@@ -132,7 +134,7 @@ def test_ewc_gradient_is_weight_times_fisher_times_displacement(process_group, t
              for n, t in theta0.items() if protects(n, "both")}
     write_files(tmp_path, ((n, f, a) for n, (f, a) in files.items()), meta={"params": "both"})
     engine, assets = zero3_engine(tiny_export, optimizer=lambda ps: torch.optim.SGD(ps, lr=lr),
-                                  policy=["policy.vision.trainable=true"])
+                                  policy=["policy.vision.trainable=true", f"deepspeed.config={ds_config}"])
     ewc = EWC.load(tmp_path, engine.module, weight=weight)
     params = dict(engine.module.named_parameters())
     before, after, values = {}, {}, []

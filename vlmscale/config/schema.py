@@ -323,8 +323,8 @@ class RunConfig:
 
     def validate(self) -> None:
         if self.lora.enabled and self.regularizer.ewc.weight > 0:
-            raise ConfigError("regularizer.ewc with lora.enabled: LoRA keeps the protected base weights frozen and renames "
-                              "them; train without LoRA or set regularizer.ewc.weight=0")
+            raise ConfigError("regularizer.ewc with lora.enabled: LoRA keeps the protected base weights frozen and "
+                              "renames them; train without LoRA or set regularizer.ewc.weight=0")
         if self.lora.enabled and not self.policy.llm.trainable:
             raise ConfigError("lora.enabled trains adapters on the LLM, but policy.llm.trainable is false; enable one or the other")
         if not self.output_dir:

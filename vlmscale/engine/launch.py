@@ -56,8 +56,8 @@ def check_paths(cfg) -> None:
             raise ConfigError(f"regularizer.ewc.path={ewc.path!r} lacks {', '.join(missing)}; write it with "
                               "`vlmscale ewc fisher --out DIR`")
         if zero_stage(ds) != 3:
-            raise ConfigError(f"regularizer.ewc applies the penalty to ZeRO-3 partitions; deepspeed.config={cfg.deepspeed.config!r} "
-                              "is not stage 3 (use ds_configs/zero3.json)")
+            raise ConfigError("regularizer.ewc applies the penalty to ZeRO-3 partitions; "
+                              f"deepspeed.config={cfg.deepspeed.config!r} is not stage 3 (use ds_configs/zero3.json)")
 
 
 def recipe_main(config_cls: type[C], train: Callable[[C], int], argv: list[str]) -> int:

@@ -162,30 +162,26 @@ class EWC:
         params = dict(model.named_parameters())
         unknown = [n for n in meta["index"] if n not in params]
         if unknown:
-            raise ValueError(f"regularizer.ewc.path={str(path)!r}: {len(unknown)} tensors match no parameter of this model "
-                             f"(e.g. {unknown[:3]}); was the Fisher estimated for another model?")
-        entries, frozen, handles = [], 0, {}
-        try:
-            for name, file in meta["index"].items():
-                p = params[name]
-                if not p.requires_grad:
-                    frozen += 1
-                    continue
-                if not is_partitioned(p):
-                    raise ValueError("regularizer.ewc needs ZeRO-3 (deepspeed.config with zero_optimization.stage 3)")
-                if list(p.ds_shape) != meta["shapes"][name]:
-                    raise ValueError(f"regularizer.ewc.path: {name} has shape {meta['shapes'][name]} in the files "
-                                     f"but {list(p.ds_shape)} in the model")
-                start, size, real = local_range(p)
-                if file not in handles:
-                    handles[file] = safe_open(str(Path(path) / file), framework="pt")
-                f = handles[file]
-                fisher, anchor = torch.zeros(size), torch.zeros(size)
-                fisher[:real] = read_flat_range(f, f"fisher.{name}", start, start + real)
-                anchor[:real] = read_flat_range(f, f"anchor.{name}", start, start + real)
-                entries.append(Protected(name, p, fisher, anchor))
-        finally:
-            handles.clear()
+            raise ValueError(f"regularizer.ewc.path={str(path)!r}: {len(unknown)} tensors match no parameter of this "
+                             f"model (e.g. {unknown[:3]}); was the Fisher estimated for another model?")
+        entries, frozen, files = [], 0, {}
+        for name, file in meta["index"].items():
+            p = params[name]
+            if not p.requires_grad:
+                frozen += 1
+                continue
+            if not is_partitioned(p):
+                raise ValueError("regularizer.ewc needs ZeRO-3 (deepspeed.config with zero_optimization.stage 3)")
+            if list(p.ds_shape) != meta["shapes"][name]:
+                raise ValueError(f"regularizer.ewc.path: {name} has shape {meta['shapes'][name]} in the files "
+                                 f"but {list(p.ds_shape)} in the model")
+            if file not in files:
+                files[file] = safe_open(str(Path(path) / file), framework="pt")
+            start, size, real = local_range(p)
+            fisher, anchor = torch.zeros(size), torch.zeros(size)
+            fisher[:real] = read_flat_range(files[file], f"fisher.{name}", start, start + real)
+            anchor[:real] = read_flat_range(files[file], f"anchor.{name}", start, start + real)
+            entries.append(Protected(name, p, fisher, anchor))
         if not entries:
             raise ValueError(f"regularizer.ewc: none of the {len(meta['index'])} parameters in {path} is trainable in "
                              "this stage (check policy.*), so the penalty would do nothing")

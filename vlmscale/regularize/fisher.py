@@ -26,7 +26,6 @@ import json
 import logging
 import random
 import time
-from pathlib import Path
 
 import deepspeed
 import torch
@@ -141,7 +140,7 @@ def estimate_fisher(*, model_dir: str, data_dir: str, out_dir: str, dist: DistIn
     stats = all_reduce_sum([float(fisher[n].double().sum()) for n, _ in protected] +
                            [float((~fisher[n].isfinite()).sum()) for n, _ in protected])
     if sum(stats[len(protected):]) > 0:
-        raise ValueError("the Fisher estimate has non-finite entries: the model produces non-finite gradients on this data")
+        raise ValueError("the Fisher estimate has non-finite entries: the model's gradients on this data are not finite")
     numel = {m: sum(p.ds_numel for n, p in protected if module_of(n) == m) for m in modules}
     fsum = {m: sum(s for (n, _), s in zip(protected, stats) if module_of(n) == m) for m in modules}
     meta = {"estimator": ESTIMATOR, "params": params, "samples": int(total), "requested": num_samples,

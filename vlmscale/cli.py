@@ -5,6 +5,9 @@
     vlmscale data convert llava --json FILE --image-root DIR --out DIR
     vlmscale eval SUITE[,SUITE] --model DIR --data DIR [--reference DIR] [--vcd] [--out FILE.json]
     vlmscale eval compare A.json B.json
+    vlmscale ewc fisher --model DIR --data DIR --out DIR [--samples N] [--params llm|vision|both]
+
+Distributed (the eval and ewc commands): deepspeed --num_gpus N --no_local_rank --module vlmscale.cli ...
 """
 
 from __future__ import annotations
@@ -108,6 +111,44 @@ def _eval_dispatch(args) -> int:
     return _eval(args)
 
 
+def _ewc_fisher(args) -> int:
+    import torch
+
+    from vlmscale.engine.distributed import env_dist_info, init_distributed, shutdown
+    from vlmscale.regularize.fisher import estimate_fisher, fisher_ds_config
+
+    out = Path(args.out)
+    dtype = getattr(torch, args.dtype)
+    problem = None
+    if not (Path(args.model) / "config.json").is_file():
+        problem = f"--model {args.model}: no config.json there (expected an HF-format export such as <output_dir>/hf)"
+    elif not Path(args.data).exists():
+        problem = f"--data {args.data} does not exist"
+    elif out.exists() and any(out.iterdir()):
+        problem = f"--out {out} is not empty; choose a new directory"
+    elif args.samples < 1:
+        problem = "--samples must be >= 1"
+    else:
+        try:
+            fisher_ds_config(args.deepspeed, world_size=env_dist_info().world_size, bf16=dtype == torch.bfloat16)
+        except ValueError as exc:
+            problem = str(exc)
+    if problem is not None:  # before any process group starts; every rank fails alike
+        if env_dist_info().rank == 0:
+            print(f"error: {problem}", file=sys.stderr)
+        return 2
+    dist = init_distributed()
+    try:
+        meta = estimate_fisher(model_dir=args.model, data_dir=args.data, out_dir=args.out, dist=dist,
+                               num_samples=args.samples, params=args.params, dtype=dtype, seed=args.seed,
+                               max_seq_len=args.max_seq_len, deepspeed_config=args.deepspeed)
+    finally:  # errors after this point are collective: every rank raises them alike
+        shutdown()
+    if dist.is_main:
+        print(json.dumps({k: meta[k] for k in ("params", "samples", "skipped", "numel", "fisher_mean")}, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlmscale", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -152,6 +193,22 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--vcd-beta", type=float, default=0.1)
     ev.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ev.set_defaults(func=_eval_dispatch)
+
+    ewc = sub.add_parser("ewc", help="elastic weight consolidation").add_subparsers(dest="ewc_command", required=True)
+    fisher = ewc.add_parser("fisher", help="estimate the diagonal Fisher and save it with the anchor weights",
+                            description="Empirical diagonal Fisher (mean squared per-sample log-likelihood gradient) "
+                                        "of --model on --data, written with the anchor weights to --out for "
+                                        "regularizer.ewc.path. Runs under ZeRO-3 on any number of ranks.")
+    fisher.add_argument("--model", required=True, help="an HF-format export, e.g. <output_dir>/hf")
+    fisher.add_argument("--data", required=True, help="a directory (or .tar) of shards of the task to protect")
+    fisher.add_argument("--out", required=True, help="new directory for ewc.json + ewc-*.safetensors")
+    fisher.add_argument("--samples", type=int, default=512, help="samples in the estimate (a seeded subset)")
+    fisher.add_argument("--params", default="llm", choices=["llm", "vision", "both"], help="which parameters to protect")
+    fisher.add_argument("--seed", type=int, default=0)
+    fisher.add_argument("--max-seq-len", type=int, default=4096, help="longer samples are skipped")
+    fisher.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    fisher.add_argument("--deepspeed", default="ds_configs/zero3.json", help="a ZeRO-3 DeepSpeed JSON")
+    fisher.set_defaults(func=_ewc_fisher)
     return parser
 
 

@@ -297,6 +297,29 @@ class LoraSection:
 
 
 @dataclass
+class EWCConfig:
+    """Elastic weight consolidation: adds weight / 2 * sum F * (theta - theta*)^2 (docs/forgetting.md)."""
+
+    weight: float = 0.0  # lambda; 0 disables the penalty
+    path: str | None = None  # directory written by `vlmscale ewc fisher` (F and the anchor weights theta*)
+
+    def validate(self) -> None:
+        if self.weight < 0:
+            raise ConfigError("regularizer.ewc.weight must be >= 0 (0 disables EWC)")
+        if self.weight > 0 and not self.path:
+            raise ConfigError("regularizer.ewc.weight > 0 needs regularizer.ewc.path: the directory written by "
+                              "`vlmscale ewc fisher --out DIR`")
+
+
+@dataclass
+class RegularizerConfig:
+    ewc: EWCConfig = field(default_factory=EWCConfig)
+
+    def validate(self) -> None:
+        self.ewc.validate()
+
+
+@dataclass
 class RunConfig:
     stage: str = "sft"  # recipe name, recorded in outputs
     output_dir: str = "runs/sft-demo"  # everything the run writes goes here
@@ -312,15 +335,19 @@ class RunConfig:
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     eval: EvalConfig = field(default_factory=EvalConfig)
     lora: LoraSection = field(default_factory=LoraSection)
+    regularizer: RegularizerConfig = field(default_factory=RegularizerConfig)
 
     def validate(self) -> None:
+        if self.lora.enabled and self.regularizer.ewc.weight > 0:
+            raise ConfigError("regularizer.ewc with lora.enabled: LoRA keeps the protected base weights frozen and "
+                              "renames them; train without LoRA or set regularizer.ewc.weight=0")
         if self.lora.enabled and not self.policy.llm.trainable:
             raise ConfigError("lora.enabled trains adapters on the LLM, but policy.llm.trainable is false; enable one or the other")
         if not self.output_dir:
             raise ConfigError("output_dir is empty")
         if not self.resume:
             raise ConfigError("resume must be auto, latest, never or a checkpoint path")
-        for section in ("model", "policy", "data", "optim", "train", "checkpoint", "deepspeed", "eval", "lora"):
+        for section in ("model", "policy", "data", "optim", "train", "checkpoint", "deepspeed", "eval", "lora", "regularizer"):
             getattr(self, section).validate()
 
 

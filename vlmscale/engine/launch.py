@@ -31,13 +31,13 @@ def check_paths(cfg) -> None:
 
     from vlmscale.config.deepspeed import resolve_ds_path
 
-    from vlmscale.config.deepspeed import build_ds_config
+    from vlmscale.config.deepspeed import build_ds_config, zero_stage
     from vlmscale.engine.checkpoint import CheckpointManager
     from vlmscale.engine.distributed import DistInfo, env_dist_info
 
     resolve_ds_path(cfg.deepspeed.config)
     # batch sizes against the world size the launcher set up
-    build_ds_config(cfg, world_size=env_dist_info().world_size)
+    ds = build_ds_config(cfg, world_size=env_dist_info().world_size)
     if cfg.resume == "latest" and CheckpointManager(cfg.output_dir, dist=DistInfo(0, 1, 0), keep_last=0).newest() is None:
         raise ConfigError(f"resume=latest but {Path(cfg.output_dir) / 'checkpoints'} holds no complete checkpoint "
                           "(use resume=auto to start fresh when there is none)")
@@ -48,6 +48,17 @@ def check_paths(cfg) -> None:
         value = getattr(cfg.model, key)
         if value is not None and not (Path(value) / "config.json").is_file():
             raise ConfigError(f"model.{key}={value!r}: no config.json there (expected a Hugging Face model directory)")
+    ewc = cfg.regularizer.ewc
+    if ewc.weight > 0:
+        from vlmscale.regularize.ewc import missing_files
+
+        missing = missing_files(ewc.path)
+        if missing:
+            raise ConfigError(f"regularizer.ewc.path={ewc.path!r} lacks {', '.join(missing)}; write it with "
+                              "`vlmscale ewc fisher --out DIR`")
+        if zero_stage(ds) != 3:
+            raise ConfigError("regularizer.ewc applies the penalty to ZeRO-3 partitions; "
+                              f"deepspeed.config={cfg.deepspeed.config!r} is not stage 3 (use ds_configs/zero3.json)")
 
 
 def recipe_main(config_cls: type[C], train: Callable[[C], int], argv: list[str]) -> int:

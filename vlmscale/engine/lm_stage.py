@@ -25,6 +25,7 @@ from vlmscale.engine.setup import make_loader, setup_run
 from vlmscale.engine.trainer import export_hf, train_step
 from vlmscale.engine.watchdog import Watchdog
 from vlmscale.eval.periodic import PeriodicEval
+from vlmscale.regularize.ewc import EWC
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,8 @@ def train_lm_stage(cfg: RunConfig) -> int:
     samples = SampleLog(cfg.output_dir, rank=dist.rank, enabled=cfg.train.log_sample_ids, resume_step=run.start_step)
     watchdog = Watchdog(cfg.output_dir, rank=dist.rank, timeout_s=cfg.train.hang_timeout_s)
     dev = device()
+    ewc_cfg = cfg.regularizer.ewc
+    ewc = EWC.load(ewc_cfg.path, engine.module, weight=ewc_cfg.weight) if ewc_cfg.weight > 0 else None
 
     if cfg.eval.at_start and run.start_step == 0:
         run.metrics.log(evaluator.run(engine.module, step=0, final=True, name="start"))
@@ -57,13 +60,17 @@ def train_lm_stage(cfg: RunConfig) -> int:
         t_wait = time.time()
         micro = [next(batches) for _ in range(cfg.train.grad_accum_steps)]
         progress.data_wait += time.time() - t_wait
-        stats = train_step(engine, micro, device=dev, poison=faults.poison_loss(done))
+        stats = train_step(engine, micro, device=dev, poison=faults.poison_loss(done),
+                           before_step=ewc.apply if ewc is not None else None)
         samples.log(done, stats.sample_ids)
         progress.update(stats, step=done, data=cfg.data, max_consecutive_nonfinite=cfg.train.max_consecutive_nonfinite)
         bar.update(1)
         bar.set_postfix(loss=f"{stats.loss:.3f}")
         if done % cfg.train.log_every_steps == 0 or done == cfg.train.max_steps or stats.update_skipped:
-            run.metrics.log(progress.record(done, stats, lr=engine.get_lr()[0]))
+            row = progress.record(done, stats, lr=engine.get_lr()[0])
+            if ewc is not None:
+                row["ewc_penalty"] = stats.penalty
+            run.metrics.log(row)
         signum = stop.any_rank()
         if done % cfg.checkpoint.every_steps == 0 or done == cfg.train.max_steps or signum:
             watchdog.beat()

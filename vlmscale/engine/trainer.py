@@ -8,14 +8,14 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import deepspeed
 import torch
 
 from vlmscale.config.schema import OptimConfig
 from vlmscale.engine.distributed import all_reduce_sum, barrier
-from vlmscale.engine.zero import gathered_state_dict
+from vlmscale.engine.zero import gathered_state_dict, start_micro_batch
 from vlmscale.model.forward import num_supervised, token_losses, vlm_logits
 from vlmscale.model.lora import merge_lora_state_dict
 from vlmscale.model.tokenizer import ProcessorAssets
@@ -61,9 +61,11 @@ class StepStats:
     skipped: dict[str, int] = field(default_factory=dict)  # this rank's skips by reason
     update_skipped: bool = False  # non-finite loss or gradient on some rank: no rank applied the update
     sample_ids: list[str] = field(default_factory=list)  # this rank's samples in this step
+    penalty: float = 0.0  # value of the ``before_step`` regularizer (e.g. EWC), all ranks
 
 
-def train_step(engine, micro_batches: list[dict], *, device: torch.device, poison: bool = False) -> StepStats:
+def train_step(engine, micro_batches: list[dict], *, device: torch.device, poison: bool = False,
+               before_step: Callable[[], float] | None = None) -> StepStats:
     """One optimizer step over the accumulation window.
 
     The loss is normalised by the supervised-token count of the whole window on all ranks, so a
@@ -75,6 +77,10 @@ def train_step(engine, micro_batches: list[dict], *, device: torch.device, poiso
     gradient-norm check (which also catches non-finite gradients from finite losses) discards the
     update on all ranks alike: parameters, optimizer moments and the LR schedule stay as they were.
     ``poison`` makes this rank's loss NaN (fault injection for tests).
+
+    ``before_step`` runs after the last backward and before the update: a regularizer adds its
+    gradient to the reduced gradient there (so clipping and the optimizer see the sum) and returns
+    this rank's share of its value, reported summed over ranks as ``penalty``.
     """
     local_sup = sum(num_supervised(b["labels"]) for b in micro_batches)
     local_tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)
@@ -87,8 +93,9 @@ def train_step(engine, micro_batches: list[dict], *, device: torch.device, poiso
     world = engine.world_size if hasattr(engine, "world_size") else 1
     scale = world * engine.gradient_accumulation_steps() / max(total_sup, 1.0)
     skipped_before = engine.skipped_steps
-    loss_sum, nonfinite_local, any_nonfinite = 0.0, False, False
+    loss_sum, penalty, nonfinite_local, any_nonfinite = 0.0, 0.0, False, False
     for i, b in enumerate(micro_batches):
+        start_micro_batch(engine)
         packed = b["position_ids"] is not None  # only the packing collate gives position ids
         logits = vlm_logits(
             engine.module,
@@ -110,12 +117,14 @@ def train_step(engine, micro_batches: list[dict], *, device: torch.device, poiso
             if any_nonfinite:
                 loss = loss * float("nan")
         engine.backward(loss)
+        if before_step is not None and i == len(micro_batches) - 1:
+            penalty = before_step()
         engine.step()
         loss_sum += float(summed.detach())
     update_skipped = engine.skipped_steps > skipped_before
     if any_nonfinite and not update_skipped:
         raise RuntimeError("a rank saw a non-finite loss but DeepSpeed applied the update; refusing to continue")
-    (global_loss,) = all_reduce_sum([loss_sum])
+    global_loss, global_penalty = all_reduce_sum([loss_sum, penalty])
     grad_norm = engine.get_global_grad_norm()
     skipped: dict[str, int] = {}
     for b in micro_batches:
@@ -126,7 +135,7 @@ def train_step(engine, micro_batches: list[dict], *, device: torch.device, poiso
         grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
         tokens=int(tokens), slots=int(slots), supervised=int(total_sup), samples=int(samples), bad=int(bad), read=int(read),
         skipped=skipped, update_skipped=update_skipped,
-        sample_ids=[sid for b in micro_batches for sid in b["sample_ids"]],
+        sample_ids=[sid for b in micro_batches for sid in b["sample_ids"]], penalty=global_penalty,
     )
 
 

@@ -30,6 +30,19 @@ def zero3_model_scope(ds_config: dict[str, Any]) -> Iterator[None]:
         unset_hf_deepspeed_config()
 
 
+def start_micro_batch(engine) -> None:
+    """What ``engine(...)`` does before a forward, for callers that run the model directly.
+
+    DeepSpeed's ZeRO optimizers count micro-batches there: ZeRO-3 copies the first micro-batch's
+    gradient into its partition buffer and adds the later ones. Without this call every backward
+    counts as the first, so gradient accumulation would keep only the last micro-batch.
+    """
+    from deepspeed.runtime.base_optimizer import ZeROOptimizer
+
+    if isinstance(engine.optimizer, ZeROOptimizer):
+        engine.optimizer.clear_backward_seen_flag()
+
+
 def is_partitioned(p: torch.Tensor) -> bool:
     return hasattr(p, "ds_id")
 
@@ -77,3 +90,36 @@ def local_param_share(model: torch.nn.Module) -> tuple[int, int]:
             held += p.numel()
             total += p.numel()
     return held, total
+
+
+# ---------------------------------------------------------------- a rank's own partition of a parameter
+#
+# ZeRO-3 flattens every parameter and gives rank r the elements [r * n, (r + 1) * n) with
+# n = ceil(numel / world); the last rank's slice is padded with zeros past ``numel``. The optimizer
+# keeps an fp32 master copy and a gradient buffer of exactly that slice. These helpers read and
+# write that slice without gathering anything (``deepspeed.utils.safe_*_local_*``).
+
+
+def local_range(p: torch.Tensor) -> tuple[int, int, int]:
+    """``(start, size, real)`` of this rank's slice of the flattened parameter: it covers elements
+    ``[start, start + size)``, of which the first ``real`` exist (the rest is padding)."""
+    assert is_partitioned(p), "local_range needs a ZeRO-3 partitioned parameter"
+    size = p.ds_tensor.numel()
+    start = p.ds_zero_partition_rank * size
+    return start, size, max(0, min(size, p.ds_numel - start))
+
+
+def local_fp32_param(p: torch.Tensor) -> torch.Tensor:
+    """This rank's slice of the fp32 master weights (a view: do not modify)."""
+    return deepspeed.utils.safe_get_local_fp32_param(p)
+
+
+def local_grad(p: torch.Tensor) -> torch.Tensor:
+    """This rank's slice of the reduced gradient as fp32: a copy under bf16, the buffer itself under
+    fp32 (do not modify it in place; write with :func:`set_local_grad`)."""
+    return deepspeed.utils.safe_get_local_grad(p)
+
+
+def set_local_grad(p: torch.Tensor, value: torch.Tensor) -> None:
+    """Overwrite this rank's slice of the reduced gradient (between the last backward and the step)."""
+    deepspeed.utils.safe_set_local_grad(p, value)

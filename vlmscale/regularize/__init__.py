@@ -1,0 +1,1 @@
+"""Regularizers applied during training (EWC, partition-local under ZeRO-3)."""

@@ -33,6 +33,11 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
                          "policy.vision.lr=6e-5"]),
     "frozen_llm": ("LLM frozen (projector only)", ["data.text_fraction=0.0", "policy.llm.trainable=false",
                                                    "policy.projector.lr=1e-3"]),
+    # EWC on the LLM with the Fisher of textstart on its text data ({fisher} is filled in)
+    "ewc_1e3": ("EWC λ=1e3 on the LLM", ["data.text_fraction=0.0", "regularizer.ewc.weight=1e3",
+                                         "regularizer.ewc.path={fisher}"]),
+    "ewc_1e5": ("EWC λ=1e5 on the LLM", ["data.text_fraction=0.0", "regularizer.ewc.weight=1e5",
+                                         "regularizer.ewc.path={fisher}"]),
 }
 
 
@@ -110,11 +115,19 @@ def main() -> int:
         launch("sft", [f"output_dir={start}", TEXT_ONLY, f"train.max_steps={args.textstart_steps}",
                        "eval.suites=[text]", *args.extra], nproc=args.nproc, log=out / "textstart.log")
 
+    fisher = out / "fisher"
+    wanted = args.variants.split(",")
+    if any(name.startswith("ewc") for name in wanted) and not (fisher / "ewc.json").is_file():
+        run([str(BIN / "deepspeed"), "--num_gpus", str(args.nproc), "--no_local_rank", "--module", "vlmscale.cli",
+             "ewc", "fisher", "--model", str(start / "hf"), "--data", str(REPO / "data" / "demo" / "train" / "text"),
+             "--out", str(fisher), "--samples", "256", "--params", "llm"], out / "fisher.log")
+
     rows: dict[str, dict] = {}
     common = [f"model.init_from={start / 'hf'}", f"train.max_steps={args.steps}", "eval.at_start=true",
               "eval.suites=[vqa,pope,text,drift]", "checkpoint.every_steps=1000000"]
-    for name in args.variants.split(","):
+    for name in wanted:
         what, overrides = VARIANTS[name]
+        overrides = [o.replace("{fisher}", str(fisher)) for o in overrides]
         run_dir = out / name
         if not (run_dir / "eval" / "final.json").is_file():
             launch("sft", [f"output_dir={run_dir}", *common, *overrides, *args.extra], nproc=args.nproc,

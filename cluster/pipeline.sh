@@ -4,10 +4,11 @@
 #
 #   bash cluster/pipeline.sh                 # 2 ranks (CPU) or set NUM_GPUS
 #   NUM_GPUS=8 OUT=runs/pipeline bash cluster/pipeline.sh train.micro_batch_size=4
+#   MASTER_PORT=29517 bash cluster/pipeline.sh      # when another job on this host holds port 29500
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/pipeline}
-LAUNCH=(deepspeed --num_gpus "${NUM_GPUS:-2}")
+LAUNCH=(deepspeed --num_gpus "${NUM_GPUS:-2}" --master_port "${MASTER_PORT:-29500}")
 
 "${LAUNCH[@]}" recipes/align.py output_dir="$OUT/align" "$@"
 "${LAUNCH[@]}" recipes/pretrain.py output_dir="$OUT/pretrain" model.init_from="$OUT/align/hf" "$@"

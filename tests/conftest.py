@@ -32,3 +32,11 @@ def demo_assets():
     from vlmscale.model.build import preset_assets
 
     return preset_assets("demo")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _free_shared_memory():
+    yield
+    from tests.helpers import remove_shm_buffers
+
+    remove_shm_buffers()

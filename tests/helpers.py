@@ -10,6 +10,22 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+USED_PORTS: set[int] = set()  # master ports this session launched with (their /dev/shm buffers are removed at the end)
+
+
+def port(base: int, span: int) -> int:
+    """A master port for this test session, remembered for cleanup."""
+    p = base + os.getpid() % span
+    USED_PORTS.add(p)
+    return p
+
+
+def remove_shm_buffers() -> None:
+    """DeepSpeed's CPU allreduce leaves a /dev/shm buffer per rank and port when a rank is killed
+    (clean exits remove theirs, see ``vlmscale.engine.distributed.shutdown``)."""
+    for p in USED_PORTS:
+        for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{p}_*"):
+            f.unlink(missing_ok=True)
 
 
 def launch(recipe: str, *overrides: str, nproc: int = 2, timeout: int = 600, check: bool = True,
@@ -19,8 +35,7 @@ def launch(recipe: str, *overrides: str, nproc: int = 2, timeout: int = 600, che
     if nproc == 0:
         cmd = [sys.executable, script, *overrides]
     else:
-        port = str(29600 + os.getpid() % 300)
-        cmd = [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", port, script, *overrides]
+        cmd = [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(port(29600, 300)), script, *overrides]
     full_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", **(env or {})}
     proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:

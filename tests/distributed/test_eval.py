@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.helpers import BIN, REPO
+from tests.helpers import BIN, REPO, port
 
 pytestmark = pytest.mark.distributed
 
@@ -20,7 +20,7 @@ def _eval(nproc, out_file, model, reference, data):
     if nproc == 1:
         cmd = [sys.executable, "-m", "vlmscale.cli", "eval", *args]
     else:
-        cmd = [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(29900 + os.getpid() % 50),
+        cmd = [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(port(29900, 50)),
                "--no_local_rank", "--module", "vlmscale.cli", "eval", *args]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -43,7 +43,7 @@ def test_one_and_two_ranks_agree(sft_run, start_model, demo_dir, tmp_path):
 
 def test_ranks_finishing_at_different_steps_do_not_hang(demo_dir, tmp_path):
     out = tmp_path / "lengths.json"
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(29950 + os.getpid() % 40), "--no_local_rank",
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(port(29950, 40)), "--no_local_rank",
            str(REPO / "tests" / "distributed" / "zero3_generate_script.py"), str(demo_dir), str(out)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})

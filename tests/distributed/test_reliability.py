@@ -203,10 +203,10 @@ def test_stopped_rank_makes_the_others_exit_with_stack_dumps(tmp_path, demo_dir,
 def _modality(tmp_path, demo_dir, mode, *flags, timeout=240):
     import subprocess
 
-    from tests.helpers import BIN, REPO
+    from tests.helpers import BIN, REPO, port
 
     out = tmp_path / mode
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(29900 + os.getpid() % 90),
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(port(29900, 90)),
            "--no_local_rank", str(REPO / "tests" / "distributed" / "modality_script.py"), str(demo_dir), mode, str(out), *flags]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     t0 = time.time()
@@ -299,10 +299,10 @@ def test_sigterm_commits_a_checkpoint_and_the_relaunch_matches(tmp_path, referen
     """SIGTERM to every process of the job once step 7 is logged (what Slurm does on preemption)."""
     import subprocess
 
-    from tests.helpers import BIN, REPO
+    from tests.helpers import BIN, REPO, port
 
     out = tmp_path / "preempted"
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(29600 + os.getpid() % 300),
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(port(29600, 300)),
            str(REPO / "recipes" / "sft.py"), *_overrides(demo_dir, out, start_model)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            "VLMSCALE_FAULT": "stall@step>=8"}  # steps from 8 on take a second: the signal lands mid-run

@@ -7,9 +7,11 @@ accelerator).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -88,9 +90,22 @@ def device() -> torch.device:
     return torch.device(get_accelerator().current_device_name())
 
 
+def shm_buffer_path(rank: int) -> Path:
+    """The 66 MB /dev/shm buffer DeepSpeed's CPU shared-memory allreduce creates for ``rank``.
+
+    DeepSpeed never unlinks it, so every distinct master port would leave one per rank in RAM.
+    """
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
 def shutdown() -> None:
-    """Leave the process group in order (a group left to interpreter teardown can abort the process)."""
+    """Leave the process group in order (a group left to interpreter teardown can abort the process),
+    and remove this rank's DeepSpeed shared-memory buffer (every rank mapped it at start-up)."""
     if dist.is_initialized():
+        rank = dist.get_rank()
         if dist.get_world_size() > 1:
             dist.barrier()
         dist.destroy_process_group()
+        with contextlib.suppress(OSError):
+            shm_buffer_path(rank).unlink()

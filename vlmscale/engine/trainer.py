@@ -16,7 +16,7 @@ import torch
 from vlmscale.config.schema import OptimConfig
 from vlmscale.engine.distributed import all_reduce_sum, barrier
 from vlmscale.engine.flops import FlopModel
-from vlmscale.engine.zero import gathered_state_dict
+from vlmscale.engine.zero import gathered_state_dict, start_forward
 from vlmscale.model.forward import num_supervised, token_losses, vlm_logits
 from vlmscale.model.lora import merge_lora_state_dict
 from vlmscale.model.tokenizer import ProcessorAssets
@@ -95,6 +95,7 @@ def train_step(engine, micro_batches: list[dict], *, device: torch.device, poiso
     loss_sum, nonfinite_local, any_nonfinite = 0.0, False, False
     for i, b in enumerate(micro_batches):
         packed = b["position_ids"] is not None  # only the packing collate gives position ids
+        start_forward(engine)
         logits = vlm_logits(
             engine.module,
             input_ids=b["input_ids"].to(device),

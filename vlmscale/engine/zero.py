@@ -77,3 +77,16 @@ def local_param_share(model: torch.nn.Module) -> tuple[int, int]:
             held += p.numel()
             total += p.numel()
     return held, total
+
+
+def start_forward(engine) -> None:
+    """Tell ZeRO-3 that a new forward + backward begins.
+
+    DeepSpeed does this from a pre-forward hook on the top module, but the training forward
+    (``vlmscale.model.forward.vlm_logits``) calls the sub-modules, never the top module: without this
+    the parameter coordinator never completes its trace of the fetch order, so it never prefetches and
+    its recorded order grows every step.
+    """
+    offload = getattr(getattr(engine, "optimizer", None), "parameter_offload", None)
+    if offload is not None:
+        offload.get_param_coordinator().reset_step()

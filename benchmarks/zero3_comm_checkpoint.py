@@ -32,12 +32,13 @@ COUNTING = [False]
 def _wrap(name: str) -> None:
     original = getattr(tdist, name)
 
-    def counted(output, *args, **kwargs):
+    def counted(*args, **kwargs):
         if COUNTING[0]:
+            output = args[0] if args else next(iter(kwargs.values()))  # output_tensor / tensor_list / tensor
             tensors = output if isinstance(output, (list, tuple)) else [output]
             COUNTS[f"{name}/calls"] += 1
             COUNTS[f"{name}/bytes"] += sum(t.numel() * t.element_size() for t in tensors)
-        return original(output, *args, **kwargs)
+        return original(*args, **kwargs)
 
     setattr(tdist, name, counted)
 

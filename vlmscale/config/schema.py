@@ -213,6 +213,7 @@ class TrainConfig:
     max_consecutive_nonfinite: int = 5  # stop (exit 4) after this many consecutive skipped non-finite steps
     hang_timeout_s: float = 900.0  # a step (or save) taking longer than this dumps stacks and exits (5); 0 = off
     log_sample_ids: bool = False  # write each step's sample ids to output_dir/samples/rank-N.jsonl (audit)
+    peak_tflops: float | None = None  # bf16 peak per device for MFU; null = A100/H100 table or measured on CPU
 
     def __post_init__(self) -> None:
         if isinstance(self.activation_checkpointing, bool):
@@ -225,6 +226,8 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be >= 1")
         if self.hang_timeout_s < 0:
             raise ConfigError("train.hang_timeout_s must be >= 0 (0 disables the watchdog)")
+        if self.peak_tflops is not None and self.peak_tflops <= 0:
+            raise ConfigError("train.peak_tflops must be > 0 (or null to measure / look it up)")
         if self.global_batch_size is not None and self.global_batch_size < 1:
             raise ConfigError("train.global_batch_size must be >= 1 (or null)")
 

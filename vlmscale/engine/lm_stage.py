@@ -17,7 +17,8 @@ from tqdm import tqdm
 from vlmscale.config.schema import RunConfig
 from vlmscale.data.dataset import resolve_path
 from vlmscale.engine import faults
-from vlmscale.engine.distributed import device
+from vlmscale.engine.distributed import all_reduce_sum, device
+from vlmscale.engine.flops import FlopModel, device_peak_tflops
 from vlmscale.engine.metrics import SampleLog
 from vlmscale.engine.preemption import Preempted, StopFlag
 from vlmscale.engine.progress import Progress
@@ -36,7 +37,11 @@ def train_lm_stage(cfg: RunConfig) -> int:
     engine, dist = run.engine, run.dist
     stop = StopFlag()
     batches = iter(make_loader(run))
-    progress = Progress(run.client_state, dist=dist)
+    flop_model = FlopModel.from_model(engine.module)
+    peak, source = device_peak_tflops(cfg.train.peak_tflops)
+    (total_peak,) = all_reduce_sum([peak])
+    log.info("MFU peak: %.3g TFLOP/s per rank, %s; %.3g in all", peak, source, total_peak)
+    progress = Progress(run.client_state, dist=dist, peak_tflops=total_peak)
     evaluator = PeriodicEval(cfg.eval, heldout=resolve_path(cfg.data.heldout, cfg.data),
                              output_dir=Path(cfg.output_dir), dist=dist, assets=run.assets, video=cfg.data.video)
     evaluator.prepare(engine.module, fresh=run.start_step == 0)
@@ -61,7 +66,7 @@ def train_lm_stage(cfg: RunConfig) -> int:
         micro = [next(batches) for _ in range(cfg.train.grad_accum_steps)]
         progress.data_wait += time.time() - t_wait
         stats = train_step(engine, micro, device=dev, poison=faults.poison_loss(done),
-                           before_step=ewc.apply if ewc is not None else None)
+                           before_step=ewc.apply if ewc is not None else None, flop_model=flop_model)
         samples.log(done, stats.sample_ids)
         progress.update(stats, step=done, data=cfg.data, max_consecutive_nonfinite=cfg.train.max_consecutive_nonfinite)
         bar.update(1)

@@ -23,7 +23,8 @@ class NonFiniteTraining(RuntimeError):
 
 
 class Progress:
-    def __init__(self, client_state: dict[str, Any], *, dist: DistInfo):
+    def __init__(self, client_state: dict[str, Any], *, dist: DistInfo, peak_tflops: float = float("nan")):
+        """``peak_tflops``: the summed peak of all ranks' devices, the MFU denominator."""
         self.dist = dist
         self.samples = int(client_state.get("samples_seen", 0))
         self.tokens = int(client_state.get("tokens_seen", 0))
@@ -33,7 +34,8 @@ class Progress:
         self.skipped: dict[str, int] = dict(client_state.get("skipped", {})) if dist.is_main else {}
         self.nonfinite_skips = int(client_state.get("nonfinite_skips", 0))
         self.consecutive_nonfinite = int(client_state.get("consecutive_nonfinite", 0))
-        self._window_start, self._window_tokens, self.data_wait = time.time(), 0, 0.0
+        self.peak_tflops = peak_tflops
+        self._window_start, self._window_tokens, self._window_flops, self.data_wait = time.time(), 0, 0.0, 0.0
 
     def update(self, stats: StepStats, *, step: int, data: DataConfig, max_consecutive_nonfinite: int) -> None:
         """Count a finished step; stop the run (on every rank alike) on too much bad data or too many
@@ -54,6 +56,7 @@ class Progress:
         self.bad += stats.bad
         self.read += stats.read
         self._window_tokens += stats.tokens
+        self._window_flops += stats.flops
         for k, v in stats.skipped.items():
             self.skipped[k] = self.skipped.get(k, 0) + v
         check_bad_fraction(bad=self.bad, read=self.read, data=data)
@@ -74,7 +77,9 @@ class Progress:
             "real_token_fraction": stats.tokens / max(stats.slots, 1),  # this step: non-pad / (rows x padded length)
             "bad_samples": self.bad, "data_wait_fraction": self.data_wait / elapsed,
             "nonfinite_skips": self.nonfinite_skips,
+            "tflops": self._window_flops / elapsed / 1e12,  # achieved model TFLOP/s, all ranks
+            "mfu": self._window_flops / elapsed / 1e12 / self.peak_tflops,
         }
         row.update({f"skipped/{k}": v for k, v in sum_counts(self.skipped).items()})
-        self._window_start, self._window_tokens, self.data_wait = time.time(), 0, 0.0
+        self._window_start, self._window_tokens, self._window_flops, self.data_wait = time.time(), 0, 0.0, 0.0
         return row

@@ -15,6 +15,7 @@ import torch
 
 from vlmscale.config.schema import OptimConfig
 from vlmscale.engine.distributed import all_reduce_sum, barrier
+from vlmscale.engine.flops import FlopModel
 from vlmscale.engine.zero import gathered_state_dict, start_micro_batch
 from vlmscale.model.forward import num_supervised, token_losses, vlm_logits
 from vlmscale.model.lora import merge_lora_state_dict
@@ -62,10 +63,11 @@ class StepStats:
     update_skipped: bool = False  # non-finite loss or gradient on some rank: no rank applied the update
     sample_ids: list[str] = field(default_factory=list)  # this rank's samples in this step
     penalty: float = 0.0  # value of the ``before_step`` regularizer (e.g. EWC), all ranks
+    flops: float = 0.0  # model FLOPs of this step (forward + backward), all ranks; see vlmscale.engine.flops
 
 
 def train_step(engine, micro_batches: list[dict], *, device: torch.device, poison: bool = False,
-               before_step: Callable[[], float] | None = None) -> StepStats:
+               before_step: Callable[[], float] | None = None, flop_model: FlopModel | None = None) -> StepStats:
     """One optimizer step over the accumulation window.
 
     The loss is normalised by the supervised-token count of the whole window on all ranks, so a
@@ -76,7 +78,8 @@ def train_step(engine, micro_batches: list[dict], *, device: torch.device, poiso
     loss in this window. If one did, every rank back-propagates NaN, so DeepSpeed's global
     gradient-norm check (which also catches non-finite gradients from finite losses) discards the
     update on all ranks alike: parameters, optimizer moments and the LR schedule stay as they were.
-    ``poison`` makes this rank's loss NaN (fault injection for tests).
+    ``poison`` makes this rank's loss NaN (fault injection for tests). ``flop_model`` counts the step's
+    model FLOPs.
 
     ``before_step`` runs after the last backward and before the update: a regularizer adds its
     gradient to the reduced gradient there (so clipping and the optimizer see the sum) and returns
@@ -88,8 +91,9 @@ def train_step(engine, micro_batches: list[dict], *, device: torch.device, poiso
     local_bad = sum(sum(b["skipped"].values()) for b in micro_batches)
     local_read = sum(b["num_read"] for b in micro_batches)
     local_samples = sum(len(b["sample_ids"]) for b in micro_batches)
-    total_sup, tokens, slots, bad, read, samples = all_reduce_sum(
-        [local_sup, local_tokens, local_slots, local_bad, local_read, local_samples])
+    local_flops = sum(flop_model.batch_flops(b) for b in micro_batches) if flop_model is not None else 0.0
+    total_sup, tokens, slots, bad, read, samples, flops = all_reduce_sum(
+        [local_sup, local_tokens, local_slots, local_bad, local_read, local_samples, local_flops])
     world = engine.world_size if hasattr(engine, "world_size") else 1
     scale = world * engine.gradient_accumulation_steps() / max(total_sup, 1.0)
     skipped_before = engine.skipped_steps
@@ -135,7 +139,7 @@ def train_step(engine, micro_batches: list[dict], *, device: torch.device, poiso
         grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
         tokens=int(tokens), slots=int(slots), supervised=int(total_sup), samples=int(samples), bad=int(bad), read=int(read),
         skipped=skipped, update_skipped=update_skipped,
-        sample_ids=[sid for b in micro_batches for sid in b["sample_ids"]], penalty=global_penalty,
+        sample_ids=[sid for b in micro_batches for sid in b["sample_ids"]], penalty=global_penalty, flops=float(flops),
     )
 
 

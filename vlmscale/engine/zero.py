@@ -31,16 +31,25 @@ def zero3_model_scope(ds_config: dict[str, Any]) -> Iterator[None]:
 
 
 def start_micro_batch(engine) -> None:
-    """What ``engine(...)`` does before a forward, for callers that run the model directly.
+    """What ``engine(...)`` does before a forward, for callers that run the model's sub-modules directly.
 
-    DeepSpeed's ZeRO optimizers count micro-batches there: ZeRO-3 copies the first micro-batch's
-    gradient into its partition buffer and adds the later ones. Without this call every backward
-    counts as the first, so gradient accumulation would keep only the last micro-batch.
+    DeepSpeed does both from hooks on the top module, which ``vlmscale.model.forward.vlm_logits``
+    never calls:
+
+    - ZeRO optimizers count micro-batches there: ZeRO-3 copies the first micro-batch's gradient into
+      its partition buffer and adds the later ones. Without the count every backward counts as the
+      first, so gradient accumulation would keep only the last micro-batch.
+    - ZeRO-3's parameter coordinator starts a new step there. Without it the coordinator never
+      completes its trace of the fetch order, so it never prefetches and its recorded order grows
+      every step.
     """
     from deepspeed.runtime.base_optimizer import ZeROOptimizer
 
     if isinstance(engine.optimizer, ZeROOptimizer):
         engine.optimizer.clear_backward_seen_flag()
+    offload = getattr(engine.optimizer, "parameter_offload", None)
+    if offload is not None:
+        offload.get_param_coordinator().reset_step()
 
 
 def is_partitioned(p: torch.Tensor) -> bool:

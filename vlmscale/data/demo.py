@@ -27,7 +27,7 @@ from vlmscale.data.shards import ShardWriter
 
 log = logging.getLogger(__name__)
 
-DEMO_VERSION = 5
+DEMO_VERSION = 6
 # 48-px scenes on a 3x3 grid of 16-px cells: with 8-px patches and InternVL's 2x2 pixel shuffle
 # each cell is exactly one image token, so an object's colour and shape meet in one token.
 IMAGE_SIZE = 48
@@ -208,13 +208,15 @@ def _txt(text: str) -> dict:
     return {"type": "text", "text": text}
 
 
-QUESTION_WEIGHTS = {"probe": 2.0, "colour": 1.0, "position": 1.0, "shape": 1.0, "count": 1.0}
+# harder question types (a binding: find the object by one attribute, report another) get more weight;
+# shape and count are learned from far fewer examples
+QUESTION_WEIGHTS = {"probe": 2.0, "colour": 2.0, "position": 1.5, "shape": 0.5, "count": 0.5}
 
 
 def _conversation(objs, rng, n_turns: int) -> list[dict]:
     """Question types drawn by weight (then a question of that type), so rarer types are not starved.
 
-    Yes/no probes need a conjunction (this colour and this shape in one object) and get double weight.
+    Weights follow :data:`QUESTION_WEIGHTS`.
     """
     by_type: dict[str, list] = {}
     for qtype, q, a in vqa_questions(objs, rng):

@@ -93,7 +93,10 @@ def sincos_2d(grid: int, dim: int) -> torch.Tensor:
     return torch.cat(parts, dim=1).float()
 
 
-POSITION_SCALE = 0.1
+# Strength of the sin-cos positions against patch content in the presets' fresh encoders, measured on
+# the demo (held-out accuracy after the default SFT): 0.3 kept colour at 0.94 but position at chance
+# (0.35); 1.0 learned position (0.64) but blurred colour (0.75); 0.6 gives colour 0.91, position 0.59.
+POSITION_SCALE = 0.6
 
 
 class InMemory:

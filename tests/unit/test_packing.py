@@ -21,6 +21,7 @@ from vlmscale.model.forward import num_supervised, token_losses, vlm_logits
 # documents, whose first token is supervised (so a boundary label leaking across samples would count)
 SOURCES = ("vqa", "multi", "video", "text", "docs", "captions")
 BF16_TOLERANCE = 2e-2  # per-sample mean loss, absolute (docs/data.md)
+FP32_TOLERANCE = 1e-4
 PACK_LEN = 320  # rows of two or three demo samples (tiny preset: 4 tokens per tile)
 
 
@@ -219,8 +220,11 @@ def test_without_isolation_the_losses_differ(demo_dir, trained, monkeypatch):
         alone, inside, first, _, _ = _compare(model, items, assets.tokenizer.pad_token_id)
     gap = (inside - alone).abs()
     assert bool((gap[first] < 1e-4).all())  # a row's first sample sees nothing earlier either way
-    # every later sample now attends to its predecessors, far beyond both equality tolerances
-    assert bool((gap[~first] > BF16_TOLERANCE).all()), gap
+    # later samples now attend to their predecessors: nearly all move beyond the fp32 equality tolerance
+    # and the typical one beyond the bf16 tolerance, so both isolation tests would fail (how far a
+    # given sample moves depends on how much its tokens can use the leaked context)
+    assert float((gap[~first] > FP32_TOLERANCE).float().mean()) >= 0.8, gap
+    assert float(gap[~first].median()) > BF16_TOLERANCE, gap
 
 
 def test_varlen_layout_isolates_samples(demo_dir, trained, monkeypatch):

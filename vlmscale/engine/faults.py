@@ -15,6 +15,7 @@ by ``;``. Unset (the default), every hook is a no-op.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import signal
@@ -39,7 +40,8 @@ class Fault:
         return n >= self.n if self.at_least else n == self.n
 
 
-def parse(spec: str) -> list[Fault]:
+@functools.lru_cache(maxsize=4)
+def parse(spec: str) -> tuple[Fault, ...]:
     faults = []
     for part in filter(None, (p.strip() for p in spec.split(";"))):
         m = _SPEC.match(part)
@@ -47,12 +49,13 @@ def parse(spec: str) -> list[Fault]:
             raise ValueError(f"{ENV}={spec!r}: cannot parse {part!r} (e.g. kill@step=7,rank=1; see vlmscale/engine/faults.py)")
         action, point, op, n, rank = m.groups()
         faults.append(Fault(action, point, op == ">=", int(n), None if rank is None else int(rank)))
-    return faults
+    return tuple(faults)
 
 
-def _active() -> list[Fault]:
+def _active() -> tuple[Fault, ...]:
+    """The faults set for this process (parsed once per distinct value; called a few times per step)."""
     spec = os.environ.get(ENV, "")
-    return parse(spec) if spec else []
+    return parse(spec) if spec else ()
 
 
 def _rank() -> int:

@@ -27,7 +27,7 @@ from vlmscale.data.shards import ShardWriter
 
 log = logging.getLogger(__name__)
 
-DEMO_VERSION = 6
+DEMO_VERSION = 7
 # 48-px scenes on a 3x3 grid of 16-px cells: with 8-px patches and InternVL's 2x2 pixel shuffle
 # each cell is exactly one image token, so an object's colour and shape meet in one token.
 IMAGE_SIZE = 48
@@ -136,7 +136,7 @@ def absent_object(objs: list[Obj], rng: random.Random, kind: str) -> tuple[str, 
     present = {(o.colour, o.shape) for o in objs}
     absent = [ob for ob in OBJECTS if ob not in present]
     if kind == "adversarial":
-        cands = [PARTNER[p] for p in present if PARTNER[p] not in present]
+        cands = [PARTNER[p] for p in sorted(present) if PARTNER[p] not in present]  # sorted: independent of PYTHONHASHSEED
         return rng.choice(cands) if cands else None
     if kind == "popular":
         ranked = sorted(absent, key=lambda ob: -POPULARITY[OBJECTS.index(ob)])

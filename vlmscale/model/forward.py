@@ -90,10 +90,15 @@ def _varlen(language_model: torch.nn.Module) -> bool:
     return language_model.config._attn_implementation.startswith("flash_attention")
 
 
-def vlm_logits(model: torch.nn.Module, *, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+def vlm_logits(model: torch.nn.Module, **kwargs) -> torch.Tensor:
+    """Logits ``(rows, L, vocab)``; arguments as :func:`vlm_hidden`."""
+    return model.lm_head(vlm_hidden(model, **kwargs))
+
+
+def vlm_hidden(model: torch.nn.Module, *, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                pixel_values: torch.Tensor | None, position_ids: torch.Tensor | None = None,
                tile_pool: torch.Tensor | None = None, packed: bool = False) -> torch.Tensor:
-    """Logits ``(rows, L, vocab)``.
+    """The LLM's last hidden states ``(rows, L, hidden)`` (scalar heads read these; see ``vlmscale.model.heads``).
 
     ``packed``: each row holds several samples whose ``position_ids`` restart at 0 (padding is one more
     segment, see ``vlmscale.data.packing``); attention stays within each sample, and ``attention_mask``
@@ -112,7 +117,7 @@ def vlm_logits(model: torch.nn.Module, *, input_ids: torch.Tensor, attention_mas
     else:
         mask = packed_attention_mask(position_ids, dtype=embeds.dtype)
         hidden = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, use_cache=False).last_hidden_state
-    return model.lm_head(hidden)
+    return hidden
 
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

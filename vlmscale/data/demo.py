@@ -27,7 +27,7 @@ from vlmscale.data.shards import ShardWriter
 
 log = logging.getLogger(__name__)
 
-DEMO_VERSION = 7
+DEMO_VERSION = 8
 # 48-px scenes on a 3x3 grid of 16-px cells: with 8-px patches and InternVL's 2x2 pixel shuffle
 # each cell is exactly one image token, so an object's colour and shape meet in one token.
 IMAGE_SIZE = 48
@@ -370,6 +370,38 @@ def generate_video(root: Path, split: str, *, num_clips: int, seed: int) -> dict
     return g.close()
 
 
+def scene_text(objs: list[Obj], rng: random.Random) -> str:
+    """The objects of a scene named in words, in random order (the corpus's stand-in for an image)."""
+    listed = rng.sample(objs, len(objs))
+    return "; ".join(f"{o.name} at the {['top', 'centre', 'bottom'][o.row]} {COLUMNS[o.col]}" for o in listed)
+
+
+def generate_corpus(root: Path, split: str, *, num_docs: int, seed: int) -> dict[str, int]:
+    """Text-only conversations for warm-starting the demo's from-scratch LLM (``recipes/configs/demo_llm.yaml``).
+
+    Real pipelines start from a pretrained LLM that knows the language and can use what its context holds;
+    this corpus gives the demo LLM both: scenes described in words, then captions of them and questions about
+    them, so the caption and question language and reading-from-context are learnt from text alone. Projector
+    alignment then only has to put what the image shows where the words were.
+    """
+    g = _Gen(root, split, seed)
+    rng = g.rng
+    for _ in range(num_docs):
+        objs = _sample_scene(rng)
+        scene = f"Objects: {scene_text(objs, rng)}."
+        kind = rng.random()
+        if kind < 0.5:
+            msgs = [_user(_txt(f"{scene} Describe the image.")), _assistant(caption(objs))]
+            g.add("corpus", {"task": "corpus/caption", "messages": msgs}, [])
+        elif kind < 0.8:
+            _, q, a = rng.choice(vqa_questions(objs, rng))
+            g.add("corpus", {"task": "corpus/question", "messages": [_user(_txt(f"{scene} {q}")), _assistant(a)]}, [])
+        else:
+            kind, q, a = text_task(rng)
+            g.add("corpus", {"task": f"corpus/text/{kind}", "messages": [_user(_txt(q)), _assistant(a)]}, [])
+    return g.close()
+
+
 def generate_heldout(root: Path, *, num_scenes: int, seed: int) -> dict[str, int]:
     g = _Gen(root, "heldout", seed)
     rng = g.rng
@@ -415,6 +447,7 @@ def generate_demo(out: Path, *, num_train_scenes: int = 6000, num_heldout_scenes
     }
     counts["train"].update(generate_video(out, "train", num_clips=max(8, num_train_scenes // 10), seed=seed + 2))
     counts["heldout"].update(generate_video(out, "heldout", num_clips=max(8, num_heldout_scenes // 2), seed=seed + 3))
+    counts["train"].update(generate_corpus(out, "train", num_docs=num_train_scenes * 2, seed=seed + 4))
     meta = {"version": DEMO_VERSION, "seed": seed, "counts": counts}
     (out / "demo.json").write_text(json.dumps(meta, indent=2))
     return meta

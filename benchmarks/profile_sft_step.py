@@ -66,8 +66,8 @@ def main() -> int:
     engine, dist = run.engine, run.dist
     batches = iter(make_loader(run))
     timers = Timers()
-    timers.wrap(trainer_mod, "vlm_logits", "forward")
-    timers.wrap(trainer_mod, "token_losses", "loss")
+    timers.wrap(trainer_mod, "vlm_hidden", "forward")
+    timers.wrap(trainer_mod, "supervised_loss_sum", "loss")
     timers.wrap(engine, "backward", "backward")
     timers.wrap(engine, "step", "optimizer step")
     timers.wrap(trainer_mod, "all_reduce_sum", "counting all-reduces")

@@ -66,3 +66,22 @@ def test_activation_checkpointing_changes_nothing(demo_dir):
     torch.testing.assert_close(got, ref)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, ref_grads[n], msg=n)
+
+
+def test_supervised_loss_sum_matches_full_logits(demo_dir):
+    """The LM head on supervised positions only gives the same loss and gradients as full logits."""
+    from vlmscale.model.forward import supervised_loss_sum, vlm_hidden
+
+    model, assets = _model()
+    b = _batch(demo_dir, assets, "vqa")
+    assert int((b["labels"] != -100).sum()) < b["labels"].numel() // 2  # most positions are unsupervised
+    full = _loss(model, b)
+    full.backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    hidden = vlm_hidden(model, input_ids=b["input_ids"], attention_mask=b["attention_mask"], pixel_values=b["pixel_values"])
+    kept = supervised_loss_sum(model, hidden, b["labels"])
+    kept.backward()
+    torch.testing.assert_close(kept, full)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref[n], msg=n)

@@ -21,7 +21,8 @@ class ModelConfig:
     init_from: str | None = None  # path to an HF-format InternVL export to start from (overrides preset)
     vision: str | None = None  # composition: vision encoder path (InternVL / InternViT HF dir)
     llm: str | None = None  # composition: causal LM path; with `vision`, a fresh projector joins them
-    attn_implementation: str = "sdpa"  # eager | sdpa | flash_attention_2 (GPU only)
+    # auto = flash_attention_2 on GPU when installed, else sdpa; eager on CPU (docs/performance.md) | eager | sdpa | flash_attention_2
+    attn_implementation: str = "auto"
     trust_remote_code: bool = False  # never run code shipped with a checkpoint unless set
 
     def validate(self) -> None:
@@ -29,8 +30,8 @@ class ModelConfig:
             raise ConfigError("model.vision and model.llm compose a model together: set both or neither")
         if self.init_from is None and self.vision is None and self.preset not in PRESETS:
             raise ConfigError(f"model.preset={self.preset!r}: choose one of {PRESETS}, or set model.init_from")
-        if self.attn_implementation not in ("eager", "sdpa", "flash_attention_2"):
-            raise ConfigError("model.attn_implementation must be eager, sdpa or flash_attention_2")
+        if self.attn_implementation not in ("auto", "eager", "sdpa", "flash_attention_2"):
+            raise ConfigError("model.attn_implementation must be auto, eager, sdpa or flash_attention_2")
 
 
 @dataclass

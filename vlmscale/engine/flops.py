@@ -30,6 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
+from vlmscale.model.forward import num_supervised
+
 log = logging.getLogger(__name__)
 
 # dense bf16 tensor-core peak per device (TFLOP/s), from the vendor data sheets
@@ -109,7 +111,7 @@ class FlopModel:
         )
 
     # ------------------------------------------------------------------ forward FLOPs per unit
-    def _unit_forward(self, unit: Unit, *, tiles: int, seq_lens: list[int]) -> tuple[float, float]:
+    def _unit_forward(self, unit: Unit, *, tiles: int, seq_lens: list[int], head_tokens: int | None) -> tuple[float, float]:
         """``(matmul FLOPs, attention FLOPs)`` of one unit's forward for this much work."""
         if unit.name == "vision.embed":
             return 2.0 * tiles * self.patches * self.patch_in * self.v_hidden, 0.0
@@ -125,14 +127,18 @@ class FlopModel:
             linear = 2.0 * tokens * (2 * h * self.q_dim + 2 * h * self.kv_dim + 3 * h * self.intermediate)
             return linear, 4.0 * sum(s * s for s in seq_lens) * self.q_dim
         if unit.name == "lm_head":
-            return 2.0 * tokens * self.hidden * self.vocab, 0.0
+            return 2.0 * (tokens if head_tokens is None else head_tokens) * self.hidden * self.vocab, 0.0
         return 0.0, 0.0  # token embedding: a lookup
 
-    def count(self, *, tiles: int, seq_lens: list[int]) -> dict[str, float]:
-        """FLOPs of one forward + backward, by module (``vision``, ``projector``, ``llm``) and ``total``."""
+    def count(self, *, tiles: int, seq_lens: list[int], head_tokens: int | None = None) -> dict[str, float]:
+        """FLOPs of one forward + backward, by module (``vision``, ``projector``, ``llm``) and ``total``.
+
+        ``head_tokens``: positions the LM head runs on (training computes logits only where a label is
+        supervised, see ``vlmscale.model.forward.supervised_loss_sum``); None = every real token.
+        """
         out = {"vision": 0.0, "projector": 0.0, "llm": 0.0}
         for unit in self.units:
-            linear, attention = self._unit_forward(unit, tiles=tiles, seq_lens=seq_lens)
+            linear, attention = self._unit_forward(unit, tiles=tiles, seq_lens=seq_lens, head_tokens=head_tokens)
             flops = linear + attention
             if unit.weight_grads:
                 flops += linear
@@ -145,7 +151,8 @@ class FlopModel:
     def batch_flops(self, batch: dict) -> float:
         """This micro-batch's forward + backward FLOPs (one rank)."""
         tiles = 0 if batch.get("pixel_values") is None else int(batch["pixel_values"].shape[0])
-        return self.count(tiles=tiles, seq_lens=sequence_lengths(batch))["total"]
+        head = None if batch.get("labels") is None else num_supervised(batch["labels"])
+        return self.count(tiles=tiles, seq_lens=sequence_lengths(batch), head_tokens=head)["total"]
 
 
 def sequence_lengths(batch: dict) -> list[int]:

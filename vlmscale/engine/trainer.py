@@ -17,7 +17,7 @@ from vlmscale.config.schema import OptimConfig
 from vlmscale.engine.distributed import all_reduce_sum, barrier
 from vlmscale.engine.flops import FlopModel
 from vlmscale.engine.zero import gathered_state_dict, start_micro_batch
-from vlmscale.model.forward import num_supervised, token_losses, vlm_logits
+from vlmscale.model.forward import num_supervised, supervised_loss_sum, vlm_hidden
 from vlmscale.model.lora import merge_lora_state_dict
 from vlmscale.model.tokenizer import ProcessorAssets
 
@@ -101,7 +101,7 @@ def train_step(engine, micro_batches: list[dict], *, device: torch.device, poiso
     for i, b in enumerate(micro_batches):
         start_micro_batch(engine)
         packed = b["position_ids"] is not None  # only the packing collate gives position ids
-        logits = vlm_logits(
+        hidden = vlm_hidden(
             engine.module,
             input_ids=b["input_ids"].to(device),
             attention_mask=b["attention_mask"].to(device),
@@ -110,7 +110,7 @@ def train_step(engine, micro_batches: list[dict], *, device: torch.device, poiso
             tile_pool=b.get("tile_pool"),
             packed=packed,
         )
-        summed = token_losses(logits, b["labels"].to(device)).sum()
+        summed = supervised_loss_sum(engine.module, hidden, b["labels"].to(device))
         if poison:
             summed = summed * float("nan")
         nonfinite_local |= not math.isfinite(float(summed.detach()))

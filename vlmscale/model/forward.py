@@ -130,5 +130,18 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return loss.view(shift_labels.shape)
 
 
+def supervised_loss_sum(model: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy (fp32) over the supervised positions, from the last hidden states.
+
+    The LM head runs on those positions alone: in SFT most positions are prompt and image tokens whose
+    logits no loss reads, so computing them (as ``vlm_logits`` + ``token_losses`` do) is wasted work. Each
+    kept row's logits are the same computation either way, so the sum matches ``token_losses(...).sum()``.
+    """
+    target = labels[:, 1:]
+    keep = target != IGNORE
+    logits = model.lm_head(hidden[:, :-1][keep])
+    return torch.nn.functional.cross_entropy(logits.float(), target[keep], reduction="sum")
+
+
 def num_supervised(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE).sum())

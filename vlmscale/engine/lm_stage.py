@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 def train_lm_stage(cfg: RunConfig) -> int:
     # ---------------------------------------------------------------- build
     run = setup_run(cfg)
+    if cfg.stage == "align" and cfg.model.init_from is None and cfg.model.llm is None:
+        log.warning("align trains only the projector into a frozen LLM, and model.preset=%s builds that LLM from "
+                    "scratch: little can be learnt. Start from a pretrained LLM (model.llm=DIR, or model.init_from=DIR); "
+                    "for the demo, run the text warm start first (cluster/pipeline.sh, docs/stages.md)", cfg.model.preset)
     engine, dist = run.engine, run.dist
     stop = StopFlag()
     batches = iter(make_loader(run))

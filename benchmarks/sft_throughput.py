@@ -6,6 +6,10 @@ torch Dataset and our collate), with DeepSpeed ZeRO-3 from ``ds_configs/zero3.js
 the same global batch, optimizer (AdamW, no decay), learning rate, warmup + cosine schedule, gradient
 clipping and freezing (vision encoder frozen, projector + LLM trained).
 
+TRL runs twice: with transformers' default attention (sdpa), as a TRL user gets it, and with eager
+attention, the kernel vlmscale's ``attn_implementation=auto`` picks on CPU, so that the ratio without
+that choice is on record too.
+
 Timing covers steady state only: the first ``--warmup`` steps of each run are dropped, and each step's
 wall time is taken from the run's own per-step records (vlmscale's metrics rows, a TRL callback). The
 supervised tokens of each step are those of the step's samples, identical on both sides.
@@ -67,7 +71,7 @@ def run_vlmscale(model_dir: Path, work: Path, steps: int) -> dict:
 
 
 # ---------------------------------------------------------------------- TRL side (runs under deepspeed)
-def trl_worker(model_dir: Path, work: Path, steps: int) -> None:
+def trl_worker(model_dir: Path, work: Path, steps: int, attn: str) -> None:
     import datasets
     import torch
     from transformers import AutoModelForImageTextToText, TrainerCallback
@@ -85,7 +89,7 @@ def trl_worker(model_dir: Path, work: Path, steps: int) -> None:
                                             f"train.max_steps={steps}", f"train.seed={SEED}"])
     ds_config = build_ds_config(cfg, world_size=dist.world_size)  # zero3.json, filled as vlmscale fills it
     args = TRLConfig(
-        output_dir=str(work / "trl"), per_device_train_batch_size=MICRO, gradient_accumulation_steps=1,
+        output_dir=str(work / f"trl-{attn}"), per_device_train_batch_size=MICRO, gradient_accumulation_steps=1,
         max_steps=steps, learning_rate=LR, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
         lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": MIN_LR_RATIO}, warmup_steps=WARMUP,
         max_grad_norm=cfg.optim.max_grad_norm, bf16=True, use_cpu=not torch.cuda.is_available(), deepspeed=ds_config, logging_steps=1, save_strategy="no",
@@ -93,7 +97,7 @@ def trl_worker(model_dir: Path, work: Path, steps: int) -> None:
         dataset_kwargs={"skip_prepare_dataset": True}, max_length=None, disable_tqdm=True,
     )
     # built after the arguments, so that from_pretrained partitions the weights (ZeRO-3 init)
-    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.bfloat16, attn_implementation="sdpa")
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.bfloat16, attn_implementation=attn)
     for p in model.model.vision_tower.parameters():
         p.requires_grad_(False)
     assets = ProcessorAssets.load(model_dir, image_seq_length=model.config.image_seq_length, max_tiles=cfg.data.max_tiles)
@@ -151,17 +155,22 @@ def trl_worker(model_dir: Path, work: Path, steps: int) -> None:
                  "zero_stage": engine.zero_optimization_stage() if hasattr(engine, "zero_optimization_stage") else None,
                  "param_dtype": str(next(trainer.model.parameters()).dtype),
                  "partitioned": hasattr(next(trainer.model.parameters()), "ds_id")}
-        (work / "trl.json").write_text(json.dumps({"step_s": step_s, "loss": losses, "supervised": supervised,
+        (work / f"trl-{attn}.json").write_text(json.dumps({"step_s": step_s, "loss": losses, "supervised": supervised,
                                                    "setup": setup}))
     from vlmscale.engine.distributed import shutdown
 
     shutdown()
 
 
-def run_trl(model_dir: Path, work: Path, steps: int) -> dict:
-    wall = _deepspeed(__file__, ["--worker", "trl", "--model", str(model_dir), "--work", str(work), "--steps", str(steps)],
-                      port=29722, log=work / "trl.log")
-    return {**json.loads((work / "trl.json").read_text()), "wall_s": wall}
+def run_trl(model_dir: Path, work: Path, steps: int, attn: str = "sdpa") -> dict:
+    """TRL with transformers' default attention (sdpa), or ``attn`` (vlmscale picks eager on CPU: the same choice for TRL)."""
+    wall = _deepspeed(__file__, ["--worker", "trl", "--model", str(model_dir), "--work", str(work), "--steps", str(steps),
+                                 "--trl-attn", attn], port=29722, log=work / f"trl-{attn}.log")
+    return {**json.loads((work / f"trl-{attn}.json").read_text()), "wall_s": wall, "attn_implementation": attn}
+
+
+def run_trl_eager(model_dir: Path, work: Path, steps: int) -> dict:
+    return run_trl(model_dir, work, steps, attn="eager")
 
 
 # ---------------------------------------------------------------------- compare
@@ -181,13 +190,14 @@ def main() -> int:
     ap.add_argument("--last", type=int, default=5, help="steps whose mean loss is compared")
     ap.add_argument("--work", default="/tmp/vlmscale-bench-sft")
     ap.add_argument("--model", default=None, help="HF export to train (default: a fresh demo preset export)")
-    ap.add_argument("--only", choices=["vlmscale", "trl"], default=None)
+    ap.add_argument("--only", choices=["vlmscale", "trl", "trl_eager"], default=None)
+    ap.add_argument("--trl-attn", default="sdpa", help=argparse.SUPPRESS)
     ap.add_argument("--worker", choices=["trl"], default=None, help=argparse.SUPPRESS)
     ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # from the deepspeed launcher
     args = ap.parse_args()
     work = Path(args.work)
     if args.worker == "trl":
-        trl_worker(Path(args.model), work, args.steps)
+        trl_worker(Path(args.model), work, args.steps, args.trl_attn)
         return 0
     work.mkdir(parents=True, exist_ok=True)
     model_dir = Path(args.model) if args.model else work / "model"
@@ -195,7 +205,7 @@ def main() -> int:
         subprocess.run([sys.executable, "-m", "vlmscale.cli", "model", "init", "--preset", "demo", "--out", str(model_dir),
                         "--seed", str(SEED)], cwd=REPO, env=_env(), check=True)
     runs = {}
-    for name, fn in (("vlmscale", run_vlmscale), ("trl", run_trl)):
+    for name, fn in (("vlmscale", run_vlmscale), ("trl", run_trl), ("trl_eager", run_trl_eager)):
         saved = work / f"{name}.result.json"
         if args.only in (None, name):
             runs[name] = fn(model_dir, work, args.steps)
@@ -214,7 +224,7 @@ def main() -> int:
         result["summary"][name] = s
         print(f"{name:<10} {s['s_per_step']:>8.3f} {s['median_s_per_step']:>8.3f} {s['supervised_tokens_per_s']:>10.1f} "
               f"{s['supervised_tokens_per_s_at_median_step']:>10.1f} {s['loss_last']:>14.4f} {run['wall_s']:>8.1f}")
-    if len(runs) == 2:
+    if "vlmscale" in runs and "trl" in runs:
         ours, theirs = result["summary"]["vlmscale"], result["summary"]["trl"]
         ratio = ours["supervised_tokens_per_s"] / theirs["supervised_tokens_per_s"]
         same = runs["vlmscale"]["supervised"] == runs["trl"]["supervised"]
@@ -227,6 +237,14 @@ def main() -> int:
         print(f"ratio vlmscale/trl supervised tokens/s: {ratio:.2f}x, at the median step "
               f"{result['summary']['ratio_at_median_step']:.2f}x (target 1.5x); "
               f"same supervised tokens per step: {same}")
+        if "trl_eager" in runs:
+            eager = result["summary"]["trl_eager"]
+            result["summary"]["ratio_vs_trl_eager"] = ours["supervised_tokens_per_s"] / eager["supervised_tokens_per_s"]
+            result["summary"]["ratio_vs_trl_eager_at_median_step"] = (
+                ours["supervised_tokens_per_s_at_median_step"] / eager["supervised_tokens_per_s_at_median_step"])
+            print(f"ratio vlmscale/trl with eager attention (the kernel vlmscale picks on CPU): "
+                  f"{result['summary']['ratio_vs_trl_eager']:.2f}x, at the median step "
+                  f"{result['summary']['ratio_vs_trl_eager_at_median_step']:.2f}x")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "sft_throughput.json").write_text(json.dumps(result, indent=2))
     return 0

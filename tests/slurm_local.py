@@ -20,7 +20,9 @@ BINARIES = ("slurmctld", "slurmd", "sbatch", "sinfo", "scontrol", "scancel")
 
 
 def unavailable() -> str | None:
-    """Why a local Slurm cannot be started here, or None."""
+    """Why a local Slurm cannot be started here, or None. ``VLMSCALE_TEST_SLURM=0`` pretends it cannot."""
+    if os.environ.get("VLMSCALE_TEST_SLURM") == "0":
+        return "VLMSCALE_TEST_SLURM=0"
     missing = [b for b in BINARIES if shutil.which(b) is None]
     if missing:
         return f"Slurm is not installed ({', '.join(missing)} missing): apt-get install slurmctld slurmd slurm-client"

@@ -14,6 +14,7 @@ import collections
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -168,6 +169,44 @@ def test_slurm_signal_checkpoint_requeue_resume(tmp_path, slurm, reference, demo
     assert "preempted; checkpoint committed; requeueing job" in text
     assert f"job {job} (start 2)" in text
     assert f"resumed from step-{stopped:08d} at step {stopped}" in text
+    _assert_matches(reference, out)
+
+
+def test_slurm_script_body_with_the_srun_environment(tmp_path, reference, demo_dir, start_model):
+    """Where no Slurm can be started: the same batch script run by bash with a batch job's environment,
+    ``srun`` and ``scontrol`` replaced by stand-ins (tests/fake_slurm) that give each task srun's
+    variables and record the requeue. SIGUSR1 -> exit 6 -> requeue recorded -> the script run again as
+    the requeued job (SLURM_RESTART_COUNT=1) resumes -> losses equal the uninterrupted run's."""
+    if slurm_local.unavailable() is None:
+        pytest.skip("a real Slurm is available here: test_slurm_signal_checkpoint_requeue_resume covers the script")
+    import psutil
+
+    out, requeued = tmp_path / "run", tmp_path / "requeued"
+    env = {**os.environ, **ENV, "PATH": f"{REPO / 'tests' / 'fake_slurm'}:{ENV['PATH']}", "VLMSCALE_DIR": str(REPO),
+           "MASTER_PORT": str(port(29700, 50)), "FAKE_SLURM_REQUEUED": str(requeued), "SLURM_JOB_ID": "4242",
+           "SLURM_JOB_NODELIST": "127.0.0.1", "SLURM_JOB_NUM_NODES": "1", "SLURM_NTASKS": "2",
+           "SLURM_CPUS_PER_TASK": "1", "VLMSCALE_FAULT": "stall@step>=3"}
+    cmd = ["bash", str(REPO / "cluster" / "slurm" / "sft.sbatch"), *_overrides(demo_dir, out, start_model)]
+    job = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait(lambda: _logged_step(out) >= 2 or job.poll() is not None, timeout=240, what="step 2")
+        srun = [p for p in psutil.Process(job.pid).children() if "fake_slurm/srun" in " ".join(p.cmdline())]
+        assert len(srun) == 1, "the script did not start srun"
+        srun[0].send_signal(signal.SIGUSR1)  # what --signal=USR1@300 does at the time limit
+        first = job.communicate(timeout=180)[0]
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 6, first[-4000:]
+    assert requeued.read_text().split() == ["4242"]
+    stopped = _logged_step(out)
+    assert stopped < STEPS and (out / "checkpoints" / f"step-{stopped:08d}" / "COMMITTED").is_file()
+    second = subprocess.run(cmd, cwd=tmp_path, env={**env, "SLURM_RESTART_COUNT": "1"}, capture_output=True, text=True,
+                            timeout=300)
+    text = second.stdout + second.stderr
+    assert second.returncode == 0, text[-4000:]
+    assert "job 4242 (start 2)" in text and f"resumed from step-{stopped:08d} at step {stopped}" in text
+    assert requeued.read_text().split() == ["4242"]  # finished: no second requeue
     _assert_matches(reference, out)
 
 

@@ -20,7 +20,7 @@ from vlmscale.data.dataset import StepBatchSampler, TrainDataset, collate, open_
 from vlmscale.engine.checkpoint import CheckpointManager
 from vlmscale.engine import safe_load
 from vlmscale.engine.distributed import DistInfo, barrier, init_distributed
-from vlmscale.engine.metrics import MetricsLogger, setup_logging
+from vlmscale.engine.metrics import MetricsLogger, SampleLog, setup_logging
 from vlmscale.engine.preemption import ignore_stop_signals
 from vlmscale.engine.trainer import create_engine
 from vlmscale.engine.zero import load_weights, local_param_share, zero3_model_scope
@@ -95,6 +95,8 @@ def setup_run(cfg: RunConfig) -> Run:
         start_step = int(client["step"])
         log.info("resumed from %s at step %d (%d samples seen)%s", tag, start_step, client.get("samples_seen", 0),
                  f"; saved by {checkpoints.meta(tag)['world_size']} ranks, now {dist.world_size}" if universal else "")
+        if dist.is_main:
+            SampleLog.drop_absent_ranks(out, world_size=dist.world_size, resume_step=start_step)
     elif cfg.resume == "auto":
         log.info("no checkpoint in %s: starting from scratch", checkpoints.root)
     metrics = MetricsLogger(out, enabled=dist.is_main, resume_step=start_step)

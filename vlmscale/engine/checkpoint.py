@@ -230,5 +230,4 @@ def _repair_universal_load(engine, groups: list[dict[str, Any]]) -> None:
     for group, saved, lr in zip(engine.optimizer.param_groups, groups, lrs, strict=True):
         group.update({**saved, "lr": lr})
     for state in engine.optimizer.optimizer.state.values():
-        if isinstance(state.get("step"), torch.Tensor):
-            state["step"] = state["step"].clone()
+        state["step"] = state["step"].clone()

@@ -91,10 +91,7 @@ def export_launcher_env() -> None:
     else:
         info = env_dist_info()
         env = {"RANK": str(info.rank), "WORLD_SIZE": str(info.world_size), "LOCAL_RANK": str(info.local_rank),
-               "LOCAL_WORLD_SIZE": os.environ.get("SLURM_NTASKS_PER_NODE", "").split("(")[0] or "1"}
-        if "MASTER_ADDR" not in os.environ:
-            env["MASTER_ADDR"] = _first_slurm_host(os.environ["SLURM_STEP_NODELIST"])
-    env.setdefault("MASTER_ADDR", os.environ.get("MASTER_ADDR", "127.0.0.1"))
+               "MASTER_ADDR": os.environ.get("MASTER_ADDR") or _first_slurm_host(os.environ["SLURM_STEP_NODELIST"])}
     env["MASTER_PORT"] = os.environ.get("MASTER_PORT", "29500")
     os.environ.update(env)
 

@@ -5,6 +5,9 @@ Layout under ``<output_dir>/checkpoints``::
     step-00000200/            DeepSpeed tag dir (model, optimizer, scheduler; client state)
     step-00000200/rng/rank-00000.pt   per-rank RNG states (plain tensors, weights_only-loadable)
     step-00000200/COMMITTED   written last, by rank 0, after every rank finished writing
+                              (JSON: step, world_size, global_batch, time)
+    step-00000200/universal/  DeepSpeed universal checkpoint of this step, made when a run resumes it on a
+                              different number of ranks (see :meth:`CheckpointManager.prepare_universal`)
     latest                    name of the newest committed tag (temp file + fsync + rename)
 
 A tag dir without ``COMMITTED`` is a torn save and is never loaded.
@@ -12,6 +15,9 @@ A tag dir without ``COMMITTED`` is a torn save and is never loaded.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
 import json
 import logging
 import os
@@ -29,6 +35,7 @@ from vlmscale.engine.distributed import DistInfo, barrier
 log = logging.getLogger(__name__)
 COMMIT = "COMMITTED"
 PREFIX = "step-"
+UNIVERSAL = "universal"
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -93,7 +100,7 @@ class CheckpointManager:
         faults.fire("save", step)
         barrier()
         if self.dist.is_main:
-            meta = {"step": step, "world_size": self.dist.world_size, "time": time.time()}
+            meta = {"step": step, "world_size": self.dist.world_size, "global_batch": engine.train_batch_size(), "time": time.time()}
             _atomic_write(self.root / tag / COMMIT, json.dumps(meta))
             _atomic_write(self.root / "latest", tag)
             self._retain(step)
@@ -147,12 +154,80 @@ class CheckpointManager:
             raise ResumeError(f"resume={resume!r} must be a checkpoint under {self.root}")
         return named.name
 
-    def load(self, engine, tag: str) -> dict[str, Any]:
-        path, client = engine.load_checkpoint(str(self.root), tag=tag, load_optimizer_states=True,
+    def meta(self, tag: str) -> dict[str, Any]:
+        """What rank 0 recorded when it committed ``tag`` (step, world_size, global_batch)."""
+        return json.loads((self.root / tag / COMMIT).read_text())
+
+    def prepare_universal(self, tag: str) -> Path:
+        """Rank 0: convert ``tag`` to a DeepSpeed universal checkpoint in ``<tag>/universal`` (once).
+
+        A ZeRO checkpoint is partitioned for the world size that wrote it; the universal one holds each
+        parameter's fp32 weights and Adam moments whole, and every rank of any world size cuts its own
+        partition out of it on load. Every input file is first loaded weights-only (DeepSpeed's converter
+        unpickles them unrestricted). The conversion is written to a temp dir and renamed, so an
+        interrupted one is redone. Reads the whole fp32 model and optimizer state on this node's CPU.
+        """
+        from deepspeed.checkpoint import ds_to_universal
+
+        from vlmscale.engine.safe_load import safe_torch_load
+
+        src, dst = self.root / tag, self.root / tag / UNIVERSAL
+        if dst.is_dir():
+            return dst
+        t0 = time.time()
+        for f in sorted(src.glob("*.pt")):
+            safe_torch_load(str(f), map_location="cpu")
+        for stale in src.glob(f".{UNIVERSAL}-tmp-*"):  # an interrupted conversion
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = src / f".{UNIVERSAL}-tmp-{os.getpid()}"
+        args = argparse.Namespace(input_folder=str(src), output_folder=str(tmp), num_extract_workers=1,
+                                  num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=False)
+        with contextlib.redirect_stdout(io.StringIO()):  # the converter prints progress bars
+            ds_to_universal.main(args)
+        (src / "latest_universal").unlink(missing_ok=True)  # the converter's pointer; ours is the dir name
+        os.replace(tmp, dst)
+        log.info("converted %s (saved by %d ranks) to a universal checkpoint in %.1fs",
+                 tag, self.meta(tag)["world_size"], time.time() - t0)
+        return dst
+
+    def load(self, engine, tag: str, *, universal: bool = False) -> dict[str, Any]:
+        """Load ``tag`` into ``engine``; ``universal``: from ``<tag>/universal`` (the engine was created with
+        ``checkpoint.load_universal``), for a world size other than the one that saved it."""
+        load_dir, load_tag = (self.root / tag, UNIVERSAL) if universal else (self.root, tag)
+        if universal:
+            groups = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
+            if self.dist.is_main:  # the universal files are unpickled unrestricted by DeepSpeed: check them first
+                from vlmscale.engine.safe_load import safe_torch_load
+
+                for f in sorted((load_dir / load_tag).rglob("*.pt")):
+                    safe_torch_load(str(f), map_location="cpu")
+            barrier()
+        path, client = engine.load_checkpoint(str(load_dir), tag=load_tag, load_optimizer_states=True,
                                               load_lr_scheduler_states=True)
         if path is None:
             raise ResumeError(f"DeepSpeed could not load checkpoint {self.root / tag}; refusing to start from scratch")
+        if universal:
+            _repair_universal_load(engine, groups)
         rng_file = self.root / tag / "rng" / f"rank-{self.dist.rank:05d}.pt"
         if rng_file.is_file():
             set_rng_state(torch.load(rng_file, weights_only=True))
+        elif universal:
+            log.info("no RNG state for rank %d in %s (saved by fewer ranks); keeping the seeded one", self.dist.rank, tag)
         return client
+
+
+def _repair_universal_load(engine, groups: list[dict[str, Any]]) -> None:
+    """Undo two things DeepSpeed 0.19's universal ZeRO-3 load gets wrong for vlmscale's optimizer.
+
+    1. It copies parameter group 0's hyperparameters onto every group; vlmscale's groups differ
+       (per-module learning rates, no weight decay on norms and biases). The configured ones are put
+       back, with each group's current learning rate taken from the restored scheduler.
+    2. It gives every group's Adam state one shared ``step`` tensor, which AdamW then increments once
+       per group per update, so the bias correction runs ahead (step 10 instead of 4 after two
+       updates with four groups). Each group gets its own copy.
+    """
+    lrs = engine.lr_scheduler.get_last_lr()
+    for group, saved, lr in zip(engine.optimizer.param_groups, groups, lrs, strict=True):
+        group.update({**saved, "lr": lr})
+    for state in engine.optimizer.optimizer.state.values():
+        state["step"] = state["step"].clone()

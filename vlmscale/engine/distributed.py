@@ -28,17 +28,78 @@ class DistInfo:
         return self.rank == 0
 
 
-def env_dist_info() -> DistInfo:
+def launcher(env=os.environ) -> str:
+    """Which launcher started this process: torch (torchrun, deepspeed, our own env), mpi or slurm.
+
+    torchrun and DeepSpeed's launcher set ``RANK``; ``mpirun`` sets ``OMPI_COMM_WORLD_*``; ``srun``
+    sets ``SLURM_PROCID`` and, inside a job step only, ``SLURM_STEP_NUM_TASKS`` (so a plain ``python``
+    in an allocation, or a torchrun started by srun, is not taken for one rank of many).
+    """
+    if "RANK" in env:
+        return "torch"
+    if "OMPI_COMM_WORLD_SIZE" in env:
+        return "mpi"
+    if "SLURM_STEP_NUM_TASKS" in env and "SLURM_PROCID" in env:
+        return "slurm"
+    return "torch"
+
+
+def env_dist_info(env=os.environ) -> DistInfo:
     """Rank and world size from the launcher's environment (before any process group exists)."""
-    if "OMPI_COMM_WORLD_RANK" in os.environ and "RANK" not in os.environ:
-        return DistInfo(int(os.environ["OMPI_COMM_WORLD_RANK"]), int(os.environ["OMPI_COMM_WORLD_SIZE"]),
-                        int(os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)))
-    return DistInfo(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0)))
+    kind = launcher(env)
+    if kind == "mpi":
+        return DistInfo(int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"]),
+                        int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)))
+    if kind == "slurm":
+        return DistInfo(int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"]), int(env.get("SLURM_LOCALID", 0)))
+    return DistInfo(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    import subprocess
+
+    return subprocess.run(["scontrol", "show", "hostnames", nodelist], check=True, capture_output=True,
+                          text=True).stdout.split()[0]
+
+
+def _mpi_env() -> dict[str, str]:
+    """Rank, world size, local rank and rank 0's address through mpi4py (``mpirun`` starts the ranks)."""
+    import socket
+
+    try:
+        from mpi4py import MPI
+    except ImportError as exc:
+        raise RuntimeError("started by mpirun (OMPI_COMM_WORLD_SIZE is set) but mpi4py is not installed: "
+                           "pip install 'vlmscale[mpi]'") from exc
+    comm = MPI.COMM_WORLD
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    addr = comm.bcast(socket.gethostbyname(socket.gethostname()) if comm.Get_rank() == 0 else None, root=0)
+    env = {"RANK": str(comm.Get_rank()), "WORLD_SIZE": str(comm.Get_size()), "LOCAL_RANK": str(local.Get_rank()),
+           "LOCAL_WORLD_SIZE": str(local.Get_size()), "MASTER_ADDR": os.environ.get("MASTER_ADDR", addr)}
+    local.Free()
+    return env
+
+
+def export_launcher_env() -> None:
+    """Translate an mpirun or srun environment into the ``RANK``/``WORLD_SIZE``/``MASTER_ADDR`` set that
+    torch.distributed, DeepSpeed and the rest of vlmscale read. ``MASTER_PORT`` defaults to 29500."""
+    kind = launcher()
+    if kind == "torch":
+        return
+    if kind == "mpi":
+        env = _mpi_env()
+    else:
+        info = env_dist_info()
+        env = {"RANK": str(info.rank), "WORLD_SIZE": str(info.world_size), "LOCAL_RANK": str(info.local_rank),
+               "MASTER_ADDR": os.environ.get("MASTER_ADDR") or _first_slurm_host(os.environ["SLURM_STEP_NODELIST"])}
+    env["MASTER_PORT"] = os.environ.get("MASTER_PORT", "29500")
+    os.environ.update(env)
 
 
 def init_distributed(*, timeout_minutes: int = 30) -> DistInfo:
     import deepspeed
 
+    export_launcher_env()
     info = env_dist_info()
     if not dist.is_initialized():
         if "MASTER_ADDR" not in os.environ and info.world_size == 1:

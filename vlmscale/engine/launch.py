@@ -38,9 +38,11 @@ def check_paths(cfg) -> None:
     resolve_ds_path(cfg.deepspeed.config)
     # batch sizes against the world size the launcher set up
     ds = build_ds_config(cfg, world_size=env_dist_info().world_size)
-    if cfg.resume == "latest" and CheckpointManager(cfg.output_dir, dist=DistInfo(0, 1, 0), keep_last=0).newest() is None:
-        raise ConfigError(f"resume=latest but {Path(cfg.output_dir) / 'checkpoints'} holds no complete checkpoint "
+    checkpoints = CheckpointManager(cfg.output_dir, dist=DistInfo(0, 1, 0), keep_last=0)
+    if cfg.resume == "latest" and checkpoints.newest() is None:
+        raise ConfigError(f"resume=latest but {checkpoints.root} holds no complete checkpoint "
                           "(use resume=auto to start fresh when there is none)")
+    check_resume_batch(cfg, checkpoints, world_size=env_dist_info().world_size)
     for i, src in enumerate(cfg.data.sources):
         if not src.path.startswith("demo:") and not Path(src.path).exists():
             raise ConfigError(f"data.sources[{i}].path={src.path!r} does not exist")
@@ -59,6 +61,34 @@ def check_paths(cfg) -> None:
         if zero_stage(ds) != 3:
             raise ConfigError("regularizer.ewc applies the penalty to ZeRO-3 partitions; "
                               f"deepspeed.config={cfg.deepspeed.config!r} is not stage 3 (use ds_configs/zero3.json)")
+
+
+def check_resume_batch(cfg, checkpoints, *, world_size: int) -> None:
+    """The checkpoint to resume must have been trained with this launch's global batch.
+
+    Step ``t`` reads data positions ``[t * G, (t + 1) * G)``, so the global batch ``G`` fixes the sample
+    order; with it kept, any world size continues the same sequence (``grad_accum_steps`` takes up the
+    difference: 16 ranks x accum 1 -> 8 ranks x accum 2).
+    """
+    from vlmscale.engine.checkpoint import ResumeError
+
+    try:
+        tag = checkpoints.find(cfg.resume)
+    except ResumeError:
+        return  # setup_run reports it with its exit code
+    if tag is None:
+        return
+    saved = checkpoints.meta(tag)
+    train = cfg.train
+    have = train.micro_batch_size * train.grad_accum_steps * world_size
+    if "global_batch" in saved and saved["global_batch"] != have:
+        want, per = saved["global_batch"], train.micro_batch_size * world_size
+        fix = (f"set train.grad_accum_steps={want // per}" if want % per == 0 else
+               f"choose train.micro_batch_size x train.grad_accum_steps = {want / world_size:g} per rank")
+        raise ConfigError(
+            f"{checkpoints.root / tag} was trained with a global batch of {want} samples ({saved['world_size']} "
+            f"ranks) but this launch gives {have} (micro_batch_size {train.micro_batch_size} x grad_accum_steps "
+            f"{train.grad_accum_steps} x {world_size} ranks); the data order depends on it: {fix}")
 
 
 def recipe_main(config_cls: type[C], train: Callable[[C], int], argv: list[str]) -> int:

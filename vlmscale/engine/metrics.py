@@ -77,6 +77,14 @@ class SampleLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         truncate_jsonl(self.path, resume_step)
 
+    @staticmethod
+    def drop_absent_ranks(output_dir: str | Path, *, world_size: int, resume_step: int) -> None:
+        """Rank 0, on a resume with fewer ranks than before: truncate the files of the ranks that no longer
+        exist too, which no rank of this run opens."""
+        for path in sorted((Path(output_dir) / "samples").glob("rank-*.jsonl")):
+            if int(path.stem.split("-")[1]) >= world_size:
+                truncate_jsonl(path, resume_step)
+
     def log(self, step: int, ids: list[str]) -> None:
         if self.enabled:
             with open(self.path, "a") as f:

@@ -20,7 +20,7 @@ from vlmscale.data.dataset import StepBatchSampler, TrainDataset, collate, open_
 from vlmscale.engine.checkpoint import CheckpointManager
 from vlmscale.engine import safe_load
 from vlmscale.engine.distributed import DistInfo, barrier, init_distributed
-from vlmscale.engine.metrics import MetricsLogger, setup_logging
+from vlmscale.engine.metrics import MetricsLogger, SampleLog, setup_logging
 from vlmscale.engine.preemption import ignore_stop_signals
 from vlmscale.engine.trainer import create_engine
 from vlmscale.engine.zero import load_weights, local_param_share, zero3_model_scope
@@ -74,19 +74,29 @@ def setup_run(cfg: RunConfig) -> Run:
     groups, summary = apply_policy(model, cfg.policy, base_lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
                                    lora=cfg.lora.enabled)
     log.info("parameter policy (%s):\n%s", cfg.stage, summary.table())
-    engine, _ = create_engine(model, param_groups=groups, ds_config=ds_config, optim=cfg.optim, max_steps=cfg.train.max_steps)
-    safe_load.install(engine)
     checkpoints = CheckpointManager(out, dist=dist, keep_last=cfg.checkpoint.keep_last)
     if dist.is_main:
         checkpoints.clean_partial()
     barrier()
     tag = checkpoints.find(cfg.resume)
+    # a checkpoint saved by another number of ranks is resumed through DeepSpeed's universal format
+    universal = tag is not None and checkpoints.meta(tag)["world_size"] != dist.world_size
+    if universal:
+        if dist.is_main:
+            checkpoints.prepare_universal(tag)
+        barrier()
+        ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
+    engine, _ = create_engine(model, param_groups=groups, ds_config=ds_config, optim=cfg.optim, max_steps=cfg.train.max_steps)
+    safe_load.install(engine)
     client: dict[str, Any] = {}
     start_step = 0
     if tag is not None:
-        client = checkpoints.load(engine, tag)
+        client = checkpoints.load(engine, tag, universal=universal)
         start_step = int(client["step"])
-        log.info("resumed from %s at step %d (%d samples seen)", tag, start_step, client.get("samples_seen", 0))
+        log.info("resumed from %s at step %d (%d samples seen)%s", tag, start_step, client.get("samples_seen", 0),
+                 f"; saved by {checkpoints.meta(tag)['world_size']} ranks, now {dist.world_size}" if universal else "")
+        if dist.is_main:
+            SampleLog.drop_absent_ranks(out, world_size=dist.world_size, resume_step=start_step)
     elif cfg.resume == "auto":
         log.info("no checkpoint in %s: starting from scratch", checkpoints.root)
     metrics = MetricsLogger(out, enabled=dist.is_main, resume_step=start_step)

@@ -317,10 +317,18 @@ def plan(f: ModelFacts, z: ZeroSettings, *, world: int, shape: Shape, ckpt_llm: 
     # ------------------------------------------------ optimizer
     b.add("fp32 master weights", "optimizer", FP32 * part_t, device=opt_dev)
     b.add("Adam moments (fp32 m, v)", "optimizer", 2 * FP32 * part_t, device=opt_dev)
-    largest_sub = max(_sub_groups(f, world, z.sub_group_size))
+    # the step: fp32 gradients for the optimizer, and AdamW's temporaries over one flat fp32 tensor
     temps = 2 if device == "cpu" or z.offload_optimizer else 1
-    b.add("step: fp32 gradient + AdamW temporaries of one sub-group", "optimizer", FP32 * (1 + temps) * largest_sub,
-          phase="step", device=opt_dev)
+    if z.stage == 3 and z.offload_optimizer:  # the CPU optimizer keeps an fp32 gradient buffer per sub-group
+        stepped = max(_sub_groups(f, world, z.sub_group_size))
+        b.add("fp32 gradient buffers (offloaded optimizer)", "optimizer", FP32 * part_t, device="cpu")
+    elif z.stage == 3:  # ZeRO-3 steps one sub-group at a time, with that sub-group's fp32 gradient
+        stepped = max(_sub_groups(f, world, z.sub_group_size))
+        b.add("step: fp32 gradient of one sub-group", "optimizer", FP32 * stepped, phase="step", device=opt_dev)
+    else:  # ZeRO-1/2 convert every group's gradient partition to fp32, then step all groups
+        stepped = max(_sub_groups(f, world, 2**62))
+        b.add("step: fp32 gradient partitions", "optimizer", FP32 * part_t, phase="step", device=opt_dev)
+    b.add("step: AdamW temporaries", "optimizer", FP32 * temps * stepped, phase="step", device=opt_dev)
     # ------------------------------------------------ activations
     act = activations(f, shape, ckpt_llm=ckpt_llm, ckpt_vision=ckpt_vision)
     for key in ("vision", "projector", "llm", "logits"):

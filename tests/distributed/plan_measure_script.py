@@ -37,6 +37,13 @@ def _bytes(tensors) -> int:
     return total
 
 
+def _status_kb(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise KeyError(key)
+
+
 def census(engine, gathered_peak: int) -> dict[str, int]:
     """Bytes of each part of the ZeRO-3 state this rank holds (storages counted once)."""
     opt = engine.optimizer
@@ -68,16 +75,19 @@ def main(argv: list[str]) -> int:
         held = sum(p.data.numel() * p.data.element_size() for p in engine.module.parameters() if not p.ds_persist)
         gathered[0] = max(gathered[0], held)
 
+    rss_before = _status_kb("VmRSS")
     with TensorMemory() as mem:
         with phase("setup"):
             run = setup_run(cfg)
         engine = run.engine
         engine.module.lm_head.register_forward_hook(count_gathered)
-        for name in ("backward", "step"):
+        calls = {"backward": 0, "step": 0}
+        for name in calls:
             method = getattr(engine, name)
 
             def marked(*a, _method=method, _name=name, **k):
-                with phase(_name):
+                calls[_name] += 1
+                with phase(f"{_name}.{calls[_name]}"):
                     return _method(*a, **k)
             setattr(engine, name, marked)
         batches = iter(make_loader(run))
@@ -91,7 +101,9 @@ def main(argv: list[str]) -> int:
                 train_step(engine, micro, device=device())
     result = {"peak_bytes": mem.peak_bytes, "end_bytes": mem.end_bytes, "phase_peaks": mem.phase_peaks,
               "phase_starts": mem.phase_starts, "shapes": shapes, "census": census(engine, gathered[0]),
-              "world_size": run.dist.world_size}
+              "world_size": run.dist.world_size,
+              # for comparison only: resident memory also holds libraries, the Python heap and allocator caches
+              "rss_growth_bytes": 1024 * (_status_kb("VmHWM") - rss_before)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank-{run.dist.rank}.json").write_text(json.dumps(result, indent=2))

@@ -94,8 +94,8 @@ def test_vision_layer_formula_equals_what_autograd_keeps(rms, qk):
     layer = InternVLVisionLayer(vc).to(torch.bfloat16)
     x = torch.randn(3, 17, 64, dtype=torch.bfloat16, requires_grad=True)
     saved = _saved_bytes(lambda: layer(x), layer.parameters())
-    dims = VisionDims(hidden=64, intermediate=256, layers=1, heads=4, tokens_per_tile=17, image_seq_length=4,
-                      rms_norm=rms, qk_norm=qk)
+    dims = VisionDims(hidden=64, intermediate=256, layers=1, heads=4, tokens_per_tile=17, pixels_per_tile=3 * 32 * 32,
+                      image_seq_length=4, rms_norm=rms, qk_norm=qk)
     assert saved == 3 * 17 * vision_layer_bytes_per_token(dims)
 
 
@@ -104,8 +104,8 @@ def _facts(*, llm_backward=True, projector_backward=True, vision_layers=0) -> Mo
     return ModelFacts(
         params=(Param(1000, True, 0), Param(10, True, 1), Param(501, False, -1)),
         llm=LLMDims(hidden=8, q_dim=8, kv_dim=4, intermediate=16, vocab=32, layers=2, heads=2),
-        vision=VisionDims(hidden=4, intermediate=16, layers=1, heads=1, tokens_per_tile=5, image_seq_length=1,
-                          rms_norm=False, qk_norm=False),
+        vision=VisionDims(hidden=4, intermediate=16, layers=1, heads=1, tokens_per_tile=5, pixels_per_tile=48,
+                          image_seq_length=1, rms_norm=False, qk_norm=False),
         largest_leaf=1000, largest_block_trainable=1000, llm_backward=llm_backward,
         projector_backward=projector_backward, vision_backward_layers=vision_layers)
 
@@ -133,10 +133,13 @@ def test_zero3_terms_by_hand():
     assert t["activations: llm"] == 2 * (4 * 336 + 2 * 16) + 4 * 4 * 4 + 16  # layers + mask per layer; rope, bool mask
     assert t["activations: logits"] == 4 * (8 * 8 + 4 + 6 * 32)
     assert t["activations: backward transients"] == 4 * 8 * 32
+    assert t["micro-batch inputs"] == 3 * 8 * 4  # no tiles: ids, labels, mask
+    assert t["step: last micro-batch's bf16 logits"] == 2 * 4 * 32
     b = plan(_facts(), z, world=4, shape=shape)
-    standing = 2 * 379 + 20 + 2 * 253 + 128 + 4 * 253 + 8 * 253
-    fwd_bwd = 2000 + 2000 + sum(v for k, v in t.items() if k.startswith("activations"))
-    assert b.peak() == standing + max(fwd_bwd, 8 * 250)
+    standing = 2 * 379 + 2 * 253 + 128 + 4 * 253 + 8 * 253 + 96
+    fwd_bwd = 20 + 2000 + 2000 + sum(v for k, v in t.items() if k.startswith("activations"))
+    assert b.peak() == standing + max(fwd_bwd, 8 * 250 + 256)
+    assert b.peak() == standing + fwd_bwd
 
 
 def test_checkpointing_keeps_layer_inputs_and_recomputes_one_layer():

@@ -10,11 +10,13 @@ A rank's peak is its standing state plus the larger of two phases that never ove
 
     peak = standing + max(forward/backward, optimizer step)
 
-- standing: parameter partitions (bf16), persistent parameters, gradient partitions (bf16), the
-  reduce bucket, fp32 master weights and Adam's two fp32 moments;
-- forward/backward: gathered ZeRO-3 parameters, saved activations, backward transients (logit
-  gradients, a recomputed layer, one layer's full gradients before they are reduced);
-- optimizer step: the fp32 gradient of one optimizer sub-group and AdamW's temporaries.
+- standing: parameter partitions (bf16), gradient partitions (bf16), the reduce bucket, fp32 master
+  weights and Adam's two fp32 moments;
+- forward/backward: gathered ZeRO-3 parameters (persistent small ones included: DeepSpeed releases
+  those for the step and gathers them again after it), the micro-batch, saved activations, backward
+  transients (logit gradients, a recomputed layer, one layer's full gradients before reduction);
+- optimizer step: the fp32 gradient of one optimizer sub-group, AdamW's temporaries, and the last
+  micro-batch's logits, which the training loop still holds.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class VisionDims:
     layers: int
     heads: int
     tokens_per_tile: int  # patches + the CLS token
+    pixels_per_tile: int  # 3 * image_size^2
     image_seq_length: int  # LLM tokens per tile after pixel shuffle
     rms_norm: bool
     qk_norm: bool
@@ -106,6 +109,7 @@ class ModelFacts:
                         vocab=tc.vocab_size, layers=tc.num_hidden_layers, heads=tc.num_attention_heads),
             vision=VisionDims(hidden=vc.hidden_size, intermediate=vc.intermediate_size, layers=vc.num_hidden_layers,
                               heads=vc.num_attention_heads, tokens_per_tile=(img // patch) ** 2 + 1,
+                              pixels_per_tile=3 * img * img,
                               image_seq_length=cfg.image_seq_length, rms_norm=vc.norm_type == "rms_norm",
                               qk_norm=bool(vc.use_qk_norm)),
             largest_leaf=largest_leaf,
@@ -301,7 +305,8 @@ def plan(f: ModelFacts, z: ZeroSettings, *, world: int, shape: Shape, ckpt_llm: 
         persistent = sum(p.numel for p in f.params if p.numel <= z.persistence_threshold)
         b.add("bf16 parameter partitions", "params", BF16 * sum(_partition(p.numel, world) for p in f.params),
               device="cpu" if z.offload_param else "gpu")
-        b.add("persistent small parameters (whole)", "params", BF16 * persistent)
+        # gathered once and kept, except during the optimizer step (re-gathered after it)
+        b.add("persistent small parameters (whole)", "params", BF16 * persistent, phase="fwd_bwd")
         working = min(n_all - persistent, z.max_reuse_distance // 2 + z.prefetch_bucket_size + f.largest_leaf)
         b.add("gathered parameters (working set)", "params", BF16 * working, phase="fwd_bwd")
     else:
@@ -331,9 +336,16 @@ def plan(f: ModelFacts, z: ZeroSettings, *, world: int, shape: Shape, ckpt_llm: 
     b.add("step: AdamW temporaries", "optimizer", FP32 * temps * stepped, phase="step", device=opt_dev)
     # ------------------------------------------------ activations
     act = activations(f, shape, ckpt_llm=ckpt_llm, ckpt_vision=ckpt_vision)
+    # the micro-batch, held by the training loop through the step: fp32 pixels (and their bf16 copy when
+    # the encoder trains, which its patch embedding keeps); int64 ids, labels and attention mask
+    pixels = shape.tiles * f.vision.pixels_per_tile * (FP32 + (BF16 if f.vision_backward_layers else 0))
+    b.add("micro-batch inputs", "activations", pixels + 3 * 8 * shape.rows * shape.length)
     for key in ("vision", "projector", "llm", "logits"):
         b.add(f"activations: {key}", "activations", act[key], phase="fwd_bwd")
     b.add("activations: backward transients", "activations", act["transient"], phase="fwd_bwd")
+    # the training loop still references the last micro-batch's bf16 logits while the optimizer steps
+    b.add("step: last micro-batch's bf16 logits", "activations", BF16 * shape.rows * shape.length * f.llm.vocab,
+          phase="step")
     return b
 
 

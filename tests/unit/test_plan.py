@@ -63,10 +63,10 @@ def _saved_bytes(fn, params) -> int:
     return sum(seen.values())
 
 
-def _decoder_saved(rows: int, length: int, *, mask: bool) -> tuple[int, LLMDims]:
+def _decoder_saved(rows: int, length: int, *, mask: bool, trained: bool) -> tuple[int, LLMDims]:
     cfg = Qwen2Config(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=160, vocab_size=100)
     cfg._attn_implementation = "sdpa"
-    layer = Qwen2DecoderLayer(cfg, 0).to(torch.bfloat16)
+    layer = Qwen2DecoderLayer(cfg, 0).to(torch.bfloat16).requires_grad_(trained)
     x = torch.randn(rows, length, 64, dtype=torch.bfloat16, requires_grad=True)
     pos = torch.arange(length)[None].expand(rows, -1)
     cos, sin = Qwen2RotaryEmbedding(cfg)(x, pos)
@@ -78,25 +78,27 @@ def _decoder_saved(rows: int, length: int, *, mask: bool) -> tuple[int, LLMDims]
     return saved, LLMDims(hidden=64, q_dim=64, kv_dim=32, intermediate=160, vocab=100, layers=1, heads=4)
 
 
+@pytest.mark.parametrize("trained", [True, False])  # False: frozen, but gradients pass through (align)
 @pytest.mark.parametrize("length", [24, 40])
-def test_llm_layer_formula_equals_what_autograd_keeps(length):
-    saved, dims = _decoder_saved(2, length, mask=False)  # no mask: sdpa takes k, v at their own head count
-    assert saved == 2 * length * llm_layer_bytes_per_token(dims, repeat_kv=False)
-    saved, dims = _decoder_saved(2, length, mask=True)  # padding mask: k, v repeated; bf16 mask kept
-    assert saved == 2 * length * llm_layer_bytes_per_token(dims, repeat_kv=True) + 2 * 2 * length**2
+def test_llm_layer_formula_equals_what_autograd_keeps(length, trained):
+    saved, dims = _decoder_saved(2, length, mask=False, trained=trained)  # no mask: k, v at their own head count
+    assert saved == 2 * length * llm_layer_bytes_per_token(dims, repeat_kv=False, weights_train=trained)
+    saved, dims = _decoder_saved(2, length, mask=True, trained=trained)  # padding mask: k, v repeated; bf16 mask kept
+    assert saved == 2 * length * llm_layer_bytes_per_token(dims, repeat_kv=True, weights_train=trained) + 2 * 2 * length**2
 
 
+@pytest.mark.parametrize("trained", [True, False])
 @pytest.mark.parametrize("rms, qk", [(False, False), (True, True)])  # InternViT-300M style, InternViT-6B style
-def test_vision_layer_formula_equals_what_autograd_keeps(rms, qk):
+def test_vision_layer_formula_equals_what_autograd_keeps(rms, qk, trained):
     vc = InternVLVisionConfig(hidden_size=64, num_attention_heads=4, intermediate_size=256, image_size=32, patch_size=8,
                               norm_type="rms_norm" if rms else "layer_norm", use_qk_norm=qk)
     vc._attn_implementation = "sdpa"
-    layer = InternVLVisionLayer(vc).to(torch.bfloat16)
+    layer = InternVLVisionLayer(vc).to(torch.bfloat16).requires_grad_(trained)
     x = torch.randn(3, 17, 64, dtype=torch.bfloat16, requires_grad=True)
     saved = _saved_bytes(lambda: layer(x), layer.parameters())
     dims = VisionDims(hidden=64, intermediate=256, layers=1, heads=4, tokens_per_tile=17, pixels_per_tile=3 * 32 * 32,
                       image_seq_length=4, rms_norm=rms, qk_norm=qk)
-    assert saved == 3 * 17 * vision_layer_bytes_per_token(dims)
+    assert saved == 3 * 17 * vision_layer_bytes_per_token(dims, weights_train=trained)
 
 
 # ---------------------------------------------------------------------------------------------- term arithmetic
@@ -178,10 +180,16 @@ def test_policy_decides_gradients_optimizer_state_and_activations():
     z = ZeroSettings(stage=3)
     a, s = _terms(plan(align, z, world=2, shape=shape)), _terms(plan(sft, z, world=2, shape=shape))
     assert a["Adam moments (fp32 m, v)"] < s["Adam moments (fp32 m, v)"]
-    assert a["activations: llm"] == s["activations: llm"] > 0
+    assert 0 < a["activations: llm"] < s["activations: llm"]  # frozen: no matmul inputs kept
+    assert not align.llm_weights_train and sft.llm_weights_train
     assert _terms(plan(both, z, world=2, shape=shape))["activations: vision"] > 0 == s["activations: vision"]
     lora = facts_for(load_config(SFTConfig, overrides=["model.preset=demo", "lora.enabled=true", "lora.r=4"]))
     assert 0 < lora.num_trainable < sft.num_trainable and lora.num_params > sft.num_params
+    assert lora.llm_weights_train  # adapters keep the matmul inputs as trained weights do
+    # training vision layer 1 of 4: layers 1-3 pass gradients, only layer 1 keeps what its weights need
+    part = facts_for(load_config(SFTConfig, overrides=["model.preset=demo", "policy.vision.trainable=true",
+                                                       "policy.vision.layers=1-1"]))
+    assert (part.vision_backward_layers, part.vision_trained_layers) == (3, 1)
 
 
 # ---------------------------------------------------------------------------------------------- DeepSpeed's estimators
@@ -231,6 +239,15 @@ def test_plan_command_reports_a_real_size(capsys, tmp_path):
     assert rows["ZeRO-2; checkpointing none"]["max_micro_batch"] == 0  # 51 GB of bf16 weights on every GPU
     assert rows["ZeRO-3; checkpointing llm"]["max_micro_batch"] >= 1
     assert data["configured"]["peak_gpu_gib"] < 40
+
+
+def test_config_dirs_and_compositions_count_the_same_model(tmp_path):
+    spec_config("internvl2-2b").save_pretrained(tmp_path)  # an HF config.json, as a downloaded model has
+    named = facts_for(load_config(SFTConfig, overrides=["model.init_from=internvl2-2b"]))
+    from_dir = facts_for(load_config(SFTConfig, overrides=[f"model.init_from={tmp_path}"]))
+    composed = facts_for(load_config(SFTConfig, overrides=["model.vision=internvit-300m", "model.llm=internlm2-1.8b"]))
+    assert named.num_params == from_dir.num_params == composed.num_params
+    assert named.num_trainable == from_dir.num_trainable == composed.num_trainable
 
 
 def test_plan_command_errors(capsys):

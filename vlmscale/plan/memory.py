@@ -73,6 +73,8 @@ class ModelFacts:
     llm_backward: bool  # the LLM layers must keep activations (something at or before them trains)
     projector_backward: bool
     vision_backward_layers: int  # vision layers that keep activations (from the first trained one on)
+    llm_weights_train: bool = True  # the LLM layers hold trained parameters (LoRA adapters count)
+    vision_trained_layers: int = 0  # of the vision layers keeping activations, those with trained parameters
     attn_implementation: str = "sdpa"
 
     @property
@@ -117,6 +119,9 @@ class ModelFacts:
             llm_backward=any(needs[f"llm.layer.{i}"] for i in range(tc.num_hidden_layers)),
             projector_backward=needs["projector"],
             vision_backward_layers=sum(needs[f"vision.layer.{i}"] for i in range(vc.num_hidden_layers)),
+            llm_weights_train=any(p.requires_grad for p in inner.language_model.layers.parameters()),
+            vision_trained_layers=sum(any(p.requires_grad for p in layer.parameters())
+                                      for layer in inner.vision_tower.encoder.layer),
             attn_implementation=getattr(tc, "_attn_implementation", None) or "sdpa",
         )
 
@@ -202,7 +207,7 @@ class Breakdown:
 
 
 # ---------------------------------------------------------------------------------------------- activations
-def llm_layer_bytes_per_token(d: LLMDims, *, repeat_kv: bool) -> int:
+def llm_layer_bytes_per_token(d: LLMDims, *, repeat_kv: bool, weights_train: bool = True) -> int:
     """Bytes one decoder layer keeps for backward, per token (bf16, RMSNorm, SwiGLU, GQA).
 
     Each RMSNorm keeps its fp32 input (4h), its fp32 reciprocal RMS (4), its normalised bf16 value (2h)
@@ -210,20 +215,34 @@ def llm_layer_bytes_per_token(d: LLMDims, *, repeat_kv: bool) -> int:
     v (2kv each, or 2q each when sdpa repeats them to full head count because a mask is given), its
     output, which o_proj reuses without a copy (2q), and its fp32 log-sum-exp (4 per head). The MLP
     keeps the gate and up outputs, SiLU(gate) and their product: 8i.
+
+    A frozen layer that gradients pass through (``weights_train=False``) keeps no matmul inputs and no
+    norm outputs: 4h + 4 per norm, the same attention tensors, and SiLU's input and the product's two
+    factors (6i).
     """
     kv = d.q_dim if repeat_kv else d.kv_dim
-    return 16 * d.hidden + 8 + 4 * d.q_dim + 4 * kv + 4 * d.heads + 8 * d.intermediate
+    attention = 4 * d.q_dim + 4 * kv + 4 * d.heads
+    if not weights_train:
+        return 8 * d.hidden + 8 + attention + 6 * d.intermediate
+    return 16 * d.hidden + 8 + attention + 8 * d.intermediate
 
 
-def vision_layer_bytes_per_token(d: VisionDims) -> int:
+def vision_layer_bytes_per_token(d: VisionDims, *, weights_train: bool = True) -> int:
     """Bytes one InternViT layer keeps for backward, per token (bf16).
 
     Each of its two norms keeps its input and output: 4v + 4 (LayerNorm, bf16 mean and rstd) or
     8v + 4 (RMSNorm, as in the LLM). q and k keep 2v each, or 8v + 4 each through their own RMSNorm;
     v, the attention output and the two layer-scale inputs keep 2v each, the log-sum-exp 4 per head,
     and the MLP its GELU input and output: 4i.
+
+    Frozen but passing gradients: norms keep only their input side (2v + 4, or 4v + 4), q/k RMSNorms
+    6v + 4 each, no layer-scale inputs, and the MLP only the GELU input (2i).
     """
     v = d.hidden
+    if not weights_train:
+        norm = 4 * v + 4 if d.rms_norm else 2 * v + 4
+        qk = 2 * (6 * v + 4) if d.qk_norm else 4 * v
+        return 2 * norm + qk + 4 * v + 4 * d.heads + 2 * d.intermediate
     norm = 8 * v + 4 if d.rms_norm else 4 * v + 4
     qk = 2 * (8 * v + 4) if d.qk_norm else 4 * v
     return 2 * norm + qk + 8 * v + 4 * d.heads + 4 * d.intermediate
@@ -238,15 +257,19 @@ def activations(f: ModelFacts, shape: Shape, *, ckpt_llm: bool, ckpt_vision: boo
     vis_tokens = shape.tiles * f.vision.tokens_per_tile
     h, vocab = f.llm.hidden, f.llm.vocab
     sdpa = f.attn_implementation == "sdpa"
-    llm_full = tokens * llm_layer_bytes_per_token(f.llm, repeat_kv=sdpa)
+    llm_full = tokens * llm_layer_bytes_per_token(f.llm, repeat_kv=sdpa, weights_train=f.llm_weights_train)
     if sdpa:  # sdpa turns the boolean padding mask into a bf16 additive one and keeps it, in every layer
         llm_full += BF16 * shape.rows * shape.length ** 2
     vis_full = vis_tokens * vision_layer_bytes_per_token(f.vision)
+    vis_frozen = vis_tokens * vision_layer_bytes_per_token(f.vision, weights_train=False)
     out = {"vision": 0.0, "projector": 0.0, "llm": 0.0, "logits": 0.0, "transient": 0.0}
     recompute = 0.0
     if f.vision_backward_layers:
-        per_layer = BF16 * vis_tokens * f.vision.hidden if ckpt_vision else vis_full
-        out["vision"] = f.vision_backward_layers * per_layer
+        trained, frozen = f.vision_trained_layers, f.vision_backward_layers - f.vision_trained_layers
+        if ckpt_vision:
+            out["vision"] = f.vision_backward_layers * BF16 * vis_tokens * f.vision.hidden
+        else:
+            out["vision"] = trained * vis_full + frozen * vis_frozen
         recompute = max(recompute, vis_full if ckpt_vision else 0.0)
     if f.projector_backward:  # LayerNorm over 4v: input + output; GELU over h: input + output
         out["projector"] = shape.tiles * f.vision.image_seq_length * (16 * f.vision.hidden + 4 * h)

@@ -143,7 +143,7 @@ def render(cfg: RunConfig, cluster: Cluster, *, model_name: str, zero: int | Non
         one = breakdown(cfg, facts, cluster, alt, 1, tiles=tiles)
         best = max_micro_batch(cfg, facts, cluster, alt, limit=limit, tiles=tiles)
         at_best = breakdown(cfg, facts, cluster, alt, best, tiles=tiles) if best else one
-        act = sum(t.nbytes for t in one.terms if t.kind == "activations" and t.device == "gpu")
+        act = sum(t.nbytes for t in one.terms if t.kind == "activations" and t.phase == "fwd_bwd")
         cpu = at_best.peak("cpu") * cluster.gpus_per_node
         lines.append(f"  {alt.label():<58} {_gib(one.peak('gpu')):>8} {_gib(act):>10} {best if best else '-':>6} "
                      f"{_gib(at_best.peak('gpu')) if best else '      -':>8} {_gib(cpu):>8}")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 
@@ -78,14 +77,18 @@ def test_plan_agrees_with_the_measured_peak(preset, extra, tmp_path, demo_dir):
         for name, key in CENSUS.items():
             assert terms[name] == pytest.approx(m["census"][key], rel=0.01, abs=64), name
 
-        # the level at the end of each phase's peak, for the steps after the first (ZeRO-3 records its fetch
-        # order in the first step and releases every parameter after use, so fewer stay gathered then)
+        # each phase's peak in the steps after the first (ZeRO-3 records its fetch order in the first step and
+        # releases every parameter after use, so fewer stay gathered then). The forward/backward peak, which
+        # sets the total, is held to 10% (the plan is within 4%; runs vary by ~1%), so a term 50% off fails
+        # even where the total would stay within 25%. The step's is held to 25%: in the demo ~6 MB of
+        # gathered parameters are still held when the step starts, which the plan does not model (-7%).
         for k in (2, 3):
             b = plans[k - 1]
             standing = sum(t.nbytes for t in b.terms if t.phase == "standing")
-            for phase, seen in (("fwd_bwd", m["phase_peaks"][f"backward.{k}"]), ("step", m["phase_peaks"][f"step.{k}"])):
+            for phase, seen, bound in (("fwd_bwd", m["phase_peaks"][f"backward.{k}"], 0.10),
+                                       ("step", m["phase_peaks"][f"step.{k}"], 0.25)):
                 level = standing + sum(t.nbytes for t in b.terms if t.phase == phase)
-                assert abs(level - seen) / seen <= 0.25, (k, phase, level, seen)
+                assert abs(level - seen) / seen <= bound, (k, phase, level, seen)
 
         # neither side is a constant in disguise: dropping activations would miss by far more than 25%,
         # and for the demo so would dropping the model states

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -99,6 +100,26 @@ def test_vision_layer_formula_equals_what_autograd_keeps(rms, qk, trained):
     dims = VisionDims(hidden=64, intermediate=256, layers=1, heads=4, tokens_per_tile=17, pixels_per_tile=3 * 32 * 32,
                       image_seq_length=4, rms_norm=rms, qk_norm=qk)
     assert saved == 3 * 17 * vision_layer_bytes_per_token(dims, weights_train=trained)
+
+
+def test_loss_formula_equals_what_autograd_keeps():
+    """Final RMSNorm + lm_head + the training loss keep 8h + 4 per token and the fp32 log-softmax (4V per
+    predicted token); the plan adds the bf16 logits the caller holds (2V): 8h + 4 + 6V."""
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+
+    from vlmscale.model.forward import token_losses
+
+    h, vocab, rows, length = 64, 96, 2, 24
+    norm, head = Qwen2RMSNorm(h).to(torch.bfloat16), torch.nn.Linear(h, vocab, bias=False).to(torch.bfloat16)
+    x = torch.randn(rows, length, h, dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, vocab, (rows, length))
+    saved = _saved_bytes(lambda: token_losses(head(norm(x)), labels).sum(), [*norm.parameters(), *head.parameters()])
+    saved -= labels[:, 1:].numel() * 8 + 4  # the int64 targets and nll_loss's fp32 total weight
+    assert saved == rows * length * (8 * h + 4) + rows * (length - 1) * 4 * vocab
+    facts = _facts()
+    shape = Shape(rows=rows, length=length, tiles=0)
+    d = dataclasses.replace(facts, llm=dataclasses.replace(facts.llm, hidden=h, vocab=vocab))
+    assert activations(d, shape, ckpt_llm=False, ckpt_vision=False)["logits"] == rows * length * (8 * h + 4 + 6 * vocab)
 
 
 # ---------------------------------------------------------------------------------------------- term arithmetic

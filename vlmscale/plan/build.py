@@ -22,4 +22,4 @@ def facts_for(cfg: RunConfig) -> ModelFacts:
             add_lora(model, cfg.lora)
     groups, _ = apply_policy(model, cfg.policy, base_lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
                              lora=cfg.lora.enabled)
-    return ModelFacts.from_model(model, groups)
+    return ModelFacts.from_model(model, param_groups=groups)

@@ -17,7 +17,6 @@ import contextlib
 from dataclasses import dataclass, field
 from typing import Iterator
 
-import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 _PHASE = "phase:"

@@ -86,7 +86,7 @@ class ModelFacts:
         return sum(p.numel for p in self.params if p.trainable)
 
     @classmethod
-    def from_model(cls, model: torch.nn.Module, param_groups: list[dict]) -> "ModelFacts":
+    def from_model(cls, model: torch.nn.Module, *, param_groups: list[dict]) -> "ModelFacts":
         """Facts of an InternVL model (meta device is fine) after the parameter policy is applied."""
         from vlmscale.engine.flops import FlopModel
 

@@ -15,7 +15,7 @@ A rank's peak is its standing state plus the larger of two phases that never ove
 - forward/backward: gathered ZeRO-3 parameters (persistent small ones included: DeepSpeed releases
   those for the step and gathers them again after it), the micro-batch, saved activations, backward
   transients (logit gradients, a recomputed layer, one layer's full gradients before reduction);
-- optimizer step: the fp32 gradient of one optimizer sub-group, AdamW's temporaries, and the last
+- optimizer step: the fp32 gradient of one optimizer group, AdamW's temporaries, and the last
   micro-batch's logits, which the training loop still holds.
 """
 
@@ -312,7 +312,7 @@ def plan(f: ModelFacts, z: ZeroSettings, *, world: int, shape: Shape, ckpt_llm: 
     """Per-rank memory terms of one training configuration.
 
     ``device`` is where the run executes: AdamW's step keeps one fp32 temporary per element of the
-    stepped sub-group on a GPU (foreach) and two on a CPU (single-tensor ``sqrt`` then ``div``).
+    stepped group on a GPU (foreach) and two on a CPU (single-tensor ``sqrt`` then ``div``).
     """
     if z.stage not in (1, 2, 3):
         raise ValueError(f"zero_optimization.stage={z.stage}: vlmscale plans ZeRO stages 1-3")
@@ -345,17 +345,14 @@ def plan(f: ModelFacts, z: ZeroSettings, *, world: int, shape: Shape, ckpt_llm: 
     # ------------------------------------------------ optimizer
     b.add("fp32 master weights", "optimizer", FP32 * part_t, device=opt_dev)
     b.add("Adam moments (fp32 m, v)", "optimizer", 2 * FP32 * part_t, device=opt_dev)
-    # the step: fp32 gradients for the optimizer, and AdamW's temporaries over one flat fp32 tensor
+    # the step, one optimizer group at a time (ZeRO-3 also cuts groups every sub_group_size elements):
+    # that group's fp32 gradient, and AdamW's temporaries over its flat fp32 partition
     temps = 2 if device == "cpu" or z.offload_optimizer else 1
-    if z.stage == 3 and z.offload_optimizer:  # the CPU optimizer keeps an fp32 gradient buffer per sub-group
-        stepped = max(_sub_groups(f, world, z.sub_group_size))
+    stepped = max(_sub_groups(f, world, z.sub_group_size if z.stage == 3 else 2**62))
+    if z.offload_optimizer:  # the CPU optimizer keeps a standing fp32 gradient buffer per group
         b.add("fp32 gradient buffers (offloaded optimizer)", "optimizer", FP32 * part_t, device="cpu")
-    elif z.stage == 3:  # ZeRO-3 steps one sub-group at a time, with that sub-group's fp32 gradient
-        stepped = max(_sub_groups(f, world, z.sub_group_size))
-        b.add("step: fp32 gradient of one sub-group", "optimizer", FP32 * stepped, phase="step", device=opt_dev)
-    else:  # ZeRO-1/2 convert every group's gradient partition to fp32, then step all groups
-        stepped = max(_sub_groups(f, world, 2**62))
-        b.add("step: fp32 gradient partitions", "optimizer", FP32 * part_t, phase="step", device=opt_dev)
+    else:
+        b.add("step: fp32 gradient of one optimizer group", "optimizer", FP32 * stepped, phase="step")
     b.add("step: AdamW temporaries", "optimizer", FP32 * temps * stepped, phase="step", device=opt_dev)
     # ------------------------------------------------ activations
     act = activations(f, shape, ckpt_llm=ckpt_llm, ckpt_vision=ckpt_vision)

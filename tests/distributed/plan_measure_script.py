@@ -70,6 +70,7 @@ def main(argv: list[str]) -> int:
     cfg = load_config(SFTConfig, overrides=overrides)
     shapes: list[dict] = []
     gathered = [0]
+    held_between: list[int] = []  # gathered non-persistent parameters when each step starts
 
     def count_gathered(*_):
         held = sum(p.data.numel() * p.data.element_size() for p in engine.module.parameters() if not p.ds_persist)
@@ -97,11 +98,13 @@ def main(argv: list[str]) -> int:
             for b in micro:
                 shapes.append({"step": step, "rows": int(b["input_ids"].shape[0]), "length": int(b["input_ids"].shape[1]),
                                "tiles": 0 if b["pixel_values"] is None else int(b["pixel_values"].shape[0])})
+            held_between.append(sum(p.data.numel() * p.data.element_size() for p in engine.module.parameters()
+                                    if not p.ds_persist))
             with phase(f"train_step.{step}"):
                 train_step(engine, micro, device=device())
     result = {"peak_bytes": mem.peak_bytes, "end_bytes": mem.end_bytes, "phase_peaks": mem.phase_peaks,
               "phase_starts": mem.phase_starts, "shapes": shapes, "census": census(engine, gathered[0]),
-              "world_size": run.dist.world_size,
+              "world_size": run.dist.world_size, "gathered_at_step_start": held_between,
               # for comparison only: resident memory also holds libraries, the Python heap and allocator caches
               "rss_growth_bytes": 1024 * (_status_kb("VmHWM") - rss_before)}
     out = Path(args.out)

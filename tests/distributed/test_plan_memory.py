@@ -1,4 +1,4 @@
-"""``vlmscale plan`` against a real 2-rank ZeRO-3 CPU run of the tiny and demo presets.
+"""``vlmscale plan`` against a real 2-rank ZeRO-3 CPU run of the tiny and demo presets (three policies).
 
 The measured figure is each rank's peak tensor memory from just before the model is built to the end
 of training (``vlmscale.plan.measure``: the CPU counterpart of ``torch.cuda.max_memory_allocated``).
@@ -55,8 +55,14 @@ def _measure(tmp_path, demo_dir, overrides: list[str]) -> list[dict]:
     return [json.loads((out / f"rank-{r}.json").read_text()) for r in range(2)]
 
 
-@pytest.mark.parametrize("preset, extra", [("tiny", []), ("demo", ["policy.vision.trainable=true"])])
-def test_plan_agrees_with_the_measured_peak(preset, extra, tmp_path, demo_dir):
+@pytest.mark.parametrize("preset, extra, states_matter", [
+    ("tiny", [], False),  # the SFT policy: encoder frozen
+    ("demo", ["policy.vision.trainable=true"], True),  # everything trained
+    # the align policy: only the projector (0.2M parameters) trains, through the frozen LLM. Its optimizer
+    # step is a few MB, smaller than the untraced offset, so that phase is not compared
+    ("demo", ["policy.llm.trainable=false"], False),
+])
+def test_plan_agrees_with_the_measured_peak(preset, extra, states_matter, tmp_path, demo_dir):
     overrides = [f"model.preset={preset}", "train.max_steps=3", "train.micro_batch_size=8", *extra]
     ranks = _measure(tmp_path, demo_dir, overrides)
     facts = facts_for(load_config(SFTConfig, overrides=overrides))
@@ -79,19 +85,21 @@ def test_plan_agrees_with_the_measured_peak(preset, extra, tmp_path, demo_dir):
 
         # each phase's peak in the steps after the first (ZeRO-3 records its fetch order in the first step and
         # releases every parameter after use, so fewer stay gathered then). The forward/backward peak, which
-        # sets the total, is held to 10% (the plan is within 4%; runs vary by ~1%), so a term 50% off fails
-        # even where the total would stay within 25%. The step's is held to 25%: in the demo ~6 MB of
-        # gathered parameters are still held when the step starts, which the plan does not model (-7%).
+        # sets the total, is held to 15%, tighter than the total: the plan's terms explain it to within 3%
+        # plus a run-to-run offset of up to ~10 MB on the demo that appears while the engine is built and
+        # that we have not traced (docs/plan.md); the step's, where that offset weighs more, to 25%.
         for k in (2, 3):
             b = plans[k - 1]
             standing = sum(t.nbytes for t in b.terms if t.phase == "standing")
-            for phase, seen, bound in (("fwd_bwd", m["phase_peaks"][f"backward.{k}"], 0.10),
-                                       ("step", m["phase_peaks"][f"step.{k}"], 0.25)):
+            phases = [("fwd_bwd", m["phase_peaks"][f"backward.{k}"], 0.15)]
+            if preset == "tiny" or states_matter:
+                phases.append(("step", m["phase_peaks"][f"step.{k}"], 0.25))
+            for phase, seen, bound in phases:
                 level = standing + sum(t.nbytes for t in b.terms if t.phase == phase)
                 assert abs(level - seen) / seen <= bound, (k, phase, level, seen)
 
         # neither side is a constant in disguise: dropping activations would miss by far more than 25%,
-        # and for the demo so would dropping the model states
+        # and where everything trains so would dropping the model states
         assert kinds["activations"] > 0.25 * measured
-        if preset == "demo":
+        if states_matter:
             assert kinds["params"] + kinds["grads"] + kinds["optimizer"] > 0.25 * measured

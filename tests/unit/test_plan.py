@@ -102,6 +102,26 @@ def test_vision_layer_formula_equals_what_autograd_keeps(rms, qk, trained):
     assert saved == 3 * 17 * vision_layer_bytes_per_token(dims, weights_train=trained)
 
 
+def test_frozen_layers_under_zero3_keep_their_matmul_inputs(monkeypatch):
+    """ZeRO-3's zero.Init replaces F.linear for good with a function that saves input, weight and bias."""
+    from deepspeed.runtime.zero.linear import zero3_linear_wrap
+
+    monkeypatch.setattr(torch.nn.functional, "linear", zero3_linear_wrap)
+    saved, dims = _decoder_saved(2, 24, mask=False, trained=False)
+    assert saved == 2 * 24 * llm_layer_bytes_per_token(dims, repeat_kv=False, weights_train=False,
+                                                       linear_keeps_input=True)
+    for rms, qk in ((False, False), (True, True)):
+        vc = InternVLVisionConfig(hidden_size=64, num_attention_heads=4, intermediate_size=256, image_size=32,
+                                  patch_size=8, norm_type="rms_norm" if rms else "layer_norm", use_qk_norm=qk)
+        vc._attn_implementation = "sdpa"
+        layer = InternVLVisionLayer(vc).to(torch.bfloat16).requires_grad_(False)
+        x = torch.randn(3, 17, 64, dtype=torch.bfloat16, requires_grad=True)
+        dims = VisionDims(hidden=64, intermediate=256, layers=1, heads=4, tokens_per_tile=17, pixels_per_tile=1,
+                          image_seq_length=4, rms_norm=rms, qk_norm=qk)
+        assert _saved_bytes(lambda: layer(x), layer.parameters()) == 3 * 17 * vision_layer_bytes_per_token(
+            dims, weights_train=False, linear_keeps_input=True)
+
+
 def test_loss_formula_equals_what_autograd_keeps():
     """Final RMSNorm + lm_head + the training loss keep 8h + 4 per token and the fp32 log-softmax (4V per
     predicted token); the plan adds the bf16 logits the caller holds (2V): 8h + 4 + 6V."""

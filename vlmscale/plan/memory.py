@@ -37,6 +37,7 @@ class Param:
     numel: int
     trainable: bool
     group: int = 0  # optimizer parameter group (trainable parameters only)
+    backward: bool = True  # a module that runs in the backward uses it (so ZeRO-3 keeps it gathered)
 
 
 @dataclass(frozen=True)
@@ -90,15 +91,25 @@ class ModelFacts:
         """Facts of an InternVL model (meta device is fine) after the parameter policy is applied."""
         from vlmscale.engine.flops import FlopModel
 
-        group_of = {id(p): i for i, g in enumerate(param_groups) for p in g["params"]}
-        params = tuple(Param(p.numel(), p.requires_grad, group_of.get(id(p), -1)) for p in model.parameters())
-        largest_leaf = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
         inner = model.model
+        units = {u.name: u for u in FlopModel.from_model(model).units}
+        needs = {name: u.weight_grads or u.input_grads for name, u in units.items()}
+        # parameters of modules without a backward (a frozen encoder before anything trains) are released
+        # after their forward; all others, the loss's lm_head and final norm included, are used again
+        unit_modules = {"vision.embed": inner.vision_tower.embeddings, "projector": inner.multi_modal_projector,
+                        "llm.embed": inner.language_model.embed_tokens, "lm_head": model.lm_head,
+                        **{f"vision.layer.{i}": m for i, m in enumerate(inner.vision_tower.encoder.layer)},
+                        **{f"llm.layer.{i}": m for i, m in enumerate(inner.language_model.layers)}}
+        in_unit = {id(p) for m in unit_modules.values() for p in m.parameters()}
+        backward = {id(p) for name, m in unit_modules.items() if needs[name] or name == "lm_head" for p in m.parameters()}
+        backward |= {id(p) for p in model.parameters() if id(p) not in in_unit}
+        group_of = {id(p): i for i, g in enumerate(param_groups) for p in g["params"]}
+        params = tuple(Param(p.numel(), p.requires_grad, group_of.get(id(p), -1), id(p) in backward)
+                       for p in model.parameters())
+        largest_leaf = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
         blocks = [*inner.vision_tower.encoder.layer, *inner.language_model.layers, inner.language_model.embed_tokens,
                   model.lm_head, inner.multi_modal_projector]
         largest_block = max(sum(p.numel() for p in b.parameters() if p.requires_grad) for b in blocks)
-        units = {u.name: u for u in FlopModel.from_model(model).units}
-        needs = {name: u.weight_grads or u.input_grads for name, u in units.items()}
         cfg = model.config
         vc, tc = cfg.vision_config, cfg.text_config
         head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
@@ -139,6 +150,7 @@ class ZeroSettings:
     max_reuse_distance: int = int(1e9)
     sub_group_size: int = int(1e9)
     contiguous_gradients: bool = True
+    memory_efficient_linear: bool = True  # ZeRO-3 replaces F.linear with one that always keeps its input
 
     @classmethod
     def from_ds_config(cls, ds: dict[str, Any]) -> "ZeroSettings":
@@ -156,7 +168,8 @@ class ZeroSettings:
                    persistence_threshold=num("stage3_param_persistence_threshold", 1e5),
                    max_reuse_distance=num("stage3_max_reuse_distance", 1e9),
                    sub_group_size=num("sub_group_size", 1e9),
-                   contiguous_gradients=bool(z.get("contiguous_gradients", True)))
+                   contiguous_gradients=bool(z.get("contiguous_gradients", True)),
+                   memory_efficient_linear=bool(z.get("memory_efficient_linear", True)))
 
     def label(self) -> str:
         off = "+".join(n for n, o in (("optimizer", self.offload_optimizer), ("params", self.offload_param)) if o)
@@ -207,7 +220,8 @@ class Breakdown:
 
 
 # ---------------------------------------------------------------------------------------------- activations
-def llm_layer_bytes_per_token(d: LLMDims, *, repeat_kv: bool, weights_train: bool = True) -> int:
+def llm_layer_bytes_per_token(d: LLMDims, *, repeat_kv: bool, weights_train: bool = True,
+                              linear_keeps_input: bool = False) -> int:
     """Bytes one decoder layer keeps for backward, per token (bf16, RMSNorm, SwiGLU, GQA).
 
     Each RMSNorm keeps its fp32 input (4h), its fp32 reciprocal RMS (4), its normalised bf16 value (2h)
@@ -218,16 +232,20 @@ def llm_layer_bytes_per_token(d: LLMDims, *, repeat_kv: bool, weights_train: boo
 
     A frozen layer that gradients pass through (``weights_train=False``) keeps no matmul inputs and no
     norm outputs: 4h + 4 per norm, the same attention tensors, and SiLU's input and the product's two
-    factors (6i).
+    factors (6i). Under ZeRO-3 (``linear_keeps_input``) DeepSpeed replaces ``F.linear`` with a function
+    that keeps its input whether or not the weight trains: then only the norms' normalised values
+    (2h each) are saved less than in a trained layer.
     """
     kv = d.q_dim if repeat_kv else d.kv_dim
     attention = 4 * d.q_dim + 4 * kv + 4 * d.heads
-    if not weights_train:
-        return 8 * d.hidden + 8 + attention + 6 * d.intermediate
-    return 16 * d.hidden + 8 + attention + 8 * d.intermediate
+    if weights_train:
+        return 16 * d.hidden + 8 + attention + 8 * d.intermediate
+    if linear_keeps_input:
+        return 12 * d.hidden + 8 + attention + 8 * d.intermediate
+    return 8 * d.hidden + 8 + attention + 6 * d.intermediate
 
 
-def vision_layer_bytes_per_token(d: VisionDims, *, weights_train: bool = True) -> int:
+def vision_layer_bytes_per_token(d: VisionDims, *, weights_train: bool = True, linear_keeps_input: bool = False) -> int:
     """Bytes one InternViT layer keeps for backward, per token (bf16).
 
     Each of its two norms keeps its input and output: 4v + 4 (LayerNorm, bf16 mean and rstd) or
@@ -236,20 +254,27 @@ def vision_layer_bytes_per_token(d: VisionDims, *, weights_train: bool = True) -
     and the MLP its GELU input and output: 4i.
 
     Frozen but passing gradients: norms keep only their input side (2v + 4, or 4v + 4), q/k RMSNorms
-    6v + 4 each, no layer-scale inputs, and the MLP only the GELU input (2i).
+    6v + 4 each, no layer-scale inputs, and the MLP only the GELU input (2i). Under ZeRO-3's
+    ``F.linear`` (``linear_keeps_input``) the matmul inputs are kept as well: the norm outputs (2v
+    each) and the fc2 input (2i).
     """
     v = d.hidden
     if not weights_train:
         norm = 4 * v + 4 if d.rms_norm else 2 * v + 4
         qk = 2 * (6 * v + 4) if d.qk_norm else 4 * v
-        return 2 * norm + qk + 4 * v + 4 * d.heads + 2 * d.intermediate
+        extra = 4 * v + 2 * d.intermediate if linear_keeps_input else 0
+        return 2 * norm + qk + 4 * v + 4 * d.heads + 2 * d.intermediate + extra
     norm = 8 * v + 4 if d.rms_norm else 4 * v + 4
     qk = 2 * (8 * v + 4) if d.qk_norm else 4 * v
     return 2 * norm + qk + 8 * v + 4 * d.heads + 4 * d.intermediate
 
 
-def activations(f: ModelFacts, shape: Shape, *, ckpt_llm: bool, ckpt_vision: bool) -> dict[str, float]:
-    """Saved activations (by module) and backward transients of one micro-batch, in bytes."""
+def activations(f: ModelFacts, shape: Shape, *, ckpt_llm: bool, ckpt_vision: bool,
+                linear_keeps_input: bool = False) -> dict[str, float]:
+    """Saved activations (by module) and backward transients of one micro-batch, in bytes.
+
+    ``linear_keeps_input``: ZeRO-3's ``F.linear`` keeps matmul inputs of frozen layers too.
+    """
     if f.attn_implementation not in ("sdpa", "flash_attention_2"):
         raise ValueError(f"model.attn_implementation={f.attn_implementation!r}: the plan models sdpa and "
                          "flash_attention_2 (eager keeps every attention score; plan with sdpa)")
@@ -257,11 +282,13 @@ def activations(f: ModelFacts, shape: Shape, *, ckpt_llm: bool, ckpt_vision: boo
     vis_tokens = shape.tiles * f.vision.tokens_per_tile
     h, vocab = f.llm.hidden, f.llm.vocab
     sdpa = f.attn_implementation == "sdpa"
-    llm_full = tokens * llm_layer_bytes_per_token(f.llm, repeat_kv=sdpa, weights_train=f.llm_weights_train)
+    llm_full = tokens * llm_layer_bytes_per_token(f.llm, repeat_kv=sdpa, weights_train=f.llm_weights_train,
+                                                  linear_keeps_input=linear_keeps_input)
     if sdpa:  # sdpa turns the boolean padding mask into a bf16 additive one and keeps it, in every layer
         llm_full += BF16 * shape.rows * shape.length ** 2
     vis_full = vis_tokens * vision_layer_bytes_per_token(f.vision)
-    vis_frozen = vis_tokens * vision_layer_bytes_per_token(f.vision, weights_train=False)
+    vis_frozen = vis_tokens * vision_layer_bytes_per_token(f.vision, weights_train=False,
+                                                           linear_keeps_input=linear_keeps_input)
     out = {"vision": 0.0, "projector": 0.0, "llm": 0.0, "logits": 0.0, "transient": 0.0}
     recompute = 0.0
     if f.vision_backward_layers:
@@ -330,7 +357,8 @@ def plan(f: ModelFacts, z: ZeroSettings, *, world: int, shape: Shape, ckpt_llm: 
               device="cpu" if z.offload_param else "gpu")
         # gathered once and kept, except during the optimizer step (re-gathered after it)
         b.add("persistent small parameters (whole)", "params", BF16 * persistent, phase="fwd_bwd")
-        working = min(n_all - persistent, z.max_reuse_distance // 2 + z.prefetch_bucket_size + f.largest_leaf)
+        reused = sum(p.numel for p in f.params if p.backward and p.numel > z.persistence_threshold)
+        working = min(reused, z.max_reuse_distance // 2 + z.prefetch_bucket_size + f.largest_leaf)
         b.add("gathered parameters (working set)", "params", BF16 * working, phase="fwd_bwd")
     else:
         b.add("bf16 parameters (whole model)", "params", BF16 * n_all)
@@ -355,7 +383,8 @@ def plan(f: ModelFacts, z: ZeroSettings, *, world: int, shape: Shape, ckpt_llm: 
         b.add("step: fp32 gradient of one optimizer group", "optimizer", FP32 * stepped, phase="step")
     b.add("step: AdamW temporaries", "optimizer", FP32 * temps * stepped, phase="step", device=opt_dev)
     # ------------------------------------------------ activations
-    act = activations(f, shape, ckpt_llm=ckpt_llm, ckpt_vision=ckpt_vision)
+    act = activations(f, shape, ckpt_llm=ckpt_llm, ckpt_vision=ckpt_vision,
+                      linear_keeps_input=z.stage == 3 and z.memory_efficient_linear)
     # the micro-batch, held by the training loop through the step: fp32 pixels (and their bf16 copy when
     # the encoder trains, which its patch embedding keeps); int64 ids, labels and attention mask
     pixels = shape.tiles * f.vision.pixels_per_tile * (FP32 + (BF16 if f.vision_backward_layers else 0))

@@ -6,6 +6,7 @@
     vlmscale eval SUITE[,SUITE] --model DIR --data DIR [--reference DIR] [--vcd] [--out FILE.json]
     vlmscale eval compare A.json B.json
     vlmscale ewc fisher --model DIR --data DIR --out DIR [--samples N] [--params llm|vision|both]
+    vlmscale plan --model internvl2-26b --nodes 4 --gpus-per-node 8 --gpu-mem 40 [--zero 3] [--offload none|optimizer|all] [key=value ...]
 
 Distributed (the eval and ewc commands): deepspeed --num_gpus N --no_local_rank --module vlmscale.cli ...
 """
@@ -149,6 +150,34 @@ def _ewc_fisher(args) -> int:
     return 0
 
 
+def _plan(args) -> int:
+    from vlmscale.config import load_config
+    from vlmscale.config.schema import AlignConfig, PretrainConfig, PRESETS, SFTConfig
+    from vlmscale.plan.report import Cluster, render
+
+    overrides = list(args.overrides)
+    if args.model in PRESETS:
+        overrides.append(f"model.preset={args.model}")
+    elif args.model is not None:
+        overrides.append(f"model.init_from={args.model}")
+    stage = {"sft": SFTConfig, "align": AlignConfig, "pretrain": PretrainConfig}[args.stage]
+    cfg = load_config(stage, path=args.config, overrides=overrides)
+    for name in ("nodes", "gpus_per_node", "max_micro_batch"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    if not 0 <= args.reserve < args.gpu_mem:
+        raise ValueError("--reserve must be >= 0 and below --gpu-mem")
+    cluster = Cluster(nodes=args.nodes, gpus_per_node=args.gpus_per_node, gpu_mem_gib=args.gpu_mem,
+                      reserve_gib=args.reserve, device=args.device)
+    name = args.model or cfg.model.init_from or cfg.model.preset or f"{cfg.model.vision} + {cfg.model.llm}"
+    text, data = render(cfg, cluster, model_name=name, zero=args.zero, offload=args.offload,
+                        limit=args.max_micro_batch, tiles=args.tiles)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(json.dumps(data, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlmscale", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -209,6 +238,28 @@ def build_parser() -> argparse.ArgumentParser:
     fisher.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     fisher.add_argument("--deepspeed", default="ds_configs/zero3.json", help="a ZeRO-3 DeepSpeed JSON")
     fisher.set_defaults(func=_ewc_fisher)
+
+    plan = sub.add_parser("plan", help="per-GPU memory of a training run, and the settings that fit (no GPU needed)",
+                          description="Per-GPU memory for parameters, gradients, optimizer states and activations of "
+                                      "a run on a cluster, before queueing it; see docs/plan.md. The model, policy, "
+                                      "sequence length, micro-batch, checkpointing and DeepSpeed JSON come from the run "
+                                      "config (--stage, --config, key=value overrides).")
+    plan.add_argument("overrides", nargs="*", help="run-config overrides, e.g. data.max_seq_len=4096 policy.vision.trainable=true")
+    plan.add_argument("--model", help="a preset (tiny, demo), a named size (internvl2-26b, internvl2.5-8b, ...) or a "
+                                      "directory with an HF config.json; compositions: model.vision=... model.llm=...")
+    plan.add_argument("--stage", default="sft", choices=["sft", "align", "pretrain"], help="whose default policy applies")
+    plan.add_argument("--config", help="a run-config YAML (as passed to the recipes)")
+    plan.add_argument("--nodes", type=int, default=1)
+    plan.add_argument("--gpus-per-node", type=int, default=8)
+    plan.add_argument("--gpu-mem", type=float, default=80.0, help="GiB per GPU (A100-40G: 40)")
+    plan.add_argument("--reserve", type=float, default=2.0, help="GiB per GPU kept free (CUDA context, NCCL, fragmentation)")
+    plan.add_argument("--zero", type=int, choices=[1, 2, 3], help="override the DeepSpeed JSON's ZeRO stage")
+    plan.add_argument("--offload", choices=["none", "optimizer", "all"], help="override the JSON's offload (all = optimizer + params)")
+    plan.add_argument("--tiles", type=int, help="image tiles per sample (default: data.max_tiles + 1 thumbnail, within max_seq_len)")
+    plan.add_argument("--max-micro-batch", type=int, default=64, help="largest micro-batch the search tries")
+    plan.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="where the run executes (AdamW temporaries)")
+    plan.add_argument("--json", help="also write the figures here")
+    plan.set_defaults(func=_plan)
     return parser
 
 

@@ -61,3 +61,16 @@ def test_token_and_sequence_logps_with_dense_weighting():
     assert dense.item() == pytest.approx((math.log(0.5) + 5 * math.log(0.75)) / 6, rel=1e-6)
     assert sequence_logps(tlp, labels, changed=changed, segment_weight=1.0).item() == pytest.approx(plain.item())
     assert sft_loss(tlp, labels).item() == pytest.approx(-(math.log(0.5) + math.log(0.75)) / 2, rel=1e-6)
+
+
+def test_preference_configs_validate_and_reject_what_they_cannot_do():
+    from vlmscale.config import ConfigError, DPOConfig, RewardConfig, load_config
+
+    dpo = load_config(DPOConfig, overrides=["dpo.beta=0.2", "dpo.reference=live", "dpo.segment_weight=5"])
+    assert dpo.stage == "dpo" and dpo.dpo.reference == "live" and dpo.data.sources[0].path == "demo:train/pref"
+    assert load_config(RewardConfig).model.init_from == "runs/sft-demo/hf"
+    for cls, override, field in [(DPOConfig, "dpo.beta=0", "dpo.beta"), (DPOConfig, "dpo.reference=online", "dpo.reference"),
+                                 (DPOConfig, "data.packing=true", "data.packing"), (RewardConfig, "eval.suites=[pope]", "eval.suites"),
+                                 (RewardConfig, "lora.enabled=true", "lora.enabled")]:
+        with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+            load_config(cls, overrides=[override])

@@ -449,9 +449,9 @@ class RewardConfig(RunConfig):
         _check_pairs(self)
         if self.lora.enabled:
             raise ConfigError("lora.enabled: the reward model trains its LLM and head in full; set lora.enabled=false")
-        if self.eval.suites and self.eval.at_end:
-            raise ConfigError("eval.suites: a reward model does not generate; leave eval.suites empty "
-                              "(held-out pair accuracy is always reported)")
+        if self.eval.suites:
+            raise ConfigError("eval.suites: a reward model does not generate; set eval.suites=[] "
+                              "(held-out pair accuracy is reported from reward.heldout_pairs)")
         super().validate()
 
 

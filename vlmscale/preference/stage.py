@@ -69,6 +69,9 @@ def train_reward_stage(cfg: RewardConfig) -> int:
     progress = Progress(run.client_state, dist=dist, peak_tflops=total_peak_tflops(cfg))
     evaluator = PeriodicEval(cfg.eval, heldout=resolve_path(cfg.data.heldout, cfg.data), output_dir=Path(cfg.output_dir),
                              dist=dist, assets=run.assets, video=cfg.data.video)
+    if cfg.reward.heldout_pairs:  # read (and fail on a bad path) before training, not after
+        items, skipped = heldout_pairs(resolve_path(cfg.reward.heldout_pairs, cfg.data), run.assets,
+                                       max_seq_len=cfg.data.max_seq_len)
 
     # ---------------------------------------------------------------- train
     train_loop(cfg, run, batches, stop=stop, progress=progress, evaluator=evaluator,
@@ -77,8 +80,6 @@ def train_reward_stage(cfg: RewardConfig) -> int:
     # ---------------------------------------------------------------- export + held-out pair accuracy
     _export(run, progress, steps=cfg.train.max_steps)
     if cfg.reward.heldout_pairs:
-        items, skipped = heldout_pairs(resolve_path(cfg.reward.heldout_pairs, cfg.data), run.assets,
-                                       max_seq_len=cfg.data.max_seq_len)
         engine.eval()
         result = reward_accuracy(engine.module, items, rank=dist.rank, world_size=dist.world_size,
                                  batch_size=cfg.train.micro_batch_size, pad_id=run.assets.tokenizer.pad_token_id,

@@ -119,3 +119,26 @@ def test_scalar_head_export_round_trip(tmp_path, tiny_export):
     assert torch.equal(loaded.score.weight, model.score.weight) and loaded.score.bias.item() == 0.25
     with pytest.raises(ValueError, match="score head"):
         save_head({"weight": torch.zeros(2, 3), "bias": torch.zeros(2)}, tmp_path)
+
+
+def test_reference_cache_fingerprint_changes_with_weights_data_and_layout(tmp_path, demo_dir):
+    import os
+
+    from vlmscale.config import DPOConfig, load_config
+    from vlmscale.preference.reference import fingerprint
+
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
+    base = [f"model.init_from={tmp_path}", f"data.demo_dir={demo_dir}"]
+    fp = fingerprint(load_config(DPOConfig, overrides=base), world_size=2)
+    assert fingerprint(load_config(DPOConfig, overrides=base), world_size=2) == fp
+    assert fingerprint(load_config(DPOConfig, overrides=base), world_size=1) != fp
+    assert fingerprint(load_config(DPOConfig, overrides=[*base, "train.max_steps=7"]), world_size=2) != fp
+    assert fingerprint(load_config(DPOConfig, overrides=[*base, "dpo.segment_weight=5"]), world_size=2) != fp
+    assert fingerprint(load_config(DPOConfig, overrides=[*base, "dpo.beta=0.5"]), world_size=2) == fp  # beta is not cached
+    (tmp_path / "model.safetensors").write_bytes(b"retrained weights")
+    assert fingerprint(load_config(DPOConfig, overrides=base), world_size=2) != fp
+    shard = sorted((demo_dir / "train" / "pref").glob("*.tar"))[0]
+    os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))
+    fp2 = fingerprint(load_config(DPOConfig, overrides=base), world_size=2)
+    os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns - 10**9))
+    assert fp2 != fingerprint(load_config(DPOConfig, overrides=base), world_size=2)

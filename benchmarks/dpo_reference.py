@@ -37,7 +37,7 @@ def main() -> int:
     from vlmscale.engine.trainer import train_step
     from vlmscale.preference.objectives import DPOObjective
     from vlmscale.preference.reference import ReferenceCache, fingerprint
-    from vlmscale.preference.stage import _live_reference
+    from vlmscale.preference.stage import live_reference
 
     shutil.rmtree(args.out, ignore_errors=True)
     total = 2 * (args.warmup + args.steps)
@@ -53,7 +53,7 @@ def main() -> int:
                   flush_steps=cfg.dpo.cache_flush_steps, device=dev)
     barrier()
     fill = time.perf_counter() - t0
-    live = _live_reference(run)
+    live = live_reference(run)
     batches = iter(make_loader(run, pairs=True))
     times: dict[str, list[float]] = {"cached": [], "live": []}
     for name, reference in (("cached", cache), ("live", live)):

@@ -98,7 +98,7 @@ def train_reward_stage(cfg: RewardConfig) -> int:
 # ---------------------------------------------------------------- DPO
 
 
-def _live_reference(run: Run):
+def live_reference(run: Run):
     """The starting model again, frozen, in its own optimizer-less (ZeRO-3) engine."""
     cfg = run.cfg
     seed_everything(cfg.train.seed)  # a preset start is rebuilt from the same seed
@@ -126,7 +126,7 @@ def train_dpo_stage(cfg: DPOConfig) -> int:
                           start_step=run.start_step, segment_weight=cfg.dpo.segment_weight,
                           flush_steps=cfg.dpo.cache_flush_steps, device=device())
     else:
-        reference = _live_reference(run)
+        reference = live_reference(run)
     objective = DPOObjective(beta=cfg.dpo.beta, sft_weight=cfg.dpo.sft_weight, segment_weight=cfg.dpo.segment_weight,
                              reference=reference)
     if cfg.eval.at_start and run.start_step == 0:

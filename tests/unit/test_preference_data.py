@@ -142,3 +142,18 @@ def test_reference_cache_fingerprint_changes_with_weights_data_and_layout(tmp_pa
     fp2 = fingerprint(load_config(DPOConfig, overrides=base), world_size=2)
     os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns - 10**9))
     assert fp2 != fingerprint(load_config(DPOConfig, overrides=base), world_size=2)
+
+
+def test_yes_no_pairs_from_conversation_shards(tmp_path, demo_dir, tiny_assets):
+    from vlmscale.data.convert import yes_no_pairs
+
+    counts = yes_no_pairs(demo_dir / "train" / "vqa", out_dir=tmp_path / "pairs")
+    assert counts["written"] > 0 and counts["written"] == counts["chosen/yes"] + counts["chosen/no"]
+    assert counts["written"] + counts["skipped/no_yes_no_turn"] == len(ShardDataset(demo_dir / "train" / "vqa"))
+    data = ShardDataset(tmp_path / "pairs")
+    for i in range(3):
+        _, members = data.read(i)
+        record = json.loads(members["json"])
+        assert {record["chosen"], record["rejected"]} == {"yes", "no"}
+        assert record["messages"][-1]["role"] == "user" and "Is there a" in record["messages"][-1]["content"][-1]["text"]
+        render_pair(record, members, tiny_assets, max_seq_len=512)

@@ -136,3 +136,51 @@ def convert_preference(json_path: str | Path, *, image_root: str | Path, out_dir
         counts["written"] += 1
     writer.close()
     return dict(counts)
+
+
+def yes_no_pairs(shards: str | Path, *, out_dir: str | Path, shard_size: int = 5000) -> dict[str, int]:
+    """Correctional preference pairs from yes/no questions in conversation shards.
+
+    For each sample, its first assistant turn that is exactly "yes" or "no" becomes a pair: the
+    conversation up to that question is the prompt, the answer is chosen and the opposite rejected
+    (RLHF-V's hallucination probes as pairs; e.g. the demo's "Is there a ... in the image?" turns).
+    The sample's images are copied along. Samples without such a turn are counted, not written.
+    """
+    from vlmscale.data.shards import ShardDataset
+
+    data = ShardDataset(shards)
+    writer = ShardWriter(out_dir, max_count=shard_size)
+    counts: Counter = Counter()
+    for i in range(len(data)):
+        ref, members = data.read(i)
+        try:
+            record = json.loads(members["json"])
+            messages = record["messages"]
+        except (KeyError, ValueError, TypeError):
+            counts["skipped/bad_record"] += 1
+            continue
+        turn = next((t for t, m in enumerate(messages) if t > 0 and isinstance(m, dict) and m.get("role") == "assistant"
+                     and _text(m.get("content")).strip().lower() in ("yes", "no")), None)
+        if turn is None:
+            counts["skipped/no_yes_no_turn"] += 1
+            continue
+        answer = _text(messages[turn]["content"]).strip().lower()
+        pair = {"id": f"{record.get('id', ref.key)}-yesno{turn}", "task": "preference", "messages": messages[:turn],
+                "chosen": answer, "rejected": "no" if answer == "yes" else "yes"}
+        if "images" in record:
+            pair["images"] = record["images"]
+        out = {k: v for k, v in members.items() if k != "json"}
+        out["json"] = json.dumps(pair).encode()
+        writer.write(f"{ref.key.replace('.', '_')}yesno{turn}", out)
+        counts["written"] += 1
+        counts[f"chosen/{answer}"] += 1
+    writer.close()
+    return dict(counts)
+
+
+def _text(content: object) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+    return ""

@@ -44,10 +44,14 @@ def start_micro_batch(engine) -> None:
       every step.
     """
     from deepspeed.runtime.base_optimizer import ZeROOptimizer
+    from deepspeed.runtime.zero.parameter_offload import DeepSpeedZeRoOffload
 
     if isinstance(engine.optimizer, ZeROOptimizer):
         engine.optimizer.clear_backward_seen_flag()
-    offload = getattr(engine.optimizer, "parameter_offload", None)
+    if isinstance(engine.optimizer, DeepSpeedZeRoOffload):  # a ZeRO-3 engine without optimizer (frozen model)
+        offload = engine.optimizer
+    else:
+        offload = getattr(engine.optimizer, "parameter_offload", None)
     if offload is not None:
         offload.get_param_coordinator().reset_step()
 
@@ -132,3 +136,16 @@ def local_grad(p: torch.Tensor) -> torch.Tensor:
 def set_local_grad(p: torch.Tensor, value: torch.Tensor) -> None:
     """Overwrite this rank's slice of the reduced gradient (between the last backward and the step)."""
     deepspeed.utils.safe_set_local_grad(p, value)
+
+
+def frozen_engine(model: torch.nn.Module, ds_config: dict[str, Any]):
+    """A DeepSpeed engine without optimizer for a frozen model (e.g. DPO's live reference).
+
+    Under ZeRO-3 its parameters stay partitioned and are gathered per module in forward, like the
+    trained model's; drive it with :func:`start_micro_batch` before each forward, under ``torch.no_grad``.
+    """
+    for p in model.parameters():
+        p.requires_grad_(False)
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config, dist_init_required=False)
+    engine.eval()
+    return engine

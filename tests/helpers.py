@@ -14,7 +14,11 @@ USED_PORTS: set[int] = set()  # master ports this session launched with (their /
 
 
 def port(base: int, span: int) -> int:
-    """A master port for this test session, remembered for cleanup."""
+    """A master port for this test session, remembered for cleanup. ``VLMSCALE_TEST_PORTS=lo-hi`` keeps every
+    launch within that range (on a machine shared by several test sessions)."""
+    if os.environ.get("VLMSCALE_TEST_PORTS"):
+        lo, hi = map(int, os.environ["VLMSCALE_TEST_PORTS"].split("-"))
+        base, span = lo, hi - lo + 1
     p = base + os.getpid() % span
     USED_PORTS.add(p)
     return p

@@ -4,6 +4,7 @@ Layout under ``<output_dir>/checkpoints``::
 
     step-00000200/            DeepSpeed tag dir (model, optimizer, scheduler; client state)
     step-00000200/rng/rank-00000.pt   per-rank RNG states (plain tensors, weights_only-loadable)
+    step-00000200/<name>/     further engines of the run (PPO's critic), each a DeepSpeed tag dir
     step-00000200/COMMITTED   written last, by rank 0, after every rank finished writing
     latest                    name of the newest committed tag (temp file + fsync + rename)
 
@@ -79,11 +80,14 @@ class CheckpointManager:
         self.root = Path(output_dir) / "checkpoints"
         self.dist, self.keep_last = dist, keep_last
 
-    def save(self, engine, *, step: int, client_state: dict[str, Any]) -> Path:
-        """Collective: every rank writes its shards, then rank 0 commits."""
+    def save(self, engine, *, step: int, client_state: dict[str, Any], extra_engines: dict[str, Any] | None = None) -> Path:
+        """Collective: every rank writes its shards, then rank 0 commits. ``extra_engines`` (name -> engine)
+        are saved inside the same tag, so one commit covers them all."""
         tag = tag_for(step)
         t0 = time.time()
         engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
+        for name, other in (extra_engines or {}).items():
+            other.save_checkpoint(str(self.root / tag), tag=name, client_state={"step": step}, save_latest=False)
         rng_dir = self.root / tag / "rng"
         rng_dir.mkdir(parents=True, exist_ok=True)
         path = rng_dir / f"rank-{self.dist.rank:05d}.pt"
@@ -147,11 +151,16 @@ class CheckpointManager:
             raise ResumeError(f"resume={resume!r} must be a checkpoint under {self.root}")
         return named.name
 
-    def load(self, engine, tag: str) -> dict[str, Any]:
+    def load(self, engine, tag: str, extra_engines: dict[str, Any] | None = None) -> dict[str, Any]:
         path, client = engine.load_checkpoint(str(self.root), tag=tag, load_optimizer_states=True,
                                               load_lr_scheduler_states=True)
         if path is None:
             raise ResumeError(f"DeepSpeed could not load checkpoint {self.root / tag}; refusing to start from scratch")
+        for name, other in (extra_engines or {}).items():
+            path, _ = other.load_checkpoint(str(self.root / tag), tag=name, load_optimizer_states=True,
+                                            load_lr_scheduler_states=True)
+            if path is None:
+                raise ResumeError(f"DeepSpeed could not load {name} from {self.root / tag / name}; refusing to continue")
         rng_file = self.root / tag / "rng" / f"rank-{self.dist.rank:05d}.pt"
         if rng_file.is_file():
             set_rng_state(torch.load(rng_file, weights_only=True))

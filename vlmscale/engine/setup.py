@@ -15,7 +15,7 @@ import yaml
 
 from vlmscale.config.deepspeed import build_ds_config
 from vlmscale.config.load import to_dict
-from vlmscale.config.schema import RunConfig
+from vlmscale.config.schema import ModelConfig, RunConfig
 from vlmscale.data.dataset import StepBatchSampler, TrainDataset, collate, open_sources, pack_collate
 from vlmscale.engine.checkpoint import CheckpointManager
 from vlmscale.engine import safe_load
@@ -52,8 +52,8 @@ class Run:
     client_state: dict[str, Any]
 
 
-def setup_run(cfg: RunConfig) -> Run:
-    """Process group, model (partitioned under ZeRO-3), policy, engine, and resume."""
+def start_run(cfg: RunConfig) -> tuple[DistInfo, dict[str, Any]]:
+    """Process group, logging, the filled DeepSpeed config, ``config.yaml`` and the seeds."""
     dist = init_distributed()
     setup_logging(dist.rank)
     ds_config = build_ds_config(cfg, world_size=dist.world_size)
@@ -62,11 +62,48 @@ def setup_run(cfg: RunConfig) -> Run:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     seed_everything(cfg.train.seed)
-    dtype = torch.bfloat16 if cfg.train.bf16 else torch.float32
+    return dist, ds_config
+
+
+def build_partitioned(model_cfg: ModelConfig, *, ds_config: dict[str, Any], max_tiles: int, dtype: torch.dtype,
+                      name: str = "model"):
+    """``build_model`` inside the ZeRO-3 scope: no rank ever holds the whole model."""
     with zero3_model_scope(ds_config):
-        model, assets = build_model(cfg.model, max_tiles=cfg.data.max_tiles, dtype=dtype, load_weights=load_weights)
+        model, assets = build_model(model_cfg, max_tiles=max_tiles, dtype=dtype, load_weights=load_weights)
     held, total = local_param_share(model)
-    log.info("parameters on this rank after build: %s of %s (%.0f%%)", f"{held:,}", f"{total:,}", 100 * held / max(total, 1))
+    log.info("%s parameters on this rank after build: %s of %s (%.0f%%)", name, f"{held:,}", f"{total:,}",
+             100 * held / max(total, 1))
+    return model, assets
+
+
+def open_checkpoints(cfg: RunConfig, dist: DistInfo) -> CheckpointManager:
+    """The run's checkpoint manager, torn saves removed (collective)."""
+    checkpoints = CheckpointManager(Path(cfg.output_dir), dist=dist, keep_last=cfg.checkpoint.keep_last)
+    if dist.is_main:
+        checkpoints.clean_partial()
+    barrier()
+    return checkpoints
+
+
+def resume(cfg: RunConfig, checkpoints: CheckpointManager, engine,
+           extra_engines: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
+    """``(start step, client state)`` after loading the checkpoint ``cfg.resume`` names, if any."""
+    tag = checkpoints.find(cfg.resume)
+    if tag is None:
+        if cfg.resume == "auto":
+            log.info("no checkpoint in %s: starting from scratch", checkpoints.root)
+        return 0, {}
+    client = checkpoints.load(engine, tag, extra_engines=extra_engines)
+    start_step = int(client["step"])
+    log.info("resumed from %s at step %d (%d samples seen)", tag, start_step, client.get("samples_seen", 0))
+    return start_step, client
+
+
+def setup_run(cfg: RunConfig) -> Run:
+    """Process group, model (partitioned under ZeRO-3), policy, engine, and resume."""
+    dist, ds_config = start_run(cfg)
+    dtype = torch.bfloat16 if cfg.train.bf16 else torch.float32
+    model, assets = build_partitioned(cfg.model, ds_config=ds_config, max_tiles=cfg.data.max_tiles, dtype=dtype)
     ac = cfg.train.activation_checkpointing
     enable_activation_checkpointing(model, llm=ac.llm, vision=ac.vision)
     if cfg.lora.enabled:
@@ -76,20 +113,9 @@ def setup_run(cfg: RunConfig) -> Run:
     log.info("parameter policy (%s):\n%s", cfg.stage, summary.table())
     engine, _ = create_engine(model, param_groups=groups, ds_config=ds_config, optim=cfg.optim, max_steps=cfg.train.max_steps)
     safe_load.install(engine)
-    checkpoints = CheckpointManager(out, dist=dist, keep_last=cfg.checkpoint.keep_last)
-    if dist.is_main:
-        checkpoints.clean_partial()
-    barrier()
-    tag = checkpoints.find(cfg.resume)
-    client: dict[str, Any] = {}
-    start_step = 0
-    if tag is not None:
-        client = checkpoints.load(engine, tag)
-        start_step = int(client["step"])
-        log.info("resumed from %s at step %d (%d samples seen)", tag, start_step, client.get("samples_seen", 0))
-    elif cfg.resume == "auto":
-        log.info("no checkpoint in %s: starting from scratch", checkpoints.root)
-    metrics = MetricsLogger(out, enabled=dist.is_main, resume_step=start_step)
+    checkpoints = open_checkpoints(cfg, dist)
+    start_step, client = resume(cfg, checkpoints, engine)
+    metrics = MetricsLogger(Path(cfg.output_dir), enabled=dist.is_main, resume_step=start_step)
     return Run(cfg, dist, ds_config, engine, assets, checkpoints, metrics, start_step, client)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -47,6 +48,19 @@ def create_engine(model: torch.nn.Module, *, param_groups: list[dict], ds_config
         model_parameters=None, dist_init_required=False,
     )
     return engine, scheduler
+
+
+def create_frozen_engine(model: torch.nn.Module, *, ds_config: dict[str, Any]):
+    """An engine without optimizer for a model that only runs forwards (PPO's reward model and reference).
+
+    Under ZeRO-3 DeepSpeed keeps the parameters partitioned and gathers each module for its forward,
+    exactly as in a training engine; nothing requires a gradient.
+    """
+    for p in model.parameters():
+        p.requires_grad_(False)
+    engine, *_ = deepspeed.initialize(model=model, config=copy.deepcopy(ds_config), dist_init_required=False)
+    engine.eval()
+    return engine
 
 
 @dataclass

@@ -42,9 +42,15 @@ def start_micro_batch(engine) -> None:
     - ZeRO-3's parameter coordinator starts a new step there. Without it the coordinator never
       completes its trace of the fetch order, so it never prefetches and its recorded order grows
       every step.
+
+    Frozen ZeRO-3 engines (no optimizer) hold a bare ``DeepSpeedZeRoOffload``: only the reset applies.
     """
     from deepspeed.runtime.base_optimizer import ZeROOptimizer
+    from deepspeed.runtime.zero.parameter_offload import DeepSpeedZeRoOffload
 
+    if isinstance(engine.optimizer, DeepSpeedZeRoOffload):
+        engine.optimizer.get_param_coordinator().reset_step()
+        return
     if isinstance(engine.optimizer, ZeROOptimizer):
         engine.optimizer.clear_backward_seen_flag()
     offload = getattr(engine.optimizer, "parameter_offload", None)
@@ -132,3 +138,14 @@ def local_grad(p: torch.Tensor) -> torch.Tensor:
 def set_local_grad(p: torch.Tensor, value: torch.Tensor) -> None:
     """Overwrite this rank's slice of the reduced gradient (between the last backward and the step)."""
     deepspeed.utils.safe_set_local_grad(p, value)
+
+
+@contextlib.contextmanager
+def partitioned_init(ds_config: dict[str, Any]) -> Iterator[None]:
+    """Modules constructed inside are ZeRO-3 partitioned as they are built (e.g. a head added to a
+    model that ``zero3_model_scope`` already partitioned); a no-op below stage 3."""
+    if zero_stage(ds_config) != 3:
+        yield
+        return
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):
+        yield

@@ -3,6 +3,7 @@
     vlmscale data demo --out DIR
     vlmscale model init --preset demo --out DIR
     vlmscale data convert llava --json FILE --image-root DIR --out DIR
+    vlmscale data convert preference --json FILE --image-root DIR --out DIR   (RLAIF-V / RLHF-V pairs)
     vlmscale eval SUITE[,SUITE] --model DIR --data DIR [--reference DIR] [--vcd] [--out FILE.json]
     vlmscale eval compare A.json B.json
     vlmscale ewc fisher --model DIR --data DIR --out DIR [--samples N] [--params llm|vision|both]
@@ -48,9 +49,10 @@ def _model_init(args) -> int:
 
 
 def _data_convert(args) -> int:
-    from vlmscale.data.convert import convert_llava
+    from vlmscale.data.convert import convert_llava, convert_preference
 
-    counts = convert_llava(args.json, image_root=args.image_root, out_dir=args.out, shard_size=args.shard_size)
+    convert = {"llava": convert_llava, "preference": convert_preference}[args.format]
+    counts = convert(args.json, image_root=args.image_root, out_dir=args.out, shard_size=args.shard_size)
     print(json.dumps(counts, indent=2))
     return 0 if counts.get("written") else 1
 
@@ -169,6 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
     llava.add_argument("--out", required=True)
     llava.add_argument("--shard-size", type=int, default=1000)
     llava.set_defaults(func=_data_convert)
+    pref = fmt.add_parser("preference", help="RLAIF-V / RLHF-V preference pairs (question, chosen, rejected, image)")
+    pref.add_argument("--json", required=True)
+    pref.add_argument("--image-root", required=True)
+    pref.add_argument("--out", required=True)
+    pref.add_argument("--shard-size", type=int, default=1000)
+    pref.set_defaults(func=_data_convert)
 
     model = sub.add_parser("model", help="model utilities").add_subparsers(dest="model_command", required=True)
     init = model.add_parser("init", help="export an untrained preset model in HF format")

@@ -3,6 +3,8 @@
 from vlmscale.config.load import ConfigError, load_config, parse_cli, to_dict
 from vlmscale.config.schema import (
     AlignConfig,
+    DPOConfig,
+    RewardConfig,
     PretrainConfig,
     RunConfig,
     CheckpointConfig,
@@ -24,6 +26,8 @@ from vlmscale.config.schema import (
 
 __all__ = [
     "AlignConfig",
+    "DPOConfig",
+    "RewardConfig",
     "PretrainConfig",
     "RunConfig",
     "CheckpointConfig",

@@ -412,6 +412,92 @@ class PretrainConfig(RunConfig):
     eval: EvalConfig = field(default_factory=lambda: EvalConfig(suites=["caption", "text", "drift"]))
 
 
+# ---------------------------------------------------------------- preference stages (docs/preference.md)
+
+
+def _pref_data() -> DataConfig:
+    return DataConfig(sources=[SourceConfig(name="pref", path="demo:train/pref", weight=1.0)])
+
+
+def _check_pairs(cfg: RunConfig) -> None:
+    if cfg.data.packing:
+        raise ConfigError("data.packing: preference stages score each answer in its own row; set data.packing=false")
+    if any(s.text_only for s in cfg.data.sources) or cfg.data.text_fraction is not None:
+        raise ConfigError("data.sources: a preference stage trains on pairs only; drop text_only / data.text_fraction")
+
+
+@dataclass
+class RewardSection:
+    heldout_pairs: str = "demo:heldout/pref"  # pairs scored for held-out accuracy at the end ("" = skip)
+
+
+@dataclass
+class RewardConfig(RunConfig):
+    """Bradley-Terry reward model: the VLM with a scalar head on the last token, trained on preference pairs."""
+
+    stage: Literal["reward"] = "reward"
+    output_dir: str = "runs/reward-demo"
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(init_from="runs/sft-demo/hf"))
+    data: DataConfig = field(default_factory=_pref_data)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=10))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=150, micro_batch_size=8))
+    checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(every_steps=50))
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(suites=[], at_end=False))
+    reward: RewardSection = field(default_factory=RewardSection)
+
+    def validate(self) -> None:
+        _check_pairs(self)
+        if self.lora.enabled:
+            raise ConfigError("lora.enabled: the reward model trains its LLM and head in full; set lora.enabled=false")
+        if self.eval.suites and self.eval.at_end:
+            raise ConfigError("eval.suites: a reward model does not generate; leave eval.suites empty "
+                              "(held-out pair accuracy is always reported)")
+        super().validate()
+
+
+@dataclass
+class DPOSection:
+    beta: float = 0.1  # strength of the KL anchor to the reference model
+    reference: Literal["cached", "live"] = "cached"  # reference log-probs precomputed once, or a frozen 2nd engine
+    sft_weight: float = 0.0  # adds sft_weight x the mean NLL of the chosen answer (0 = pure DPO)
+    segment_weight: float = 1.0  # RLHF-V dense weighting: tokens where the answers differ count this much (1 = off)
+    cache_flush_steps: int = 20  # cached reference: each rank commits its shard every N steps (resumable)
+
+    def validate(self) -> None:
+        if self.beta <= 0:
+            raise ConfigError("dpo.beta must be > 0 (typical 0.1)")
+        if self.sft_weight < 0:
+            raise ConfigError("dpo.sft_weight must be >= 0 (0 disables the SFT term)")
+        if self.segment_weight <= 0:
+            raise ConfigError("dpo.segment_weight must be > 0 (1 disables dense weighting; RLHF-V uses 5)")
+        if self.reference not in ("cached", "live"):
+            raise ConfigError("dpo.reference must be cached or live")
+        if self.cache_flush_steps < 1:
+            raise ConfigError("dpo.cache_flush_steps must be >= 1")
+
+
+@dataclass
+class DPOConfig(RunConfig):
+    """Direct preference optimisation (sigmoid loss, RLHF-V / RLAIF-V style) from an SFT model."""
+
+    stage: Literal["dpo"] = "dpo"
+    output_dir: str = "runs/dpo-demo"
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(init_from="runs/sft-demo/hf"))
+    data: DataConfig = field(default_factory=_pref_data)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-5, warmup_steps=10))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=100, micro_batch_size=8))
+    checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(every_steps=50))
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(suites=["pope"], at_start=True))
+    dpo: DPOSection = field(default_factory=DPOSection)
+
+    def validate(self) -> None:
+        _check_pairs(self)
+        self.dpo.validate()
+        if self.lora.enabled and self.dpo.reference == "live":
+            raise ConfigError("dpo.reference=live with lora.enabled: use the cached reference (the default)")
+        super().validate()
+
+
 # ---------------------------------------------------------------- PPO (recipes/ppo.py, docs/ppo.md)
 
 

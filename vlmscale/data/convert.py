@@ -13,13 +13,13 @@ log = logging.getLogger(__name__)
 LLAVA_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
 
 
-def _load_records(path: Path) -> list[dict]:
+def _load_records(path: Path, what: str = "LLaVA samples") -> list[dict]:
     text = path.read_text()
     if path.suffix == ".jsonl":
         return [json.loads(line) for line in text.splitlines() if line.strip()]
     data = json.loads(text)
     if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list of LLaVA samples")
+        raise ValueError(f"{path}: expected a JSON list of {what}")
     return data
 
 
@@ -66,6 +66,71 @@ def convert_llava(json_path: str | Path, *, image_root: str | Path, out_dir: str
         record = {"id": str(item.get("id", key)), "messages": messages}
         if names:
             record["images"] = names
+        members["json"] = json.dumps(record).encode()
+        writer.write(key, members)
+        counts["written"] += 1
+    writer.close()
+    return dict(counts)
+
+
+def _pair_fields(item: dict) -> dict:
+    """RLHF-V keeps question/chosen/rejected in a ``text`` field (a JSON string); RLAIF-V at top level."""
+    inner = item.get("text")
+    if isinstance(inner, str) and inner.lstrip().startswith("{"):
+        inner = json.loads(inner)
+    return {**item, **inner} if isinstance(inner, dict) else item
+
+
+def convert_preference(json_path: str | Path, *, image_root: str | Path, out_dir: str | Path,
+                       shard_size: int = 1000) -> dict[str, int]:
+    """RLAIF-V / RLHF-V style JSON or JSONL -> preference shards (``vlmscale.data.preference``).
+
+    Each record needs ``question``, ``chosen`` and ``rejected`` strings (top level, or inside ``text``
+    as RLHF-V writes them) and an image file under ``image_root`` named by ``image_path`` or ``image``
+    (none for a text-only pair). A ``<image>`` placeholder in the question places the image; without
+    one the image goes first. Bad records are skipped, counted by reason and logged.
+    """
+    json_path, image_root = Path(json_path), Path(image_root)
+    writer = ShardWriter(out_dir, max_count=shard_size)
+    counts: Counter = Counter()
+    for n, raw in enumerate(_load_records(json_path, "preference records")):
+        key = f"pref{n:09d}"
+        try:
+            item = _pair_fields(raw) if isinstance(raw, dict) else None
+        except json.JSONDecodeError:
+            item = None
+        if item is None:
+            log.warning("record %d: not an object (or unreadable 'text'); skipped", n)
+            counts["skipped/bad_record"] += 1
+            continue
+        fields = [item.get(k) for k in ("question", "chosen", "rejected")]
+        if not all(isinstance(f, str) and f.strip() for f in fields):
+            log.warning("record %s: question, chosen and rejected must be non-empty strings; skipped", item.get("idx", n))
+            counts["skipped/missing_field"] += 1
+            continue
+        question, chosen, rejected = fields
+        if chosen == rejected:
+            log.warning("record %s: chosen equals rejected; skipped", item.get("idx", n))
+            counts["skipped/identical_answers"] += 1
+            continue
+        rel = item.get("image_path") or item.get("image")
+        members: dict[str, bytes] = {}
+        if rel is not None:
+            src = image_root / str(rel) if isinstance(rel, str) else None
+            if src is None or not src.is_file():
+                log.warning("record %s: image %s not found; skipped", item.get("idx", n), src or rel)
+                counts["skipped/missing_image"] += 1
+                continue
+            members["img0" + (src.suffix.lower() or ".jpg")] = src.read_bytes()
+        if members and "<image>" not in question:
+            question = "<image>\n" + question
+        record = {"id": str(item.get("idx", item.get("id", key))), "task": "preference",
+                  "messages": [{"role": "user", "content": question}], "chosen": chosen, "rejected": rejected}
+        if members:
+            record["images"] = list(members)
+        for extra in ("ds_name", "origin_dataset"):
+            if extra in item:
+                record[extra] = item[extra]
         members["json"] = json.dumps(record).encode()
         writer.write(key, members)
         counts["written"] += 1

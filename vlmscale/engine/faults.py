@@ -11,6 +11,7 @@ by ``;``. Unset (the default), every hook is a no-op.
     nan@step>=3,rank=0     ... at every step from 3 on
     stop@step=5,rank=1     SIGSTOP rank 1 as step 5 begins (a hung rank)
     stall@step>=7          sleep 1 s before each step from 7 on (a slow run, to signal it mid-way)
+    kill@refcache=3,rank=0 SIGKILL rank 0 after the DPO reference cache's step 3 is computed
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import time
 from dataclasses import dataclass
 
 ENV = "VLMSCALE_FAULT"
-_SPEC = re.compile(r"^(kill|nan|stop|stall)@(step|save|retain)(>=|=)(\d+)(?:,rank=(\d+))?$")
+_SPEC = re.compile(r"^(kill|nan|stop|stall)@(step|save|retain|refcache)(>=|=)(\d+)(?:,rank=(\d+))?$")
 
 
 @dataclass(frozen=True)

@@ -27,12 +27,11 @@ from vlmscale.data.shards import ShardDataset
 from vlmscale.engine.distributed import DistInfo, all_reduce_sum
 from vlmscale.engine.progress import NonFiniteTraining
 from vlmscale.engine.setup import build_partitioned
-from vlmscale.engine.trainer import create_engine, create_frozen_engine
-from vlmscale.engine.zero import load_weights, partitioned_init, start_micro_batch
+from vlmscale.engine.trainer import create_engine
+from vlmscale.engine.zero import frozen_engine, load_weights, partitioned_init, start_micro_batch
 from vlmscale.eval.generate import generate
-from vlmscale.model.build import LazyTensor
 from vlmscale.model.forward import vlm_logits
-from vlmscale.model.heads import ScalarHeadModel, head_path, last_token_scores
+from vlmscale.model.heads import ScalarHeadModel, head_weights, last_token_scores, token_values
 from vlmscale.model.policy import apply_policy
 from vlmscale.model.tokenizer import IM_END, ProcessorAssets
 from vlmscale.objectives import ppo as objective
@@ -53,16 +52,16 @@ class PPOEngines:
 
 def build_scalar_head(path: str, *, model_cfg: ModelConfig, ds_config: dict[str, Any], max_tiles: int,
                       dtype: torch.dtype, name: str) -> ScalarHeadModel:
-    """A reward-model export (HF InternVL dir + ``score_head.safetensors``) as a partitioned ScalarHeadModel."""
-    head = head_path(path)
-    if not head.is_file():
-        raise ValueError(f"{path!r} has no {head.name}: a reward export holds the VLM and its score head "
-                         "(recipes/reward.py writes <output_dir>/hf)")
+    """A reward-model export (HF InternVL dir + ``score_head.safetensors``) as a partitioned ScalarHeadModel.
+
+    Like ``heads.load_scalar_head_model``, but the head too is partitioned as it is built, so no part of
+    the model is ever whole on a rank."""
+    weights = head_weights(path)  # checks the head file is there before anything is built
     vlm, _ = build_partitioned(dataclasses.replace(model_cfg, init_from=path), ds_config=ds_config, max_tiles=max_tiles,
                                dtype=dtype, name=name)
     with partitioned_init(ds_config):
         model = ScalarHeadModel(vlm)
-    load_weights(model, {"score.weight": LazyTensor(head, "weight"), "score.bias": LazyTensor(head, "bias")})
+    load_weights(model, weights)
     return model
 
 
@@ -90,8 +89,7 @@ def build_engines(cfg: PPOConfig, *, ds_config: dict[str, Any]) -> tuple[PPOEngi
     critic_engine, _ = create_engine(critic, param_groups=groups, ds_config=ds_config,
                                      optim=dataclasses.replace(cfg.optim, lr=cfg.ppo.critic_lr), max_steps=updates)
     engines = PPOEngines(actor=actor_engine, critic=critic_engine,
-                         reward=create_frozen_engine(reward, ds_config=ds_config),
-                         reference=create_frozen_engine(reference, ds_config=ds_config))
+                         reward=frozen_engine(reward, ds_config), reference=frozen_engine(reference, ds_config))
     return engines, assets
 
 
@@ -217,7 +215,7 @@ def response_logits(engine, ro: Rollout, idx: list[int], *, device: torch.device
 def response_values(engine, ro: Rollout, idx: list[int], *, device: torch.device) -> torch.Tensor:
     """``(len(idx), T)`` the critic's value of the state before each response token."""
     start_micro_batch(engine)
-    values = engine.module(**ro.inputs(idx, device=device))
+    values = token_values(engine.module, **ro.inputs(idx, device=device))
     return _at(values, ro.positions[idx].clamp(max=values.shape[1] - 1))
 
 
@@ -242,7 +240,7 @@ def make_rollout(engines: PPOEngines, prompts: list[Rendered], *, cfg: PPOConfig
         values.append(response_values(engines.critic, ro, idx, device=device).cpu())
         start_micro_batch(engines.reward)
         inputs = ro.inputs(idx, device=device, reward=True)
-        score.append(last_token_scores(engines.reward.module(**inputs), inputs["attention_mask"]).cpu())
+        score.append(last_token_scores(token_values(engines.reward.module, **inputs), inputs["attention_mask"]).cpu())
     ro.logp, ro.ref_logp, ro.values = torch.cat(logp), torch.cat(ref_logp), torch.cat(values) * ro.mask
     ro.entropy, ro.score = torch.cat(ent), torch.cat(score)
     return ro

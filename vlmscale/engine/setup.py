@@ -7,7 +7,7 @@ import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -17,6 +17,7 @@ from vlmscale.config.deepspeed import build_ds_config
 from vlmscale.config.load import to_dict
 from vlmscale.config.schema import ModelConfig, RunConfig
 from vlmscale.data.dataset import StepBatchSampler, TrainDataset, collate, open_sources, pack_collate
+from vlmscale.data.preference import PairDataset, pair_collate
 from vlmscale.engine.checkpoint import CheckpointManager
 from vlmscale.engine import safe_load
 from vlmscale.engine.distributed import DistInfo, barrier, init_distributed
@@ -99,8 +100,12 @@ def resume(cfg: RunConfig, checkpoints: CheckpointManager, engine,
     return start_step, client
 
 
-def setup_run(cfg: RunConfig) -> Run:
-    """Process group, model (partitioned under ZeRO-3), policy, engine, and resume."""
+def setup_run(cfg: RunConfig, *, wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None) -> Run:
+    """Process group, model (partitioned under ZeRO-3), policy, engine, and resume.
+
+    ``wrap`` turns the built VLM into the trained module (e.g. ``vlmscale.model.heads.ScalarHeadModel``)
+    after activation checkpointing and LoRA are applied to the VLM, before the policy and the engine.
+    """
     dist, ds_config = start_run(cfg)
     dtype = torch.bfloat16 if cfg.train.bf16 else torch.float32
     model, assets = build_partitioned(cfg.model, ds_config=ds_config, max_tiles=cfg.data.max_tiles, dtype=dtype)
@@ -108,6 +113,8 @@ def setup_run(cfg: RunConfig) -> Run:
     enable_activation_checkpointing(model, llm=ac.llm, vision=ac.vision)
     if cfg.lora.enabled:
         add_lora(model, cfg.lora)
+    if wrap is not None:
+        model = wrap(model)
     groups, summary = apply_policy(model, cfg.policy, base_lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
                                    lora=cfg.lora.enabled)
     log.info("parameter policy (%s):\n%s", cfg.stage, summary.table())
@@ -119,14 +126,16 @@ def setup_run(cfg: RunConfig) -> Run:
     return Run(cfg, dist, ds_config, engine, assets, checkpoints, metrics, start_step, client)
 
 
-def make_loader(run: Run) -> torch.utils.data.DataLoader:
+def make_loader(run: Run, *, pairs: bool = False, start_step: int | None = None) -> torch.utils.data.DataLoader:
+    """Each rank's micro-batches from ``start_step`` (default: the resume step) to ``train.max_steps``;
+    ``pairs``: preference pairs (``vlmscale.data.preference``) instead of single samples."""
     cfg = run.cfg
     sources = open_sources(cfg.data)
     weights = cfg.data.mixture_weights()
     if run.dist.is_main:
         total = sum(weights)
         log.info("data mixture: %s", ", ".join(f"{s.name or s.path} {w / total:.1%}" for s, w in zip(cfg.data.sources, weights)))
-    dataset = TrainDataset(
+    dataset = (PairDataset if pairs else TrainDataset)(
         sources=sources,
         names=[s.name or s.path for s in cfg.data.sources],
         weights=weights,
@@ -137,10 +146,13 @@ def make_loader(run: Run) -> torch.utils.data.DataLoader:
     )
     sampler = StepBatchSampler(
         rank=run.dist.rank, world_size=run.dist.world_size, micro_batch_size=cfg.train.micro_batch_size,
-        grad_accum_steps=cfg.train.grad_accum_steps, start_step=run.start_step, max_steps=cfg.train.max_steps,
+        grad_accum_steps=cfg.train.grad_accum_steps, start_step=run.start_step if start_step is None else start_step,
+        max_steps=cfg.train.max_steps,
     )
     pad = run.assets.tokenizer.pad_token_id
-    if cfg.data.packing:
+    if pairs:
+        collate_fn = functools.partial(pair_collate, pad_id=pad)
+    elif cfg.data.packing:
         collate_fn = functools.partial(pack_collate, pad_id=pad, max_len=cfg.data.max_seq_len)
     else:
         collate_fn = functools.partial(collate, pad_id=pad)

@@ -42,18 +42,16 @@ def start_micro_batch(engine) -> None:
     - ZeRO-3's parameter coordinator starts a new step there. Without it the coordinator never
       completes its trace of the fetch order, so it never prefetches and its recorded order grows
       every step.
-
-    Frozen ZeRO-3 engines (no optimizer) hold a bare ``DeepSpeedZeRoOffload``: only the reset applies.
     """
     from deepspeed.runtime.base_optimizer import ZeROOptimizer
     from deepspeed.runtime.zero.parameter_offload import DeepSpeedZeRoOffload
 
-    if isinstance(engine.optimizer, DeepSpeedZeRoOffload):
-        engine.optimizer.get_param_coordinator().reset_step()
-        return
     if isinstance(engine.optimizer, ZeROOptimizer):
         engine.optimizer.clear_backward_seen_flag()
-    offload = getattr(engine.optimizer, "parameter_offload", None)
+    if isinstance(engine.optimizer, DeepSpeedZeRoOffload):  # a ZeRO-3 engine without optimizer (frozen model)
+        offload = engine.optimizer
+    else:
+        offload = getattr(engine.optimizer, "parameter_offload", None)
     if offload is not None:
         offload.get_param_coordinator().reset_step()
 
@@ -149,3 +147,16 @@ def partitioned_init(ds_config: dict[str, Any]) -> Iterator[None]:
         return
     with deepspeed.zero.Init(config_dict_or_path=ds_config):
         yield
+
+
+def frozen_engine(model: torch.nn.Module, ds_config: dict[str, Any]):
+    """A DeepSpeed engine without optimizer for a frozen model (e.g. DPO's live reference).
+
+    Under ZeRO-3 its parameters stay partitioned and are gathered per module in forward, like the
+    trained model's; drive it with :func:`start_micro_batch` before each forward, under ``torch.no_grad``.
+    """
+    for p in model.parameters():
+        p.requires_grad_(False)
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config, dist_init_required=False)
+    engine.eval()
+    return engine

@@ -12,8 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
+from vlmscale.model.build import LazyTensor, load_pretrained
 from vlmscale.model.forward import vlm_hidden
 
 HEAD_FILE = "score_head.safetensors"
@@ -33,8 +35,14 @@ class ScalarHeadModel(nn.Module):
 
     def forward(self, **kwargs) -> torch.Tensor:
         """Per-token scalars ``(rows, L)`` in fp32; arguments as :func:`vlm_hidden`."""
-        hidden = vlm_hidden(self.vlm, **kwargs)
-        return self.score(hidden).squeeze(-1).float()
+        return token_values(self, **kwargs)
+
+
+def token_values(model: ScalarHeadModel, **kwargs) -> torch.Tensor:
+    """What ``model(**kwargs)`` returns, without calling the top module: training code drives the
+    sub-modules directly, like :func:`vlmscale.model.forward.vlm_logits` (see ``engine.zero.start_micro_batch``)."""
+    hidden = vlm_hidden(model.vlm, **kwargs)
+    return model.score(hidden).squeeze(-1).float()
 
 
 def last_token_scores(values: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -55,3 +63,37 @@ def split_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor]
 
 def head_path(export_dir: str | Path) -> Path:
     return Path(export_dir) / HEAD_FILE
+
+
+def save_head(head: dict[str, torch.Tensor], export_dir: str | Path) -> Path:
+    """Write the head (``weight`` (1, hidden), ``bias`` (1,)) next to an HF export."""
+    if set(head) != {"weight", "bias"} or head["weight"].dim() != 2 or head["weight"].shape[0] != 1:
+        raise ValueError(f"a score head is weight (1, hidden) and bias (1,); got {({k: tuple(v.shape) for k, v in head.items()})}")
+    path = head_path(export_dir)
+    save_file({k: v.detach().cpu().contiguous() for k, v in head.items()}, str(path))
+    return path
+
+
+def head_weights(export_dir: str | Path) -> dict[str, LazyTensor]:
+    """The saved head as named tensors of a :class:`ScalarHeadModel` (``score.weight``, ``score.bias``),
+    for ``vlmscale.engine.zero.load_weights`` (partition-aware) or ``load_weights_plain``."""
+    path = head_path(export_dir)
+    if not path.is_file():
+        raise ValueError(f"{export_dir}: no {HEAD_FILE}; expected a reward-model export (recipes/reward.py writes <output_dir>/hf)")
+    return {f"score.{k}": LazyTensor(path, k) for k in ("weight", "bias")}
+
+
+def load_scalar_head_model(export_dir: str | Path, *, dtype: torch.dtype, max_tiles: int | None = None,
+                           load_weights=None):
+    """``(ScalarHeadModel, assets)`` from a reward-model export: the HF InternVL dir plus its head.
+
+    Call inside ``vlmscale.engine.zero.zero3_model_scope`` with ``load_weights=vlmscale.engine.zero.load_weights``
+    to get the VLM partitioned under ZeRO-3 (the head, one small Linear, is partitioned by
+    ``deepspeed.initialize``); without them everything loads whole on this process.
+    """
+    from vlmscale.model.build import load_weights_plain
+
+    vlm, assets = load_pretrained(str(export_dir), max_tiles=max_tiles, dtype=dtype)
+    model = ScalarHeadModel(vlm)
+    (load_weights or load_weights_plain)(model, head_weights(export_dir))
+    return model, assets

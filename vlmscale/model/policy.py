@@ -15,11 +15,16 @@ import torch
 from vlmscale.config.schema import ModulePolicy, PolicyConfig
 
 log = logging.getLogger(__name__)
-MODULES = ("vision", "projector", "llm")
-_VISION_LAYER = re.compile(r"^model\.vision_tower\.encoder\.layer\.(\d+)\.")
+MODULES = ("vision", "projector", "llm", "head")
+_VISION_LAYER = re.compile(r"^(?:vlm\.)?model\.vision_tower\.encoder\.layer\.(\d+)\.")
+HEAD_RULE = ModulePolicy()  # a scalar head (vlmscale.model.heads) always trains, at optim.lr
 
 
 def module_of(name: str) -> str:
+    """vision / projector / llm, or head for a scalar head; a :class:`ScalarHeadModel`'s VLM is under ``vlm.``."""
+    if name.startswith("score."):
+        return "head"
+    name = name.removeprefix("vlm.")
     if name.startswith("model.vision_tower."):
         return "vision"
     if name.startswith("model.multi_modal_projector."):
@@ -54,6 +59,8 @@ class PolicySummary:
     def table(self) -> str:
         rows = [f"{'module':<10} {'trainable':>14} {'frozen':>14}"]
         for m in MODULES:
+            if m == "head" and not self.trainable[m] + self.frozen[m]:
+                continue
             rows.append(f"{m:<10} {self.trainable[m]:>14,} {self.frozen[m]:>14,}")
         rows.append(f"{'total':<10} {sum(self.trainable.values()):>14,} {sum(self.frozen.values()):>14,}")
         return "\n".join(rows)
@@ -71,7 +78,7 @@ def apply_policy(model: torch.nn.Module, policy: PolicyConfig, *, base_lr: float
     frozen = dict.fromkeys(MODULES, 0)
     for name, p in model.named_parameters():
         module = module_of(name)
-        rule: ModulePolicy = getattr(policy, module)
+        rule: ModulePolicy = HEAD_RULE if module == "head" else getattr(policy, module)
         on = _trainable(name, rule, lora=lora)
         p.requires_grad_(on)
         (trainable if on else frozen)[module] += numel(p)
@@ -80,7 +87,7 @@ def apply_policy(model: torch.nn.Module, policy: PolicyConfig, *, base_lr: float
             groups.setdefault((module, decay), []).append(p)
     param_groups = []
     for (module, decay), params in groups.items():
-        rule = getattr(policy, module)
+        rule = HEAD_RULE if module == "head" else getattr(policy, module)
         param_groups.append({
             "params": params,
             "lr": rule.lr if rule.lr is not None else base_lr,

@@ -1,0 +1,1 @@
+"""Preference alignment: pair losses, the reward and DPO objectives, the DPO reference cache."""

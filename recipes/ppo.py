@@ -31,8 +31,8 @@ from vlmscale.engine import faults, safe_load
 from vlmscale.engine.distributed import device
 from vlmscale.engine.launch import recipe_main
 from vlmscale.engine.metrics import MetricsLogger
-from vlmscale.engine.ppo import (PromptStream, advantages, build_engines, make_rollout, ppo_update,
-                                 rollout_generator, step_metrics)
+from vlmscale.engine.ppo import (PromptStream, advantages, banned_tokens, build_engines, chosen_matches, make_rollout,
+                                 ppo_update, rollout_generator, step_metrics)
 from vlmscale.engine.preemption import Preempted, StopFlag
 from vlmscale.engine.setup import open_checkpoints, resume, start_run
 from vlmscale.engine.trainer import export_hf
@@ -74,14 +74,16 @@ def train_ppo(cfg: PPOConfig) -> int:
         watchdog.beat()
         faults.fire("step", done)
         t0 = time.time()
-        batch, _ = prompts.prompts(step=step, rank=dist.rank, world_size=dist.world_size, count=per_rank)
+        batch, chosen = prompts.prompts(step=step, rank=dist.rank, world_size=dist.world_size, count=per_rank)
         generator = rollout_generator(cfg.train.seed, step=step, rank=dist.rank)
         rollout = make_rollout(engines, batch, cfg=cfg, assets=assets, dist=dist, generator=generator, device=dev)
         adv = advantages(rollout, cfg=cfg, kl_coef=kl_ctl.coef)
         t_rollout = time.time() - t0
         update = ppo_update(engines, rollout, adv, cfg=cfg, world_size=dist.world_size, generator=generator,
-                            device=dev, poison=faults.poison_loss(done))
-        row = {"step": done, **step_metrics(rollout, adv, update), "kl_coef": kl_ctl.coef,
+                            device=dev, banned=banned_tokens(assets), train_actor=done > cfg.ppo.freeze_actor_steps,
+                            poison=faults.poison_loss(done))
+        matches = chosen_matches(rollout, chosen, assets=assets)
+        row = {"step": done, **step_metrics(rollout, adv, update, matches=matches), "kl_coef": kl_ctl.coef,
                "lr": engines.actor.get_lr()[0], "actor_grad_norm": float(engines.actor.get_global_grad_norm() or 0.0),
                "critic_grad_norm": float(engines.critic.get_global_grad_norm() or 0.0),
                "rollout_seconds": t_rollout, "step_seconds": time.time() - t0}

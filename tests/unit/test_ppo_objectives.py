@@ -87,3 +87,8 @@ def test_kl_controller_fixed_and_adaptive():
     restored = KLController(coef=0.5, target=1.0, horizon=10)
     restored.load_state_dict(adaptive.state_dict())
     assert restored.coef == adaptive.coef
+
+
+def test_entropy_ignores_banned_tokens():
+    logits = torch.tensor([[0.0, 0.0, float("-inf")]])
+    assert entropy(logits).item() == pytest.approx(math.log(2))

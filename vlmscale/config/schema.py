@@ -520,6 +520,7 @@ class PPOSection:
     kl_target: float | None = None  # adaptive KL: mean sequence KL to steer toward; null = fixed kl_coef
     kl_horizon: int = 1000  # adaptive KL: rollouts over which the coefficient moves by at most 20%
     critic_lr: float = 5e-5  # critic learning rate (the whole critic trains: VLM under the policy's modules + head)
+    freeze_actor_steps: int = 0  # critic warm-up: the first N steps update only the critic
     whiten_advantages: bool = True  # normalise advantages over every rank's response tokens
 
     def validate(self) -> None:
@@ -528,6 +529,8 @@ class PPOSection:
         for name in ("rollout_batch_size", "max_new_tokens", "epochs", "kl_horizon"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"ppo.{name} must be >= 1")
+        if self.freeze_actor_steps < 0:
+            raise ConfigError("ppo.freeze_actor_steps must be >= 0")
         if self.temperature <= 0:
             raise ConfigError("ppo.temperature must be > 0 (PPO needs sampled rollouts)")
         if not 0.0 < self.gamma <= 1.0 or not 0.0 <= self.lam <= 1.0:

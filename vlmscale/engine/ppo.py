@@ -33,7 +33,7 @@ from vlmscale.eval.generate import generate
 from vlmscale.model.forward import vlm_logits
 from vlmscale.model.heads import ScalarHeadModel, head_weights, last_token_scores, token_values
 from vlmscale.model.policy import apply_policy
-from vlmscale.model.tokenizer import IM_END, ProcessorAssets
+from vlmscale.model.tokenizer import IM_END, IMG_CONTEXT, IMG_END, IMG_START, PAD, VIDEO, ProcessorAssets
 from vlmscale.objectives import ppo as objective
 
 log = logging.getLogger(__name__)
@@ -119,16 +119,17 @@ class PromptStream:
             self._perm = (epoch, perm)
         return self._perm[1][position % n]
 
-    def prompts(self, *, step: int, rank: int, world_size: int, count: int) -> tuple[list[Rendered], list[str]]:
-        """This rank's ``count`` prompts of PPO step ``step`` (0-based), and their sample ids."""
+    def prompts(self, *, step: int, rank: int, world_size: int, count: int) -> tuple[list[Rendered], list[str | None]]:
+        """This rank's ``count`` prompts of PPO step ``step`` (0-based), and each record's ``chosen``
+        answer where it has one (preference records do: it is logged how often a rollout matches it)."""
         start = (step * world_size + rank) * count
-        out, ids = [], []
+        out, chosen = [], []
         for pos in range(start, start + count):
-            ref, members = self.data.read(self.index(pos))
+            _, members = self.data.read(self.index(pos))
             record = json.loads(members["json"])
             out.append(render_prompt(record["messages"], members, self.assets))
-            ids.append(ref.key)
-        return out, ids
+            chosen.append(record.get("chosen"))
+        return out, chosen
 
 
 def rollout_generator(seed: int, *, step: int, rank: int) -> torch.Generator:
@@ -205,11 +206,21 @@ def _at(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return x[torch.arange(x.shape[0])[:, None], positions.to(x.device)]
 
 
-def response_logits(engine, ro: Rollout, idx: list[int], *, device: torch.device) -> torch.Tensor:
-    """``(len(idx), T, vocab)`` logits predicting each response token."""
+def banned_tokens(assets: ProcessorAssets) -> list[int]:
+    """Tokens a response may not contain: the visual placeholders (a sampled ``<IMG_CONTEXT>`` would claim
+    image features that do not exist) and padding."""
+    return [assets.token_id(t) for t in (IMG_START, IMG_END, IMG_CONTEXT, VIDEO, PAD)]
+
+
+def response_logits(engine, ro: Rollout, idx: list[int], *, device: torch.device, temperature: float,
+                    banned: list[int]) -> torch.Tensor:
+    """``(len(idx), T, vocab)`` logits predicting each response token, divided by the sampling temperature
+    and with the banned tokens at -inf: the policy PPO optimises (and the KL to the reference) is exactly
+    the distribution the rollouts were sampled from."""
     start_micro_batch(engine)
     logits = vlm_logits(engine.module, **ro.inputs(idx, device=device))
-    return _at(logits, ro.positions[idx].clamp(max=logits.shape[1] - 1))
+    logits = _at(logits, ro.positions[idx].clamp(max=logits.shape[1] - 1)) / temperature
+    return logits.index_fill(-1, torch.tensor(banned, device=logits.device), float("-inf"))
 
 
 def response_values(engine, ro: Rollout, idx: list[int], *, device: torch.device) -> torch.Tensor:
@@ -224,19 +235,23 @@ def make_rollout(engines: PPOEngines, prompts: list[Rendered], *, cfg: PPOConfig
                  dist: DistInfo, generator: torch.Generator, device: torch.device) -> Rollout:
     """Sample responses from the actor and score them: actor and reference log-probabilities, entropy,
     the critic's values and the reward model's score; in chunks of ``train.micro_batch_size`` rows."""
+    banned = banned_tokens(assets)
     answers = generate(engines.actor.module, assets, prompts, max_new_tokens=cfg.ppo.max_new_tokens,
                        batch_size=len(prompts), rank=dist.rank, world_size=dist.world_size, return_ids=True,
-                       local=True, temperature=cfg.ppo.temperature, generator=generator)
+                       local=True, temperature=cfg.ppo.temperature, generator=generator, banned=banned)
     ro = assemble(prompts, [answers[i] for i in range(len(prompts))], assets=assets)
     logp, ref_logp, values, ent, score = [], [], [], [], []
     micro = cfg.train.micro_batch_size
     for start in range(0, ro.rows, micro):
         idx = list(range(start, min(start + micro, ro.rows)))
         tokens = ro.tokens[idx].to(device)
-        logits = response_logits(engines.actor, ro, idx, device=device)
+        logits = response_logits(engines.actor, ro, idx, device=device, temperature=cfg.ppo.temperature,
+                                banned=banned)
         logp.append(objective.token_logprobs(logits, tokens).cpu())
         ent.append(objective.entropy(logits).cpu())
-        ref_logp.append(objective.token_logprobs(response_logits(engines.reference, ro, idx, device=device), tokens).cpu())
+        ref_logits = response_logits(engines.reference, ro, idx, device=device, temperature=cfg.ppo.temperature,
+                                banned=banned)
+        ref_logp.append(objective.token_logprobs(ref_logits, tokens).cpu())
         values.append(response_values(engines.critic, ro, idx, device=device).cpu())
         start_micro_batch(engines.reward)
         inputs = ro.inputs(idx, device=device, reward=True)
@@ -276,12 +291,14 @@ UPDATE_KEYS = ("policy_loss", "clipped", "approx_kl", "value_loss", "value_clipp
 
 
 def ppo_update(engines: PPOEngines, ro: Rollout, adv: Advantages, *, cfg: PPOConfig, world_size: int,
-               generator: torch.Generator, device: torch.device, poison: bool = False) -> dict[str, float]:
+               generator: torch.Generator, device: torch.device, banned: list[int], train_actor: bool = True,
+               poison: bool = False) -> dict[str, float]:
     """``ppo.epochs`` passes over the rollouts in shuffled minibatches of ``micro_batch_size x
     grad_accum_steps`` rows per rank; each minibatch is one optimizer step of the actor and one of the
     critic. Losses are normalised by the minibatch's response tokens on all ranks (as ``train_step``
     does for supervised tokens). Returns sums over every update and rank, keyed by ``UPDATE_KEYS``.
 
+    ``train_actor=False`` (critic warm-up) still computes the policy figures but updates only the critic.
     A non-finite loss on any rank stops the run on every rank before any backward (exit 4); ``poison``
     makes this rank's policy loss NaN (fault injection for tests).
     """
@@ -297,8 +314,10 @@ def ppo_update(engines: PPOEngines, ro: Rollout, adv: Advantages, *, cfg: PPOCon
             for a in range(accum):
                 idx = batch[a * micro:(a + 1) * micro]
                 mask = ro.mask[idx].to(device)
-                logits = response_logits(engines.actor, ro, idx, device=device)
-                logp = objective.token_logprobs(logits, ro.tokens[idx].to(device))
+                with torch.set_grad_enabled(train_actor):
+                    logits = response_logits(engines.actor, ro, idx, device=device, temperature=cfg.ppo.temperature,
+                                banned=banned)
+                    logp = objective.token_logprobs(logits, ro.tokens[idx].to(device))
                 pl = objective.policy_loss(logp, ro.logp[idx].to(device), adv.advantages[idx].to(device), mask,
                                            clip=cfg.ppo.clip_ratio)
                 values = response_values(engines.critic, ro, idx, device=device)
@@ -310,8 +329,9 @@ def ppo_update(engines: PPOEngines, ro: Rollout, adv: Advantages, *, cfg: PPOCon
                 if bad:
                     raise NonFiniteTraining("a non-finite PPO loss on some rank; stopping before the update "
                                             "(the last checkpoint is intact). Lower optim.lr or ppo.critic_lr")
-                engines.actor.backward(policy_sum * scale)
-                engines.actor.step()
+                if train_actor:
+                    engines.actor.backward(policy_sum * scale)
+                    engines.actor.step()
                 engines.critic.backward(vl.loss_sum * scale)
                 engines.critic.step()
                 for key, value in (("policy_loss", pl.loss_sum), ("clipped", pl.clipped), ("approx_kl", pl.approx_kl_sum),
@@ -320,14 +340,28 @@ def ppo_update(engines: PPOEngines, ro: Rollout, adv: Advantages, *, cfg: PPOCon
     return dict(zip(UPDATE_KEYS, all_reduce_sum([sums[k] for k in UPDATE_KEYS])))
 
 
-def step_metrics(ro: Rollout, adv: Advantages, update: dict[str, float]) -> dict[str, float]:
+def chosen_matches(ro: Rollout, chosen: list[str | None], *, assets: ProcessorAssets) -> tuple[int, int]:
+    """``(responses equal to their record's chosen answer, responses that have one)`` on this rank: a check
+    on the reward that does not go through the reward model."""
+    matched = known = 0
+    for row, answer in enumerate(chosen):
+        if answer is None:
+            continue
+        ids = ro.tokens[row, : int(ro.mask[row].sum())].tolist()
+        text = assets.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        matched += int(text == answer.strip())
+        known += 1
+    return matched, known
+
+
+def step_metrics(ro: Rollout, adv: Advantages, update: dict[str, float], *, matches: tuple[int, int]) -> dict[str, float]:
     """The rollout's and the update's figures, over all ranks (collective)."""
     seq_kl = adv.kl.sum(-1)
     lengths = ro.mask.sum(-1)
     local = [float(ro.score.sum()), float(seq_kl.sum()), float((ro.entropy * ro.mask).sum()), float(lengths.sum()),
              float(ro.ended.sum()), float(ro.rows), float((ro.values * ro.mask).sum()),
-             float((adv.returns * ro.mask).sum()), float((ro.score * ro.score).sum())]
-    score, kl, ent, tokens, ended, rows, values, returns, score_sq = all_reduce_sum(local)
+             float((adv.returns * ro.mask).sum()), float((ro.score * ro.score).sum()), *map(float, matches)]
+    score, kl, ent, tokens, ended, rows, values, returns, score_sq, matched, known = all_reduce_sum(local)
     mean = score / rows
     n = max(update["tokens"], 1.0)
     return {
@@ -339,4 +373,6 @@ def step_metrics(ro: Rollout, adv: Advantages, update: dict[str, float]) -> dict
         "policy_loss": update["policy_loss"] / n, "clip_fraction": update["clipped"] / n,
         "approx_kl": update["approx_kl"] / n, "value_loss": update["value_loss"] / n,
         "value_clip_fraction": update["value_clipped"] / n, "rollouts": int(rows),
+        # share of responses equal to the prompt record's chosen answer (NaN without such answers)
+        "chosen_match": matched / known if known else float("nan"),
     }

@@ -88,8 +88,10 @@ class _Branch:
 
 
 def _next_tokens(main: _Branch, contrast: _Branch | None, vcd: VCDConfig | None, *, temperature: float = 0.0,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, banned: torch.Tensor | None = None) -> torch.Tensor:
     logits = main.logits
+    if banned is not None:
+        logits = logits.index_fill(-1, banned, float("-inf"))
     if contrast is not None:
         probs = logits.softmax(-1)
         keep = probs >= vcd.beta * probs.max(dim=-1, keepdim=True).values
@@ -113,11 +115,12 @@ def _rounds(num_mine: int, *, local: bool, num_batches: int, world_size: int) ->
 @torch.no_grad()
 def generate(model, assets: ProcessorAssets, prompts: list[Rendered], *, max_new_tokens: int, batch_size: int = 16,
              rank: int = 0, world_size: int = 1, vcd: VCDConfig | None = None, return_ids: bool = False,
-             local: bool = False, temperature: float = 0.0,
-             generator: torch.Generator | None = None) -> dict[int, str] | dict[int, list[int]]:
+             local: bool = False, temperature: float = 0.0, generator: torch.Generator | None = None,
+             banned: list[int] | None = None) -> dict[int, str] | dict[int, list[int]]:
     """Answers ``{prompt index: text}`` (or generated token ids, end-of-sequence included when it was
     generated) for the batches dealt to ``rank`` (``local``: for all of this rank's ``prompts``);
-    collective when world_size > 1. Greedy unless ``temperature > 0``."""
+    collective when world_size > 1. Greedy unless ``temperature > 0``; ``banned`` token ids are never
+    generated (sampling can otherwise draw an image placeholder, which no forward could take back in)."""
     was_training = model.training
     model.eval()
     batches = plan_batches(prompts, batch_size=batch_size)
@@ -126,6 +129,7 @@ def generate(model, assets: ProcessorAssets, prompts: list[Rendered], *, max_new
     eos, pad = assets.tokenizer.eos_token_id, assets.tokenizer.pad_token_id
     dtype = next(model.model.multi_modal_projector.parameters()).dtype
     answers: dict[int, str] = {}
+    ban = torch.tensor(banned, dtype=torch.long) if banned else None
     for r in range(rounds):
         group = mine[r] if r < len(mine) else None
         if group is None:  # placeholder batch: keep this rank's collectives in step with the others
@@ -142,7 +146,7 @@ def generate(model, assets: ProcessorAssets, prompts: list[Rendered], *, max_new
         done = torch.zeros(ids.shape[0], dtype=torch.bool) if group is not None else torch.ones(1, dtype=torch.bool)
         out = torch.full((ids.shape[0], max_new_tokens), pad, dtype=torch.long)
         for t in range(max_new_tokens):
-            nxt = _next_tokens(main, contrast, vcd, temperature=temperature, generator=generator)
+            nxt = _next_tokens(main, contrast, vcd, temperature=temperature, generator=generator, banned=ban)
             nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
             out[:, t] = nxt
             done |= nxt == eos

@@ -104,9 +104,11 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Per-position entropy of the softmax of ``logits`` ``(..., vocab)`` (fp32)."""
+    """Per-position entropy of the softmax of ``logits`` ``(..., vocab)`` (fp32); ``-inf`` logits (banned
+    tokens) contribute 0."""
     logp = torch.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+    p = logp.exp()
+    return -(p * logp.masked_fill(p == 0, 0.0)).sum(-1)
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

@@ -223,6 +223,12 @@ def response_logits(engine, ro: Rollout, idx: list[int], *, device: torch.device
     return logits.index_fill(-1, torch.tensor(banned, device=logits.device), float("-inf"))
 
 
+def response_logprobs(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities of the response tokens, 0 on padding (a padding token is banned, so its
+    log-probability is -inf, and -inf x 0 would be NaN in every masked sum)."""
+    return objective.token_logprobs(logits, tokens).masked_fill(mask == 0, 0.0)
+
+
 def response_values(engine, ro: Rollout, idx: list[int], *, device: torch.device) -> torch.Tensor:
     """``(len(idx), T)`` the critic's value of the state before each response token."""
     start_micro_batch(engine)
@@ -247,11 +253,12 @@ def make_rollout(engines: PPOEngines, prompts: list[Rendered], *, cfg: PPOConfig
         tokens = ro.tokens[idx].to(device)
         logits = response_logits(engines.actor, ro, idx, device=device, temperature=cfg.ppo.temperature,
                                 banned=banned)
-        logp.append(objective.token_logprobs(logits, tokens).cpu())
+        mask = ro.mask[idx].to(device)
+        logp.append(response_logprobs(logits, tokens, mask).cpu())
         ent.append(objective.entropy(logits).cpu())
         ref_logits = response_logits(engines.reference, ro, idx, device=device, temperature=cfg.ppo.temperature,
                                 banned=banned)
-        ref_logp.append(objective.token_logprobs(ref_logits, tokens).cpu())
+        ref_logp.append(response_logprobs(ref_logits, tokens, mask).cpu())
         values.append(response_values(engines.critic, ro, idx, device=device).cpu())
         start_micro_batch(engines.reward)
         inputs = ro.inputs(idx, device=device, reward=True)
@@ -317,7 +324,7 @@ def ppo_update(engines: PPOEngines, ro: Rollout, adv: Advantages, *, cfg: PPOCon
                 with torch.set_grad_enabled(train_actor):
                     logits = response_logits(engines.actor, ro, idx, device=device, temperature=cfg.ppo.temperature,
                                 banned=banned)
-                    logp = objective.token_logprobs(logits, ro.tokens[idx].to(device))
+                    logp = response_logprobs(logits, ro.tokens[idx].to(device), mask)
                 pl = objective.policy_loss(logp, ro.logp[idx].to(device), adv.advantages[idx].to(device), mask,
                                            clip=cfg.ppo.clip_ratio)
                 values = response_values(engines.critic, ro, idx, device=device)

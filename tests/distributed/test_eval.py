@@ -51,5 +51,6 @@ def test_ranks_finishing_at_different_steps_do_not_hang(demo_dir, tmp_path):
     r0 = json.loads((tmp_path / "lengths.json.rank0").read_text())["lengths"]
     r1 = json.loads((tmp_path / "lengths.json.rank1").read_text())["lengths"]
     assert r0 and r1
-    # rank 0 stopped at its first token; rank 1 kept decoding (up to 12) while rank 0 stepped along idle
-    assert max(r0.values()) == 0 < max(r1.values()), (r0, r1)
+    # rank 0 stopped at its first token (its end-of-sequence, returned with the ids); rank 1 kept decoding
+    # (up to 12) while rank 0 stepped along idle
+    assert max(r0.values()) == 1 < max(r1.values()), (r0, r1)

@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -137,3 +138,31 @@ def test_text_fraction_sets_the_text_only_share():
                                           "data.sources=[{name: a, path: x, weight: 1}]"])
     with pytest.raises(ConfigError, match="text_fraction"):
         load_config(SFTConfig, overrides=["data.text_fraction=1.5"])
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("ppo.rollout_batch_size=6", "ppo.rollout_batch_size=6 must be a multiple of"),
+    ("ppo.temperature=0", "ppo.temperature must be > 0"),
+    ("ppo.lam=1.5", "ppo.lam within [0, 1]"),
+    ("ppo.kl_target=0", "ppo.kl_target must be > 0"),
+    ("ppo.freeze_actor_steps=-1", "ppo.freeze_actor_steps must be >= 0"),
+    ("lora.enabled=true", "ppo with lora.enabled is not supported"),
+    ("eval.every_steps=5", "ppo runs evaluation at the end only"),
+])
+def test_ppo_config_errors_name_the_field(override, needle):
+    from vlmscale.config import PPOConfig
+
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        load_config(PPOConfig, overrides=[override])
+
+
+def test_ppo_reward_model_without_head_is_a_config_error(tmp_path):
+    from vlmscale.config import PPOConfig
+    from vlmscale.engine.launch import check_paths
+
+    (tmp_path / "rm").mkdir()
+    (tmp_path / "rm" / "config.json").write_text("{}")
+    cfg = load_config(PPOConfig, overrides=[f"ppo.reward_model={tmp_path / 'rm'}", "model.preset=tiny",
+                                            "model.init_from=null"])
+    with pytest.raises(ConfigError, match="no score_head.safetensors"):
+        check_paths(cfg)

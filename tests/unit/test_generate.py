@@ -37,3 +37,21 @@ def test_flatten_and_compare():
     assert flatten(a) == {"eval/vqa/colour/accuracy": 0.5, "eval/vqa/colour/n": 10.0}
     table = compare(a, b)
     assert "vqa/colour/accuracy" in table and "+0.2500" in table
+
+
+def test_sampling_follows_the_tempered_distribution_and_the_generator():
+    logits = _Logits([[0.0, 0.0, 2.0]] * 4000)
+    draw = _next_tokens(logits, None, None, temperature=2.0, generator=torch.Generator().manual_seed(0))
+    # softmax([0, 0, 1]) = [0.212, 0.212, 0.576]
+    share = torch.bincount(draw, minlength=3).float() / len(draw)
+    assert torch.allclose(share, torch.tensor([0.212, 0.212, 0.576]), atol=0.03), share
+    again = _next_tokens(logits, None, None, temperature=2.0, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(draw, again)  # a rollout is a pure function of the generator's seed
+
+
+def test_banned_tokens_are_never_generated():
+    logits = _Logits([[5.0, 0.0, 1.0]] * 200)
+    ban = torch.tensor([0])
+    assert 0 not in _next_tokens(logits, None, None, banned=ban).tolist()
+    draw = _next_tokens(logits, None, None, temperature=3.0, generator=torch.Generator().manual_seed(0), banned=ban)
+    assert 0 not in draw.tolist() and set(draw.tolist()) == {1, 2}

@@ -497,3 +497,89 @@ class DPOConfig(RunConfig):
         if self.lora.enabled and self.dpo.reference == "live":
             raise ConfigError("dpo.reference=live with lora.enabled: use the cached reference (the default)")
         super().validate()
+
+
+# ---------------------------------------------------------------- PPO (recipes/ppo.py, docs/ppo.md)
+
+
+@dataclass
+class PPOSection:
+    """Rollouts, rewards and the PPO update; the actor's learning rate is optim.lr, its minibatch train.*."""
+
+    reward_model: str = "runs/reward-demo/hf"  # frozen reward model: HF InternVL export + score_head.safetensors
+    critic_from: str | None = None  # critic start (same format); null = the reward model, VLM and head
+    prompts: str = "demo:train/pref"  # shards whose records' `messages` are the prompts (images included)
+    rollout_batch_size: int = 8  # prompts per rank per PPO step; a multiple of micro_batch_size x grad_accum_steps
+    max_new_tokens: int = 40  # response length limit (a response without end-of-turn is scored as it stands)
+    temperature: float = 1.0  # sampling temperature of the rollouts
+    epochs: int = 2  # passes over each step's rollouts, in shuffled minibatches
+    gamma: float = 1.0  # discount
+    lam: float = 0.95  # GAE lambda
+    clip_ratio: float = 0.2  # policy ratio clip epsilon
+    value_clip: float = 0.2  # value clip around the rollout's values
+    kl_coef: float = 0.05  # per-token KL penalty coefficient (the starting value when adaptive)
+    kl_target: float | None = None  # adaptive KL: mean sequence KL to steer toward; null = fixed kl_coef
+    kl_horizon: int = 1000  # adaptive KL: rollouts over which the coefficient moves by at most 20%
+    critic_lr: float = 5e-5  # critic learning rate (the whole critic trains: VLM under the policy's modules + head)
+    freeze_actor_steps: int = 0  # critic warm-up: the first N steps update only the critic
+    whiten_advantages: bool = True  # normalise advantages over every rank's response tokens
+
+    def validate(self) -> None:
+        if not self.reward_model:
+            raise ConfigError("ppo.reward_model is empty: point it at a reward export (recipes/reward.py writes <output_dir>/hf)")
+        for name in ("rollout_batch_size", "max_new_tokens", "epochs", "kl_horizon"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"ppo.{name} must be >= 1")
+        if self.freeze_actor_steps < 0:
+            raise ConfigError("ppo.freeze_actor_steps must be >= 0")
+        if self.temperature <= 0:
+            raise ConfigError("ppo.temperature must be > 0 (PPO needs sampled rollouts)")
+        if not 0.0 < self.gamma <= 1.0 or not 0.0 <= self.lam <= 1.0:
+            raise ConfigError("ppo.gamma must be within (0, 1] and ppo.lam within [0, 1]")
+        if self.clip_ratio <= 0 or self.value_clip <= 0:
+            raise ConfigError("ppo.clip_ratio and ppo.value_clip must be > 0")
+        if self.kl_coef < 0:
+            raise ConfigError("ppo.kl_coef must be >= 0")
+        if self.kl_target is not None and self.kl_target <= 0:
+            raise ConfigError("ppo.kl_target must be > 0, or null for a fixed ppo.kl_coef")
+        if self.critic_lr <= 0:
+            raise ConfigError("ppo.critic_lr must be > 0")
+
+
+def _ppo_policy() -> PolicyConfig:
+    return PolicyConfig(vision=ModulePolicy(trainable=False), projector=ModulePolicy(trainable=False),
+                        llm=ModulePolicy(trainable=True))
+
+
+def _ppo_data() -> DataConfig:
+    return DataConfig(sources=[SourceConfig(name="pref", path="demo:train/pref")])  # unused: prompts come from ppo.prompts
+
+
+@dataclass
+class PPOConfig(RunConfig):
+    """PPO against a frozen reward model: actor, critic, reward and reference, all ZeRO-3 partitioned."""
+
+    stage: Literal["ppo"] = "ppo"
+    output_dir: str = "runs/ppo-demo"
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(init_from="runs/sft-demo/hf"))
+    policy: PolicyConfig = field(default_factory=_ppo_policy)
+    data: DataConfig = field(default_factory=_ppo_data)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-5, warmup_steps=0, min_lr_ratio=1.0))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=40, micro_batch_size=4, log_every_steps=1))
+    checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(every_steps=10))
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(suites=["pope", "vqa"], at_end=True))
+    ppo: PPOSection = field(default_factory=PPOSection)
+
+    def validate(self) -> None:
+        super().validate()
+        self.ppo.validate()
+        window = self.train.micro_batch_size * self.train.grad_accum_steps
+        if self.ppo.rollout_batch_size % window:
+            raise ConfigError(f"ppo.rollout_batch_size={self.ppo.rollout_batch_size} must be a multiple of "
+                              f"train.micro_batch_size x train.grad_accum_steps = {window} (one minibatch)")
+        if self.lora.enabled:
+            raise ConfigError("ppo with lora.enabled is not supported: set lora.enabled=false")
+        if self.regularizer.ewc.weight > 0:
+            raise ConfigError("ppo keeps the policy near its start with the KL penalty; set regularizer.ewc.weight=0")
+        if self.eval.every_steps:
+            raise ConfigError("ppo runs evaluation at the end only: set eval.every_steps=0")

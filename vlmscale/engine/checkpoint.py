@@ -4,6 +4,7 @@ Layout under ``<output_dir>/checkpoints``::
 
     step-00000200/            DeepSpeed tag dir (model, optimizer, scheduler; client state)
     step-00000200/rng/rank-00000.pt   per-rank RNG states (plain tensors, weights_only-loadable)
+    step-00000200/<name>/     further engines of the run (PPO's critic), each a DeepSpeed tag dir
     step-00000200/COMMITTED   written last, by rank 0, after every rank finished writing
                               (JSON: step, world_size, global_batch, time)
     step-00000200/universal/  DeepSpeed universal checkpoint of this step, made when a run resumes it on a
@@ -86,11 +87,14 @@ class CheckpointManager:
         self.root = Path(output_dir) / "checkpoints"
         self.dist, self.keep_last = dist, keep_last
 
-    def save(self, engine, *, step: int, client_state: dict[str, Any]) -> Path:
-        """Collective: every rank writes its shards, then rank 0 commits."""
+    def save(self, engine, *, step: int, client_state: dict[str, Any], extra_engines: dict[str, Any] | None = None) -> Path:
+        """Collective: every rank writes its shards, then rank 0 commits. ``extra_engines`` (name -> engine)
+        are saved inside the same tag, so one commit covers them all."""
         tag = tag_for(step)
         t0 = time.time()
         engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
+        for name, other in (extra_engines or {}).items():
+            other.save_checkpoint(str(self.root / tag), tag=name, client_state={"step": step}, save_latest=False)
         rng_dir = self.root / tag / "rng"
         rng_dir.mkdir(parents=True, exist_ok=True)
         path = rng_dir / f"rank-{self.dist.rank:05d}.pt"
@@ -190,9 +194,13 @@ class CheckpointManager:
                  tag, self.meta(tag)["world_size"], time.time() - t0)
         return dst
 
-    def load(self, engine, tag: str, *, universal: bool = False) -> dict[str, Any]:
+    def load(self, engine, tag: str, *, universal: bool = False, extra_engines: dict[str, Any] | None = None) -> dict[str, Any]:
         """Load ``tag`` into ``engine``; ``universal``: from ``<tag>/universal`` (the engine was created with
-        ``checkpoint.load_universal``), for a world size other than the one that saved it."""
+        ``checkpoint.load_universal``), for a world size other than the one that saved it. ``extra_engines``
+        (e.g. PPO's critic) load from ``<tag>/<name>``, saved by ``save(extra_engines=...)``."""
+        if universal and extra_engines:
+            raise ResumeError(f"{self.root / tag} holds several engines (e.g. PPO's actor and critic); resuming it on "
+                              "a different world size is not supported: resume with the world size that saved it")
         load_dir, load_tag = (self.root / tag, UNIVERSAL) if universal else (self.root, tag)
         if universal:
             groups = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
@@ -208,6 +216,11 @@ class CheckpointManager:
             raise ResumeError(f"DeepSpeed could not load checkpoint {self.root / tag}; refusing to start from scratch")
         if universal:
             _repair_universal_load(engine, groups)
+        for name, other in (extra_engines or {}).items():
+            path, _ = other.load_checkpoint(str(self.root / tag), tag=name, load_optimizer_states=True,
+                                            load_lr_scheduler_states=True)
+            if path is None:
+                raise ResumeError(f"DeepSpeed could not load {name} from {self.root / tag / name}; refusing to continue")
         rng_file = self.root / tag / "rng" / f"rank-{self.dist.rank:05d}.pt"
         if rng_file.is_file():
             set_rng_state(torch.load(rng_file, weights_only=True))

@@ -50,6 +50,12 @@ def check_paths(cfg) -> None:
         value = getattr(cfg.model, key)
         if value is not None and not (Path(value) / "config.json").is_file():
             raise ConfigError(f"model.{key}={value!r}: no config.json there (expected a Hugging Face model directory)")
+    if cfg.stage == "ppo":
+        for key in ("reward_model", "critic_from"):
+            value = getattr(cfg.ppo, key)
+            if value is not None and not (Path(value) / "score_head.safetensors").is_file():
+                raise ConfigError(f"ppo.{key}={value!r}: no score_head.safetensors there (expected a reward export: "
+                                  "the HF model dir recipes/reward.py writes, with its score head)")
     ewc = cfg.regularizer.ewc
     if ewc.weight > 0:
         from vlmscale.regularize.ewc import missing_files

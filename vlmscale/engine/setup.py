@@ -15,10 +15,10 @@ import yaml
 
 from vlmscale.config.deepspeed import build_ds_config
 from vlmscale.config.load import to_dict
-from vlmscale.config.schema import RunConfig
+from vlmscale.config.schema import ModelConfig, RunConfig
 from vlmscale.data.dataset import StepBatchSampler, TrainDataset, collate, open_sources, pack_collate
 from vlmscale.data.preference import PairDataset, pair_collate
-from vlmscale.engine.checkpoint import CheckpointManager
+from vlmscale.engine.checkpoint import CheckpointManager, ResumeError
 from vlmscale.engine import safe_load
 from vlmscale.engine.distributed import DistInfo, barrier, init_distributed
 from vlmscale.engine.metrics import MetricsLogger, SampleLog, setup_logging
@@ -53,12 +53,8 @@ class Run:
     client_state: dict[str, Any]
 
 
-def setup_run(cfg: RunConfig, *, wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None) -> Run:
-    """Process group, model (partitioned under ZeRO-3), policy, engine, and resume.
-
-    ``wrap`` turns the built VLM into the trained module (e.g. ``vlmscale.model.heads.ScalarHeadModel``)
-    after activation checkpointing and LoRA are applied to the VLM, before the policy and the engine.
-    """
+def start_run(cfg: RunConfig) -> tuple[DistInfo, dict[str, Any]]:
+    """Process group, logging, the filled DeepSpeed config, ``config.yaml`` and the seeds."""
     dist = init_distributed()
     setup_logging(dist.rank)
     ds_config = build_ds_config(cfg, world_size=dist.world_size)
@@ -67,11 +63,80 @@ def setup_run(cfg: RunConfig, *, wrap: Callable[[torch.nn.Module], torch.nn.Modu
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     seed_everything(cfg.train.seed)
-    dtype = torch.bfloat16 if cfg.train.bf16 else torch.float32
+    return dist, ds_config
+
+
+def build_partitioned(model_cfg: ModelConfig, *, ds_config: dict[str, Any], max_tiles: int, dtype: torch.dtype,
+                      name: str = "model"):
+    """``build_model`` inside the ZeRO-3 scope: no rank ever holds the whole model."""
     with zero3_model_scope(ds_config):
-        model, assets = build_model(cfg.model, max_tiles=cfg.data.max_tiles, dtype=dtype, load_weights=load_weights)
+        model, assets = build_model(model_cfg, max_tiles=max_tiles, dtype=dtype, load_weights=load_weights)
     held, total = local_param_share(model)
-    log.info("parameters on this rank after build: %s of %s (%.0f%%)", f"{held:,}", f"{total:,}", 100 * held / max(total, 1))
+    log.info("%s parameters on this rank after build: %s of %s (%.0f%%)", name, f"{held:,}", f"{total:,}",
+             100 * held / max(total, 1))
+    return model, assets
+
+
+def open_checkpoints(cfg: RunConfig, dist: DistInfo) -> CheckpointManager:
+    """The run's checkpoint manager, torn saves removed (collective)."""
+    checkpoints = CheckpointManager(Path(cfg.output_dir), dist=dist, keep_last=cfg.checkpoint.keep_last)
+    if dist.is_main:
+        checkpoints.clean_partial()
+    barrier()
+    return checkpoints
+
+
+def find_resume(cfg: RunConfig, checkpoints: CheckpointManager,
+                ds_config: dict[str, Any]) -> tuple[str | None, bool, dict[str, Any]]:
+    """The checkpoint ``cfg.resume`` names (or None), whether another number of ranks saved it, and the
+    DeepSpeed config to create the engine with (collective). A checkpoint from another world size is
+    converted once to DeepSpeed's universal format, which the engine must be created to load."""
+    tag = checkpoints.find(cfg.resume)
+    universal = tag is not None and checkpoints.meta(tag)["world_size"] != checkpoints.dist.world_size
+    if universal:
+        if checkpoints.dist.is_main:
+            checkpoints.prepare_universal(tag)
+        barrier()
+        ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
+    return tag, universal, ds_config
+
+
+def load_resume(cfg: RunConfig, checkpoints: CheckpointManager, engine, tag: str | None, *, universal: bool = False,
+                extra_engines: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
+    """``(start step, client state)`` after loading ``tag`` (none: a fresh start)."""
+    dist = checkpoints.dist
+    if tag is None:
+        if cfg.resume == "auto":
+            log.info("no checkpoint in %s: starting from scratch", checkpoints.root)
+        return 0, {}
+    client = checkpoints.load(engine, tag, universal=universal, extra_engines=extra_engines)
+    start_step = int(client["step"])
+    log.info("resumed from %s at step %d (%d samples seen)%s", tag, start_step, client.get("samples_seen", 0),
+             f"; saved by {checkpoints.meta(tag)['world_size']} ranks, now {dist.world_size}" if universal else "")
+    if universal and dist.is_main:
+        SampleLog.drop_absent_ranks(Path(cfg.output_dir), world_size=dist.world_size, resume_step=start_step)
+    return start_step, client
+
+
+def resume(cfg: RunConfig, checkpoints: CheckpointManager, engine,
+           extra_engines: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
+    """Resume engines created already (e.g. PPO's): only from a checkpoint saved by this many ranks."""
+    tag = checkpoints.find(cfg.resume)
+    if tag is not None and checkpoints.meta(tag)["world_size"] != checkpoints.dist.world_size:
+        raise ResumeError(f"{checkpoints.root / tag} was saved by {checkpoints.meta(tag)['world_size']} ranks; this "
+                          f"run has {checkpoints.dist.world_size}. Resume it with the world size that saved it")
+    return load_resume(cfg, checkpoints, engine, tag, extra_engines=extra_engines)
+
+
+def setup_run(cfg: RunConfig, *, wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None) -> Run:
+    """Process group, model (partitioned under ZeRO-3), policy, engine, and resume.
+
+    ``wrap`` turns the built VLM into the trained module (e.g. ``vlmscale.model.heads.ScalarHeadModel``)
+    after activation checkpointing and LoRA are applied to the VLM, before the policy and the engine.
+    """
+    dist, ds_config = start_run(cfg)
+    dtype = torch.bfloat16 if cfg.train.bf16 else torch.float32
+    model, assets = build_partitioned(cfg.model, ds_config=ds_config, max_tiles=cfg.data.max_tiles, dtype=dtype)
     ac = cfg.train.activation_checkpointing
     enable_activation_checkpointing(model, llm=ac.llm, vision=ac.vision)
     if cfg.lora.enabled:
@@ -81,32 +146,12 @@ def setup_run(cfg: RunConfig, *, wrap: Callable[[torch.nn.Module], torch.nn.Modu
     groups, summary = apply_policy(model, cfg.policy, base_lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
                                    lora=cfg.lora.enabled)
     log.info("parameter policy (%s):\n%s", cfg.stage, summary.table())
-    checkpoints = CheckpointManager(out, dist=dist, keep_last=cfg.checkpoint.keep_last)
-    if dist.is_main:
-        checkpoints.clean_partial()
-    barrier()
-    tag = checkpoints.find(cfg.resume)
-    # a checkpoint saved by another number of ranks is resumed through DeepSpeed's universal format
-    universal = tag is not None and checkpoints.meta(tag)["world_size"] != dist.world_size
-    if universal:
-        if dist.is_main:
-            checkpoints.prepare_universal(tag)
-        barrier()
-        ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
+    checkpoints = open_checkpoints(cfg, dist)
+    tag, universal, ds_config = find_resume(cfg, checkpoints, ds_config)
     engine, _ = create_engine(model, param_groups=groups, ds_config=ds_config, optim=cfg.optim, max_steps=cfg.train.max_steps)
     safe_load.install(engine)
-    client: dict[str, Any] = {}
-    start_step = 0
-    if tag is not None:
-        client = checkpoints.load(engine, tag, universal=universal)
-        start_step = int(client["step"])
-        log.info("resumed from %s at step %d (%d samples seen)%s", tag, start_step, client.get("samples_seen", 0),
-                 f"; saved by {checkpoints.meta(tag)['world_size']} ranks, now {dist.world_size}" if universal else "")
-        if dist.is_main:
-            SampleLog.drop_absent_ranks(out, world_size=dist.world_size, resume_step=start_step)
-    elif cfg.resume == "auto":
-        log.info("no checkpoint in %s: starting from scratch", checkpoints.root)
-    metrics = MetricsLogger(out, enabled=dist.is_main, resume_step=start_step)
+    start_step, client = load_resume(cfg, checkpoints, engine, tag, universal=universal)
+    metrics = MetricsLogger(Path(cfg.output_dir), enabled=dist.is_main, resume_step=start_step)
     return Run(cfg, dist, ds_config, engine, assets, checkpoints, metrics, start_step, client)
 
 

@@ -138,6 +138,17 @@ def set_local_grad(p: torch.Tensor, value: torch.Tensor) -> None:
     deepspeed.utils.safe_set_local_grad(p, value)
 
 
+@contextlib.contextmanager
+def partitioned_init(ds_config: dict[str, Any]) -> Iterator[None]:
+    """Modules constructed inside are ZeRO-3 partitioned as they are built (e.g. a head added to a
+    model that ``zero3_model_scope`` already partitioned); a no-op below stage 3."""
+    if zero_stage(ds_config) != 3:
+        yield
+        return
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):
+        yield
+
+
 def frozen_engine(model: torch.nn.Module, ds_config: dict[str, Any]):
     """A DeepSpeed engine without optimizer for a frozen model (e.g. DPO's live reference).
 

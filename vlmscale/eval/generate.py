@@ -1,4 +1,5 @@
-"""Greedy decoding that is safe inside a ZeRO-3 run, with optional visual contrastive decoding.
+"""Decoding that is safe inside a ZeRO-3 run: greedy (evaluation) or sampled (PPO rollouts), with optional
+visual contrastive decoding.
 
 ZeRO-3 gathers each module's parameters collectively, so every rank must run the same forwards
 in the same order. Here:
@@ -9,6 +10,13 @@ in the same order. Here:
 - the prefill forward always runs the vision encoder (a blank tile for image-less batches, whose
   features are multiplied by zero), decode forwards never do;
 - decoding stops when every rank's sequences have finished (one all-reduce per token).
+
+With ``local=True`` each rank passes its own prompts instead (PPO: every rank generates for its share of
+the rollout batch); the number of batch rounds is then agreed over ranks (one all-reduce), and a rank
+out of batches runs placeholders as above.
+
+Sampling (``temperature > 0``) draws from ``softmax(logits / temperature)`` with the caller's
+``torch.Generator``, so a rollout is a pure function of the generator's seed.
 
 Visual contrastive decoding (VCD, seed 001 "VCD") contrasts the logits given the image with the
 logits given a noised copy: ``(1 + alpha) * l(v) - alpha * l(v')``, restricted to tokens whose
@@ -79,29 +87,49 @@ class _Branch:
         self.logits = self._run(embeds)
 
 
-def _next_tokens(main: _Branch, contrast: _Branch | None, vcd: VCDConfig | None) -> torch.Tensor:
+def _next_tokens(main: _Branch, contrast: _Branch | None, vcd: VCDConfig | None, *, temperature: float = 0.0,
+                 generator: torch.Generator | None = None, banned: torch.Tensor | None = None) -> torch.Tensor:
     logits = main.logits
+    if banned is not None:
+        logits = logits.index_fill(-1, banned, float("-inf"))
     if contrast is not None:
         probs = logits.softmax(-1)
         keep = probs >= vcd.beta * probs.max(dim=-1, keepdim=True).values
         logits = ((1 + vcd.alpha) * logits - vcd.alpha * contrast.logits).masked_fill(~keep, float("-inf"))
+    if temperature > 0:
+        probs = (logits / temperature).softmax(-1)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
     return logits.argmax(-1)
+
+
+def _rounds(num_mine: int, *, local: bool, num_batches: int, world_size: int) -> int:
+    if not local:
+        return -(-num_batches // world_size)
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return num_mine
+    t = torch.tensor([float(num_mine)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
 
 
 @torch.no_grad()
 def generate(model, assets: ProcessorAssets, prompts: list[Rendered], *, max_new_tokens: int, batch_size: int = 16,
-             rank: int = 0, world_size: int = 1, vcd: VCDConfig | None = None,
-             return_ids: bool = False) -> dict[int, str] | dict[int, list[int]]:
-    """Greedy answers ``{prompt index: text}`` (or generated token ids up to end-of-sequence) for the
-    batches dealt to ``rank``; collective when world_size > 1."""
+             rank: int = 0, world_size: int = 1, vcd: VCDConfig | None = None, return_ids: bool = False,
+             local: bool = False, temperature: float = 0.0, generator: torch.Generator | None = None,
+             banned: list[int] | None = None) -> dict[int, str] | dict[int, list[int]]:
+    """Answers ``{prompt index: text}`` (or generated token ids, end-of-sequence included when it was
+    generated) for the batches dealt to ``rank`` (``local``: for all of this rank's ``prompts``);
+    collective when world_size > 1. Greedy unless ``temperature > 0``; ``banned`` token ids are never
+    generated (sampling can otherwise draw an image placeholder, which no forward could take back in)."""
     was_training = model.training
     model.eval()
     batches = plan_batches(prompts, batch_size=batch_size)
-    mine = batches[rank::world_size]
-    rounds = -(-len(batches) // world_size)
+    mine = batches if local else batches[rank::world_size]
+    rounds = _rounds(len(mine), local=local, num_batches=len(batches), world_size=world_size)
     eos, pad = assets.tokenizer.eos_token_id, assets.tokenizer.pad_token_id
     dtype = next(model.model.multi_modal_projector.parameters()).dtype
     answers: dict[int, str] = {}
+    ban = torch.tensor(banned, dtype=torch.long) if banned else None
     for r in range(rounds):
         group = mine[r] if r < len(mine) else None
         if group is None:  # placeholder batch: keep this rank's collectives in step with the others
@@ -118,7 +146,7 @@ def generate(model, assets: ProcessorAssets, prompts: list[Rendered], *, max_new
         done = torch.zeros(ids.shape[0], dtype=torch.bool) if group is not None else torch.ones(1, dtype=torch.bool)
         out = torch.full((ids.shape[0], max_new_tokens), pad, dtype=torch.long)
         for t in range(max_new_tokens):
-            nxt = _next_tokens(main, contrast, vcd)
+            nxt = _next_tokens(main, contrast, vcd, temperature=temperature, generator=generator, banned=ban)
             nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
             out[:, t] = nxt
             done |= nxt == eos
@@ -130,7 +158,10 @@ def generate(model, assets: ProcessorAssets, prompts: list[Rendered], *, max_new
         if group is not None:
             for row, j in enumerate(group):
                 ids_row = out[row].tolist()
-                ids_row = ids_row[: ids_row.index(eos)] if eos in ids_row else ids_row
-                answers[j] = ids_row if return_ids else assets.tokenizer.decode(ids_row, skip_special_tokens=True).strip()
+                if return_ids:
+                    answers[j] = ids_row[: ids_row.index(eos) + 1] if eos in ids_row else ids_row
+                else:
+                    ids_row = ids_row[: ids_row.index(eos)] if eos in ids_row else ids_row
+                    answers[j] = assets.tokenizer.decode(ids_row, skip_special_tokens=True).strip()
     model.train(was_training)
     return answers

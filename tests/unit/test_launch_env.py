@@ -30,7 +30,9 @@ def test_launcher_environments(env, kind, info):
 
 def test_srun_environment_is_exported_for_torch(monkeypatch):
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "OMPI_COMM_WORLD_SIZE"):
-        monkeypatch.delenv(name, raising=False)
+        # set, then delete: monkeypatch then restores the original state (absent) of what export_launcher_env writes
+        monkeypatch.setenv(name, "unset")
+        monkeypatch.delenv(name)
     monkeypatch.setenv("SLURM_PROCID", "3")
     monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "4")
     monkeypatch.setenv("SLURM_LOCALID", "1")

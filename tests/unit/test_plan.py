@@ -32,6 +32,19 @@ from vlmscale.plan.memory import (
 from vlmscale.plan.specs import SPECS, meta_model, spec_config
 
 
+@pytest.fixture(autouse=True)
+def _no_global_state_left_behind():
+    """A plan test must leave torch's defaults, ``F.linear`` and transformers' ZeRO-3 switch as it found
+    them, pass or fail: later tests in the same process (tests/unit/test_train_step.py) build real models."""
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    before = (torch.get_default_dtype(), torch.get_default_device(), torch.nn.functional.linear,
+              is_deepspeed_zero3_enabled(), torch.is_grad_enabled())
+    yield
+    assert (torch.get_default_dtype(), torch.get_default_device(), torch.nn.functional.linear,
+            is_deepspeed_zero3_enabled(), torch.is_grad_enabled()) == before
+
+
 # ---------------------------------------------------------------------------------------------- model sizes
 @pytest.mark.parametrize("name", sorted(SPECS))
 def test_named_sizes_match_published_parameter_counts(name):
@@ -240,6 +253,32 @@ def test_checkpointing_keeps_layer_inputs_and_recomputes_one_layer():
     assert ckpt["llm"] == 2 * (2 * 32 * 8) + 32 * 4 * 4 + 2 * 256
     assert ckpt["transient"] == max(full["transient"], one_layer)
     assert plan(_facts(), z, world=2, shape=shape, ckpt_llm=True).peak() < plan(_facts(), z, world=2, shape=shape).peak()
+
+
+def test_eager_attention_terms_by_hand():
+    """Eager keeps 6 bytes per LLM score per layer; the last layer's softmax backward (8 bytes per score,
+    fp32 gradients in and out) can set the transient once the loss and that layer's tail are freed."""
+    f = dataclasses.replace(_facts(), attn_implementation="eager")
+    shape = Shape(rows=2, length=64, tiles=0, supervised=3)
+    act = activations(f, shape, ckpt_llm=False, ckpt_vision=False)
+    scores = 2 * 2 * 64**2  # heads * rows * length^2
+    per_layer = 128 * llm_layer_bytes_per_token(f.llm, repeat_kv=True, eager=True) + 6 * scores
+    assert act["llm"] == 2 * per_layer + 128 * 4 * 4  # no mask shared or per layer: RoPE only
+    kept = 128 * (8 * 8 + 4 + 4 * 8) + 4 * scores  # first norm, q, repeated k, fp32 softmax output
+    softmax_backward = 8 * scores - (act["logits"] - 2 * 8 * 128) - (per_layer - kept)
+    assert softmax_backward > 3 * 8 * 32  # the loss's gradients are smaller here
+    assert act["transient"] == softmax_backward
+    with pytest.raises(ValueError, match="resolve 'auto' first"):
+        activations(dataclasses.replace(f, attn_implementation="auto"), shape, ckpt_llm=False, ckpt_vision=False)
+
+
+def test_auto_attention_resolves_for_the_planned_device():
+    cfg = load_config(SFTConfig, overrides=["model.preset=tiny"])
+    assert cfg.model.attn_implementation == "auto"
+    assert facts_for(cfg, device="cpu").attn_implementation == "eager"
+    assert facts_for(cfg).attn_implementation == "sdpa"  # GPU: sdpa, an upper bound of flash-attention
+    flash = load_config(SFTConfig, overrides=["model.preset=tiny", "model.attn_implementation=flash_attention_2"])
+    assert facts_for(flash, device="cpu").attn_implementation == "flash_attention_2"
 
 
 def test_offload_moves_optimizer_state_to_cpu():

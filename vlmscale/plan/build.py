@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from vlmscale.config.schema import RunConfig
@@ -30,13 +32,13 @@ def facts_for(cfg: RunConfig, *, device: str = "cuda") -> ModelFacts:
     and its attention resolved for ``device`` (:func:`planned_attention`)."""
     config = model_config(cfg.model)
     attention = planned_attention(cfg.model.attn_implementation, device=device)
-    config._attn_implementation = attention
-    config.text_config._attn_implementation = attention
-    config.vision_config._attn_implementation = attention
+    # transformers refuses flash_attention_2 where flash_attn is not installed (the planning machine need
+    # not have it); the attention implementation changes no parameter, so the meta model is built with sdpa
+    config._attn_implementation = "sdpa" if attention == "flash_attention_2" else attention
     model = meta_model(config)
     if cfg.lora.enabled:
         with torch.device("meta"):
             add_lora(model, cfg.lora)
     groups, _ = apply_policy(model, cfg.policy, base_lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
                              lora=cfg.lora.enabled)
-    return ModelFacts.from_model(model, param_groups=groups)
+    return dataclasses.replace(ModelFacts.from_model(model, param_groups=groups), attn_implementation=attention)

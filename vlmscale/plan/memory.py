@@ -352,6 +352,15 @@ def activations(f: ModelFacts, shape: Shape, *, ckpt_llm: bool, ckpt_vision: boo
     sup = shape.supervised_tokens
     scatter = BF16 * h * (sup + shape.rows * (shape.length - 1) + tokens)
     out["transient"] = max(sup * 8 * vocab, scatter, recompute)
+    if eager and f.llm_backward:
+        # the last layer's softmax backward: fp32 gradients into and out of it (8 bytes per score), while
+        # the loss (but the hidden states the loop holds) and that layer's tensors after the softmax are
+        # already freed; the layer keeps its first norm, q and k and the fp32 softmax output until then
+        norm1 = 8 * h + 4 if f.llm_weights_train else (6 * h + 4 if linear_keeps_input else 4 * h + 4)
+        scores = f.llm.heads * shape.rows * shape.length ** 2
+        kept = tokens * (norm1 + 4 * f.llm.q_dim) + FP32 * scores
+        softmax_backward = 2 * FP32 * scores - (out["logits"] - BF16 * h * tokens) + kept - (0 if ckpt_llm else llm_full)
+        out["transient"] = max(out["transient"], softmax_backward)
     return out
 
 

@@ -5,8 +5,9 @@
 Builds the run exactly as the recipes do (``setup_run``: model partitioned at build, policy, engine),
 trains a few steps on the given data and writes ``DIR/rank-N.json``: the peak of tensor memory since
 just before the model was built (``vlmscale.plan.measure``), the peak per phase, the shape of every
-micro-batch, and a census of the ZeRO-3 state the rank holds after training (bytes of each buffer),
-so the plan can be compared component by component and not only in total.
+micro-batch (rows, length, tiles and supervised tokens), and a census of the ZeRO-3 state the rank
+holds after training (bytes of each buffer), so the plan can be compared component by component and
+not only in total.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from vlmscale.config import SFTConfig, load_config
 from vlmscale.engine.distributed import device, shutdown
 from vlmscale.engine.setup import make_loader, setup_run
 from vlmscale.engine.trainer import train_step
+from vlmscale.model.forward import num_supervised
 from vlmscale.plan.measure import TensorMemory, phase
 
 
@@ -97,7 +99,8 @@ def main(argv: list[str]) -> int:
             micro = [next(batches) for _ in range(cfg.train.grad_accum_steps)]
             for b in micro:
                 shapes.append({"step": step, "rows": int(b["input_ids"].shape[0]), "length": int(b["input_ids"].shape[1]),
-                               "tiles": 0 if b["pixel_values"] is None else int(b["pixel_values"].shape[0])})
+                               "tiles": 0 if b["pixel_values"] is None else int(b["pixel_values"].shape[0]),
+                               "supervised": num_supervised(b["labels"])})
             held_between.append(sum(p.data.numel() * p.data.element_size() for p in engine.module.parameters()
                                     if not p.ds_persist))
             with phase(f"train_step.{step}"):

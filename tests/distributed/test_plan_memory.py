@@ -2,7 +2,8 @@
 
 The measured figure is each rank's peak tensor memory from just before the model is built to the end
 of training (``vlmscale.plan.measure``: the CPU counterpart of ``torch.cuda.max_memory_allocated``).
-The plan is evaluated at the micro-batch shapes the run actually saw. Beyond the total, the ZeRO-3
+The plan is evaluated at the micro-batch shapes the run actually saw (supervised tokens included), with
+``model.attn_implementation=auto`` resolved as the run resolves it on a CPU: eager. Beyond the total, the ZeRO-3
 state the rank holds is compared buffer by buffer, and the forward/backward and optimizer-step phases
 separately, so a total that happened to agree by compensating errors would still fail.
 
@@ -65,10 +66,12 @@ def _measure(tmp_path, demo_dir, overrides: list[str]) -> list[dict]:
 def test_plan_agrees_with_the_measured_peak(preset, extra, states_matter, tmp_path, demo_dir):
     overrides = [f"model.preset={preset}", "train.max_steps=3", "train.micro_batch_size=8", *extra]
     ranks = _measure(tmp_path, demo_dir, overrides)
-    facts = facts_for(load_config(SFTConfig, overrides=overrides))
+    facts = facts_for(load_config(SFTConfig, overrides=overrides), device="cpu")  # attention "auto": eager on CPU
+    assert facts.attn_implementation == "eager"
     zero = ZeroSettings.from_ds_config(DS)
     for rank, m in enumerate(ranks):
-        plans = [plan(facts, zero, world=2, shape=Shape(s["rows"], s["length"], s["tiles"]), device="cpu")
+        plans = [plan(facts, zero, world=2, shape=Shape(s["rows"], s["length"], s["tiles"], s["supervised"]),
+                      device="cpu")
                  for s in m["shapes"]]
         predicted, measured = max(b.peak() for b in plans), m["peak_bytes"]
         terms = {t.name: t.nbytes for t in plans[0].terms}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from itertools import product
 
 import pytest
 import torch
@@ -23,11 +24,25 @@ from vlmscale.plan.memory import (
     ZeroSettings,
     activations,
     deepspeed_estimate,
+    eager_scores_bytes,
     llm_layer_bytes_per_token,
     plan,
     vision_layer_bytes_per_token,
 )
 from vlmscale.plan.specs import SPECS, meta_model, spec_config
+
+
+@pytest.fixture(autouse=True)
+def _no_global_state_left_behind():
+    """A plan test must leave torch's defaults, ``F.linear`` and transformers' ZeRO-3 switch as it found
+    them, pass or fail: later tests in the same process (tests/unit/test_train_step.py) build real models."""
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    before = (torch.get_default_dtype(), torch.get_default_device(), torch.nn.functional.linear,
+              is_deepspeed_zero3_enabled(), torch.is_grad_enabled())
+    yield
+    assert (torch.get_default_dtype(), torch.get_default_device(), torch.nn.functional.linear,
+            is_deepspeed_zero3_enabled(), torch.is_grad_enabled()) == before
 
 
 # ---------------------------------------------------------------------------------------------- model sizes
@@ -64,14 +79,17 @@ def _saved_bytes(fn, params) -> int:
     return sum(seen.values())
 
 
-def _decoder_saved(rows: int, length: int, *, mask: bool, trained: bool) -> tuple[int, LLMDims]:
+def _decoder_saved(rows: int, length: int, *, mask: bool, trained: bool,
+                   attention: str = "sdpa") -> tuple[int, LLMDims]:
     cfg = Qwen2Config(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=160, vocab_size=100)
-    cfg._attn_implementation = "sdpa"
+    cfg._attn_implementation = attention
     layer = Qwen2DecoderLayer(cfg, 0).to(torch.bfloat16).requires_grad_(trained)
     x = torch.randn(rows, length, 64, dtype=torch.bfloat16, requires_grad=True)
     pos = torch.arange(length)[None].expand(rows, -1)
     cos, sin = Qwen2RotaryEmbedding(cfg)(x, pos)
     attn_mask = torch.ones(rows, 1, length, length, dtype=torch.bool).tril() if mask else None
+    if mask and attention == "eager":  # eager adds the mask: transformers gives it as a bf16 additive one
+        attn_mask = torch.zeros(rows, 1, length, length, dtype=torch.bfloat16).masked_fill(~attn_mask, -1e4)
     saved = _saved_bytes(lambda: layer(x, attention_mask=attn_mask, position_ids=pos, position_embeddings=(cos, sin)),
                          layer.parameters())
     # cos and sin (bf16, head_dim each per token) are shared by all layers; the plan counts them once per model
@@ -89,17 +107,33 @@ def test_llm_layer_formula_equals_what_autograd_keeps(length, trained):
 
 
 @pytest.mark.parametrize("trained", [True, False])
+@pytest.mark.parametrize("mask", [True, False])
+@pytest.mark.parametrize("length", [24, 40])
+def test_llm_layer_formula_equals_what_autograd_keeps_eager(length, mask, trained):
+    """Eager: repeated k and v, the fp32 softmax and its bf16 cast (6 bytes per score), no log-sum-exp,
+    and the additive mask not kept."""
+    saved, dims = _decoder_saved(2, length, mask=mask, trained=trained, attention="eager")
+    scores = eager_scores_bytes(heads=4, sequences=2, length=length, fp32_softmax=True)
+    assert scores == 6 * 4 * 2 * length**2
+    assert saved == 2 * length * llm_layer_bytes_per_token(dims, repeat_kv=True, weights_train=trained,
+                                                           eager=True) + scores
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("trained", [True, False])
 @pytest.mark.parametrize("rms, qk", [(False, False), (True, True)])  # InternViT-300M style, InternViT-6B style
-def test_vision_layer_formula_equals_what_autograd_keeps(rms, qk, trained):
+def test_vision_layer_formula_equals_what_autograd_keeps(rms, qk, trained, attention):
     vc = InternVLVisionConfig(hidden_size=64, num_attention_heads=4, intermediate_size=256, image_size=32, patch_size=8,
                               norm_type="rms_norm" if rms else "layer_norm", use_qk_norm=qk)
-    vc._attn_implementation = "sdpa"
+    vc._attn_implementation = attention
     layer = InternVLVisionLayer(vc).to(torch.bfloat16).requires_grad_(trained)
     x = torch.randn(3, 17, 64, dtype=torch.bfloat16, requires_grad=True)
     saved = _saved_bytes(lambda: layer(x), layer.parameters())
     dims = VisionDims(hidden=64, intermediate=256, layers=1, heads=4, tokens_per_tile=17, pixels_per_tile=3 * 32 * 32,
                       image_seq_length=4, rms_norm=rms, qk_norm=qk)
-    assert saved == 3 * 17 * vision_layer_bytes_per_token(dims, weights_train=trained)
+    eager = attention == "eager"
+    scores = eager_scores_bytes(heads=4, sequences=3, length=17, fp32_softmax=False) if eager else 0
+    assert saved == 3 * 17 * vision_layer_bytes_per_token(dims, weights_train=trained, eager=eager) + scores
 
 
 def test_frozen_layers_under_zero3_keep_their_matmul_inputs(monkeypatch):
@@ -110,36 +144,57 @@ def test_frozen_layers_under_zero3_keep_their_matmul_inputs(monkeypatch):
     saved, dims = _decoder_saved(2, 24, mask=False, trained=False)
     assert saved == 2 * 24 * llm_layer_bytes_per_token(dims, repeat_kv=False, weights_train=False,
                                                        linear_keeps_input=True)
-    for rms, qk in ((False, False), (True, True)):
+    saved, dims = _decoder_saved(2, 24, mask=True, trained=False, attention="eager")
+    assert saved == 2 * 24 * llm_layer_bytes_per_token(dims, repeat_kv=True, weights_train=False, eager=True,
+                                                       linear_keeps_input=True) + 6 * 4 * 2 * 24**2
+    for (rms, qk), attention in product(((False, False), (True, True)), ("sdpa", "eager")):
         vc = InternVLVisionConfig(hidden_size=64, num_attention_heads=4, intermediate_size=256, image_size=32,
                                   patch_size=8, norm_type="rms_norm" if rms else "layer_norm", use_qk_norm=qk)
-        vc._attn_implementation = "sdpa"
+        vc._attn_implementation = attention
         layer = InternVLVisionLayer(vc).to(torch.bfloat16).requires_grad_(False)
         x = torch.randn(3, 17, 64, dtype=torch.bfloat16, requires_grad=True)
         dims = VisionDims(hidden=64, intermediate=256, layers=1, heads=4, tokens_per_tile=17, pixels_per_tile=1,
                           image_seq_length=4, rms_norm=rms, qk_norm=qk)
+        scores = 2 * 4 * 3 * 17**2 if attention == "eager" else 0
         assert _saved_bytes(lambda: layer(x), layer.parameters()) == 3 * 17 * vision_layer_bytes_per_token(
-            dims, weights_train=False, linear_keeps_input=True)
+            dims, weights_train=False, linear_keeps_input=True, eager=attention == "eager") + scores
 
 
-def test_loss_formula_equals_what_autograd_keeps():
-    """Final RMSNorm + lm_head + the training loss keep 8h + 4 per token and the fp32 log-softmax (4V per
-    predicted token); the plan adds the bf16 logits the caller holds (2V): 8h + 4 + 6V."""
+@pytest.mark.parametrize("head_trains", [True, False])
+def test_loss_formula_equals_what_autograd_keeps(head_trains):
+    """Final RMSNorm + ``supervised_loss_sum`` keep 8h + 4 per position (the norm's output counted as the
+    hidden states the training loop holds), the boolean index's mask (1 per predicted position) and, per
+    supervised token, the head's input (2h, when it trains), the fp32 log-softmax (4V) and the int64
+    target (8); plus nll_loss's fp32 total weight (4)."""
     from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
-    from vlmscale.model.forward import token_losses
+    from vlmscale.model.forward import num_supervised, supervised_loss_sum
 
     h, vocab, rows, length = 64, 96, 2, 24
-    norm, head = Qwen2RMSNorm(h).to(torch.bfloat16), torch.nn.Linear(h, vocab, bias=False).to(torch.bfloat16)
+    norm = Qwen2RMSNorm(h).to(torch.bfloat16)
+    model = torch.nn.Module()
+    model.lm_head = torch.nn.Linear(h, vocab, bias=False).to(torch.bfloat16).requires_grad_(head_trains)
     x = torch.randn(rows, length, h, dtype=torch.bfloat16, requires_grad=True)
     labels = torch.randint(0, vocab, (rows, length))
-    saved = _saved_bytes(lambda: token_losses(head(norm(x)), labels).sum(), [*norm.parameters(), *head.parameters()])
-    saved -= labels[:, 1:].numel() * 8 + 4  # the int64 targets and nll_loss's fp32 total weight
-    assert saved == rows * length * (8 * h + 4) + rows * (length - 1) * 4 * vocab
+    labels[0, :9] = labels[1, 15:] = -100  # a prompt, and padding
+    sup = num_supervised(labels)
+    assert sup == 2 * 23 - 8 - 9
+    kept = {}
+
+    def loss():
+        kept["hidden"] = norm(x)  # the training loop holds it; here it is saved by no one
+        return supervised_loss_sum(model, kept["hidden"], labels)
+
+    saved = _saved_bytes(loss, [*norm.parameters(), *model.lm_head.parameters()])
+    saved += kept["hidden"].untyped_storage().nbytes()
     facts = _facts()
-    shape = Shape(rows=rows, length=length, tiles=0)
-    d = dataclasses.replace(facts, llm=dataclasses.replace(facts.llm, hidden=h, vocab=vocab))
-    assert activations(d, shape, ckpt_llm=False, ckpt_vision=False)["logits"] == rows * length * (8 * h + 4 + 6 * vocab)
+    d = dataclasses.replace(facts, llm=dataclasses.replace(facts.llm, hidden=h, vocab=vocab), lm_head_trains=head_trains)
+    shape = Shape(rows=rows, length=length, tiles=0, supervised=sup)
+    assert saved == (rows * length * (8 * h + 4) + rows * (length - 1)
+                     + sup * ((2 * h if head_trains else 0) + 4 * vocab + 8) + 4)
+    assert activations(d, shape, ckpt_llm=False, ckpt_vision=False)["logits"] == saved
+    # unknown supervision: every predicted position (the upper bound)
+    assert Shape(rows=rows, length=length, tiles=0).supervised_tokens == rows * (length - 1)
 
 
 # ---------------------------------------------------------------------------------------------- term arithmetic
@@ -174,14 +229,18 @@ def test_zero3_terms_by_hand():
     # LLM layer: 16h + 8 + 4q + 4q (repeated kv) + 4 heads + 8i = 128 + 8 + 32 + 32 + 8 + 128 = 336 per token
     assert llm_layer_bytes_per_token(_facts().llm, repeat_kv=True) == 336
     assert t["activations: llm"] == 2 * (4 * 336 + 2 * 16) + 4 * 4 * 4 + 16  # layers + mask per layer; rope, bool mask
-    assert t["activations: logits"] == 4 * (8 * 8 + 4 + 6 * 32)
-    assert t["activations: backward transients"] == 4 * 8 * 32
+    # every position's final norm and hidden state, the index mask, and per supervised token (3 of 4 by
+    # default: all that predict one) the head's input, fp32 log-softmax and int64 target; nll_loss's weight
+    assert t["activations: logits"] == 4 * (8 * 8 + 4) + 3 + 3 * (2 * 8 + 4 * 32 + 8) + 4
+    assert t["activations: backward transients"] == 3 * 8 * 32  # fp32 gradients in and out of the log-softmax
     assert t["micro-batch inputs"] == 3 * 8 * 4  # no tiles: ids, labels, mask
-    assert t["step: last micro-batch's bf16 logits"] == 2 * 4 * 32
+    assert t["step: last micro-batch's hidden states"] == 2 * 4 * 8
+    one_supervised = _terms(plan(_facts(), z, world=4, shape=dataclasses.replace(shape, supervised=1), device="cuda"))
+    assert t["activations: logits"] - one_supervised["activations: logits"] == 2 * (2 * 8 + 4 * 32 + 8)
     b = plan(_facts(), z, world=4, shape=shape)
     standing = 2 * 379 + 2 * 253 + 128 + 4 * 253 + 8 * 253 + 96
     fwd_bwd = 20 + 2000 + 2000 + sum(v for k, v in t.items() if k.startswith("activations"))
-    assert b.peak() == standing + max(fwd_bwd, 8 * 250 + 256)
+    assert b.peak() == standing + max(fwd_bwd, 8 * 250 + 64)
     assert b.peak() == standing + fwd_bwd
 
 
@@ -194,6 +253,32 @@ def test_checkpointing_keeps_layer_inputs_and_recomputes_one_layer():
     assert ckpt["llm"] == 2 * (2 * 32 * 8) + 32 * 4 * 4 + 2 * 256
     assert ckpt["transient"] == max(full["transient"], one_layer)
     assert plan(_facts(), z, world=2, shape=shape, ckpt_llm=True).peak() < plan(_facts(), z, world=2, shape=shape).peak()
+
+
+def test_eager_attention_terms_by_hand():
+    """Eager keeps 6 bytes per LLM score per layer; the last layer's softmax backward (8 bytes per score,
+    fp32 gradients in and out) can set the transient once the loss and that layer's tail are freed."""
+    f = dataclasses.replace(_facts(), attn_implementation="eager")
+    shape = Shape(rows=2, length=64, tiles=0, supervised=3)
+    act = activations(f, shape, ckpt_llm=False, ckpt_vision=False)
+    scores = 2 * 2 * 64**2  # heads * rows * length^2
+    per_layer = 128 * llm_layer_bytes_per_token(f.llm, repeat_kv=True, eager=True) + 6 * scores
+    assert act["llm"] == 2 * per_layer + 128 * 4 * 4  # no mask shared or per layer: RoPE only
+    kept = 128 * (8 * 8 + 4 + 4 * 8) + 4 * scores  # first norm, q, repeated k, fp32 softmax output
+    softmax_backward = 8 * scores - (act["logits"] - 2 * 8 * 128) - (per_layer - kept)
+    assert softmax_backward > 3 * 8 * 32  # the loss's gradients are smaller here
+    assert act["transient"] == softmax_backward
+    with pytest.raises(ValueError, match="resolve 'auto' first"):
+        activations(dataclasses.replace(f, attn_implementation="auto"), shape, ckpt_llm=False, ckpt_vision=False)
+
+
+def test_auto_attention_resolves_for_the_planned_device():
+    cfg = load_config(SFTConfig, overrides=["model.preset=tiny"])
+    assert cfg.model.attn_implementation == "auto"
+    assert facts_for(cfg, device="cpu").attn_implementation == "eager"
+    assert facts_for(cfg).attn_implementation == "sdpa"  # GPU: sdpa, an upper bound of flash-attention
+    flash = load_config(SFTConfig, overrides=["model.preset=tiny", "model.attn_implementation=flash_attention_2"])
+    assert facts_for(flash, device="cpu").attn_implementation == "flash_attention_2"
 
 
 def test_offload_moves_optimizer_state_to_cpu():

@@ -16,7 +16,7 @@ A rank's peak is its standing state plus the larger of two phases that never ove
   those for the step and gathers them again after it), the micro-batch, saved activations, backward
   transients (logit gradients, a recomputed layer, one layer's full gradients before reduction);
 - optimizer step: the fp32 gradient of one optimizer group, AdamW's temporaries, and the last
-  micro-batch's logits, which the training loop still holds.
+  micro-batch's hidden states, which the training loop still holds.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import torch
 
 BF16, FP32 = 2, 4
 GiB = 2**30
+ATTENTION = ("eager", "sdpa", "flash_attention_2")
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -76,7 +77,8 @@ class ModelFacts:
     vision_backward_layers: int  # vision layers that keep activations (from the first trained one on)
     llm_weights_train: bool = True  # the LLM layers hold trained parameters (LoRA adapters count)
     vision_trained_layers: int = 0  # of the vision layers keeping activations, those with trained parameters
-    attn_implementation: str = "sdpa"
+    attn_implementation: str = "sdpa"  # resolved: one of ATTENTION
+    lm_head_trains: bool = True
 
     @property
     def num_params(self) -> int:
@@ -134,6 +136,7 @@ class ModelFacts:
             vision_trained_layers=sum(any(p.requires_grad for p in layer.parameters())
                                       for layer in inner.vision_tower.encoder.layer),
             attn_implementation=getattr(tc, "_attn_implementation", None) or "sdpa",
+            lm_head_trains=any(p.requires_grad for p in model.lm_head.parameters()),
         )
 
 
@@ -183,6 +186,13 @@ class Shape:
     rows: int  # sequences
     length: int  # padded sequence length (tokens)
     tiles: int  # image tiles (448-px crops / thumbnails), all sequences together
+    supervised: int | None = None  # tokens with a label (the loss's positions); None: every predicted position
+
+    @property
+    def supervised_tokens(self) -> int:
+        """Supervised tokens: ``supervised``, or ``rows * (length - 1)`` (every position but the last
+        predicts one) as the upper bound when it is not known."""
+        return self.rows * (self.length - 1) if self.supervised is None else self.supervised
 
 
 # ---------------------------------------------------------------------------------------------- output
@@ -221,7 +231,7 @@ class Breakdown:
 
 # ---------------------------------------------------------------------------------------------- activations
 def llm_layer_bytes_per_token(d: LLMDims, *, repeat_kv: bool, weights_train: bool = True,
-                              linear_keeps_input: bool = False) -> int:
+                              linear_keeps_input: bool = False, eager: bool = False) -> int:
     """Bytes one decoder layer keeps for backward, per token (bf16, RMSNorm, SwiGLU, GQA).
 
     Each RMSNorm keeps its fp32 input (4h), its fp32 reciprocal RMS (4), its normalised bf16 value (2h)
@@ -235,17 +245,24 @@ def llm_layer_bytes_per_token(d: LLMDims, *, repeat_kv: bool, weights_train: boo
     factors (6i). Under ZeRO-3 (``linear_keeps_input``) DeepSpeed replaces ``F.linear`` with a function
     that keeps its input whether or not the weight trains: then only the norms' normalised values
     (2h each) are saved less than in a trained layer.
+
+    ``eager`` (HF ``eager_attention_forward``): ``q @ k^T`` keeps q and the ``repeat_kv``'d k, ``probs @ v``
+    the repeated v (pass ``repeat_kv=True``), and there is no log-sum-exp; the scores themselves are per
+    row, not per token (:func:`eager_scores_bytes`). A frozen layer does not keep eager's output (2q):
+    unlike sdpa's, no backward but a trained o_proj's needs it.
     """
     kv = d.q_dim if repeat_kv else d.kv_dim
-    attention = 4 * d.q_dim + 4 * kv + 4 * d.heads
+    attention = 4 * d.q_dim + 4 * kv + (0 if eager else 4 * d.heads)
     if weights_train:
         return 16 * d.hidden + 8 + attention + 8 * d.intermediate
     if linear_keeps_input:
         return 12 * d.hidden + 8 + attention + 8 * d.intermediate
-    return 8 * d.hidden + 8 + attention + 6 * d.intermediate
+    # eager's output is a fresh tensor only a trained o_proj keeps (sdpa's own backward keeps sdpa's)
+    return 8 * d.hidden + 8 + attention - (2 * d.q_dim if eager else 0) + 6 * d.intermediate
 
 
-def vision_layer_bytes_per_token(d: VisionDims, *, weights_train: bool = True, linear_keeps_input: bool = False) -> int:
+def vision_layer_bytes_per_token(d: VisionDims, *, weights_train: bool = True, linear_keeps_input: bool = False,
+                                 eager: bool = False) -> int:
     """Bytes one InternViT layer keeps for backward, per token (bf16).
 
     Each of its two norms keeps its input and output: 4v + 4 (LayerNorm, bf16 mean and rstd) or
@@ -257,16 +274,33 @@ def vision_layer_bytes_per_token(d: VisionDims, *, weights_train: bool = True, l
     6v + 4 each, no layer-scale inputs, and the MLP only the GELU input (2i). Under ZeRO-3's
     ``F.linear`` (``linear_keeps_input``) the matmul inputs are kept as well: the norm outputs (2v
     each) and the fc2 input (2i).
+
+    ``eager`` keeps the same q, k, v and output (a frozen layer not its output, which only the projection
+    keeps) but no log-sum-exp (the scores: :func:`eager_scores_bytes`).
     """
     v = d.hidden
+    lse = 0 if eager else 4 * d.heads
     if not weights_train:
         norm = 4 * v + 4 if d.rms_norm else 2 * v + 4
         qk = 2 * (6 * v + 4) if d.qk_norm else 4 * v
         extra = 4 * v + 2 * d.intermediate if linear_keeps_input else 0
-        return 2 * norm + qk + 4 * v + 4 * d.heads + 2 * d.intermediate + extra
+        # eager's output is a fresh tensor only a trained (or ZeRO-3-wrapped) projection keeps
+        out = 2 * v if eager and not linear_keeps_input else 0
+        return 2 * norm + qk + 4 * v - out + lse + 2 * d.intermediate + extra
     norm = 8 * v + 4 if d.rms_norm else 4 * v + 4
     qk = 2 * (8 * v + 4) if d.qk_norm else 4 * v
-    return 2 * norm + qk + 8 * v + 4 * d.heads + 4 * d.intermediate
+    return 2 * norm + qk + 8 * v + lse + 4 * d.intermediate
+
+
+def eager_scores_bytes(*, heads: int, sequences: int, length: int, fp32_softmax: bool) -> int:
+    """Bytes eager attention keeps of its ``length x length`` scores, in one layer.
+
+    ``softmax`` keeps its output and ``probs @ v`` its probabilities (dropout at p=0 returns its input).
+    The LLM's softmax runs in fp32 and is cast back to bf16: both copies are kept (6 bytes per score);
+    InternViT's softmax stays in bf16, one tensor serving both (2 bytes). ``q @ k^T``, the scaling and
+    the mask addition keep nothing more, so the additive mask itself is not kept.
+    """
+    return (FP32 + BF16 if fp32_softmax else BF16) * heads * sequences * length**2
 
 
 def activations(f: ModelFacts, shape: Shape, *, ckpt_llm: bool, ckpt_vision: bool,
@@ -275,20 +309,24 @@ def activations(f: ModelFacts, shape: Shape, *, ckpt_llm: bool, ckpt_vision: boo
 
     ``linear_keeps_input``: ZeRO-3's ``F.linear`` keeps matmul inputs of frozen layers too.
     """
-    if f.attn_implementation not in ("sdpa", "flash_attention_2"):
-        raise ValueError(f"model.attn_implementation={f.attn_implementation!r}: the plan models sdpa and "
-                         "flash_attention_2 (eager keeps every attention score; plan with sdpa)")
+    if f.attn_implementation not in ATTENTION:
+        raise ValueError(f"model.attn_implementation={f.attn_implementation!r}: the plan models "
+                         f"{', '.join(ATTENTION)} (resolve 'auto' first: vlmscale.plan.build.planned_attention)")
     tokens = shape.rows * shape.length
     vis_tokens = shape.tiles * f.vision.tokens_per_tile
     h, vocab = f.llm.hidden, f.llm.vocab
-    sdpa = f.attn_implementation == "sdpa"
-    llm_full = tokens * llm_layer_bytes_per_token(f.llm, repeat_kv=sdpa, weights_train=f.llm_weights_train,
-                                                  linear_keeps_input=linear_keeps_input)
+    sdpa, eager = f.attn_implementation == "sdpa", f.attn_implementation == "eager"
+    llm_full = tokens * llm_layer_bytes_per_token(f.llm, repeat_kv=sdpa or eager, weights_train=f.llm_weights_train,
+                                                  linear_keeps_input=linear_keeps_input, eager=eager)
     if sdpa:  # sdpa turns the boolean padding mask into a bf16 additive one and keeps it, in every layer
         llm_full += BF16 * shape.rows * shape.length ** 2
-    vis_full = vis_tokens * vision_layer_bytes_per_token(f.vision)
-    vis_frozen = vis_tokens * vision_layer_bytes_per_token(f.vision, weights_train=False,
-                                                           linear_keeps_input=linear_keeps_input)
+    if eager:
+        llm_full += eager_scores_bytes(heads=f.llm.heads, sequences=shape.rows, length=shape.length, fp32_softmax=True)
+    vis_scores = eager_scores_bytes(heads=f.vision.heads, sequences=shape.tiles, length=f.vision.tokens_per_tile,
+                                    fp32_softmax=False) if eager else 0
+    vis_full = vis_tokens * vision_layer_bytes_per_token(f.vision, eager=eager) + vis_scores
+    vis_frozen = vis_tokens * vision_layer_bytes_per_token(f.vision, weights_train=False, eager=eager,
+                                                           linear_keeps_input=linear_keeps_input) + vis_scores
     out = {"vision": 0.0, "projector": 0.0, "llm": 0.0, "logits": 0.0, "transient": 0.0}
     recompute = 0.0
     if f.vision_backward_layers:
@@ -303,15 +341,44 @@ def activations(f: ModelFacts, shape: Shape, *, ckpt_llm: bool, ckpt_vision: boo
     if f.llm_backward:
         per_layer = BF16 * tokens * h if ckpt_llm else llm_full
         head_dim = f.llm.q_dim // f.llm.heads
-        # shared by all layers: RoPE cos and sin (bf16), the boolean mask
+        # shared by all layers: RoPE cos and sin (bf16), sdpa's boolean mask (eager's additive mask is not kept)
         shared = tokens * 4 * head_dim + (shape.rows * shape.length ** 2 if sdpa else 0)
         out["llm"] = f.llm.layers * per_layer + shared
         recompute = max(recompute, llm_full if ckpt_llm else 0.0)
-    # final RMSNorm (8h + 4); bf16 logits held by the caller (2V) and the fp32 log-softmax the loss keeps (4V)
-    out["logits"] = tokens * (8 * h + 4 + 6 * vocab)
-    # backward: fp32 gradients into and out of the log-softmax (8V), or one recomputed layer
-    out["transient"] = max(tokens * 8 * vocab, recompute)
+    out["logits"] = loss_saved_bytes(f, shape, linear_keeps_input=linear_keeps_input)
+    # backward: fp32 gradients into and out of the log-softmax (8V per supervised token); or scattering the
+    # head's input gradient back: index_put into zeros over hidden[:, :-1], then the slice's backward
+    # into zeros over all positions (bf16); or one recomputed layer
+    sup = shape.supervised_tokens
+    scatter = BF16 * h * (sup + shape.rows * (shape.length - 1) + tokens)
+    out["transient"] = max(sup * 8 * vocab, scatter, recompute)
+    if eager and f.llm_backward:
+        # the last layer's softmax backward: fp32 gradients into and out of it (8 bytes per score), while
+        # the loss (but the hidden states the loop holds) and that layer's tensors after the softmax are
+        # already freed; the layer keeps its first norm, q and k and the fp32 softmax output until then
+        norm1 = 8 * h + 4 if f.llm_weights_train else (6 * h + 4 if linear_keeps_input else 4 * h + 4)
+        scores = f.llm.heads * shape.rows * shape.length ** 2
+        kept = tokens * (norm1 + 4 * f.llm.q_dim) + FP32 * scores
+        softmax_backward = 2 * FP32 * scores - (out["logits"] - BF16 * h * tokens) + kept - (0 if ckpt_llm else llm_full)
+        out["transient"] = max(out["transient"], softmax_backward)
     return out
+
+
+def loss_saved_bytes(f: ModelFacts, shape: Shape, *, linear_keeps_input: bool = False) -> int:
+    """What the final norm and ``supervised_loss_sum`` keep for backward, and the hidden states the
+    training loop holds (vlmscale/model/forward.py).
+
+    Every position: the final RMSNorm's fp32 input (4h), reciprocal RMS (4) and normalised value (2h),
+    and its output, the hidden states the training loop holds (2h). The boolean index keeps its mask
+    (1 byte per predicted position). Per supervised token: the gathered hidden state that ``lm_head``
+    keeps (2h; when it trains, or always under ZeRO-3's ``F.linear``), the fp32 log-softmax (4V) and the
+    int64 target (8); and nll_loss's fp32 total weight (4). The bf16 and fp32 logits are freed when the
+    loss returns.
+    """
+    h, sup = f.llm.hidden, shape.supervised_tokens
+    head_input = BF16 * h if f.lm_head_trains or linear_keeps_input else 0
+    return (shape.rows * shape.length * (8 * h + 4) + shape.rows * (shape.length - 1)
+            + sup * (head_input + FP32 * f.llm.vocab + 8) + 4)
 
 
 # ---------------------------------------------------------------------------------------------- model states
@@ -392,8 +459,8 @@ def plan(f: ModelFacts, z: ZeroSettings, *, world: int, shape: Shape, ckpt_llm: 
     for key in ("vision", "projector", "llm", "logits"):
         b.add(f"activations: {key}", "activations", act[key], phase="fwd_bwd")
     b.add("activations: backward transients", "activations", act["transient"], phase="fwd_bwd")
-    # the training loop still references the last micro-batch's bf16 logits while the optimizer steps
-    b.add("step: last micro-batch's bf16 logits", "activations", BF16 * shape.rows * shape.length * f.llm.vocab,
+    # the training loop still references the last micro-batch's bf16 hidden states while the optimizer steps
+    b.add("step: last micro-batch's hidden states", "activations", BF16 * shape.rows * shape.length * f.llm.hidden,
           phase="step")
     return b
 

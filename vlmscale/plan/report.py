@@ -107,7 +107,7 @@ def _gib(x: float) -> str:
 def render(cfg: RunConfig, cluster: Cluster, *, model_name: str, zero: int | None = None, offload: str | None = None,
            limit: int = 64, tiles: int | None = None) -> tuple[str, dict]:
     """The report text and the same figures as JSON-ready data."""
-    facts = facts_for(cfg)
+    facts = facts_for(cfg, device=cluster.device)
     setting = configured_setting(cfg, zero=zero, offload=offload)
     mb = cfg.train.micro_batch_size
     per_sample = tiles_per_sample(cfg, facts) if tiles is None else tiles

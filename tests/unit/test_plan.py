@@ -33,16 +33,24 @@ from vlmscale.plan.specs import SPECS, meta_model, spec_config
 
 
 @pytest.fixture(autouse=True)
-def _no_global_state_left_behind():
+def _no_global_state_left_behind(monkeypatch):
     """A plan test must leave torch's defaults, ``F.linear`` and transformers' ZeRO-3 switch as it found
-    them, pass or fail: later tests in the same process (tests/unit/test_train_step.py) build real models."""
+    them, pass or fail: later tests in the same process (tests/unit/test_train_step.py) build real models.
+
+    Each starts from torch's own ``F.linear``: an earlier test in the process that built a ZeRO-3 engine
+    (test_ewc, test_train_step) leaves DeepSpeed's replacement installed, which keeps more for backward.
+    """
     from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
-    before = (torch.get_default_dtype(), torch.get_default_device(), torch.nn.functional.linear,
-              is_deepspeed_zero3_enabled(), torch.is_grad_enabled())
+    def state():
+        return (torch.get_default_dtype(), torch.get_default_device(), torch.nn.functional.linear,
+                is_deepspeed_zero3_enabled(), torch.is_grad_enabled())
+
+    before = state()
+    monkeypatch.setattr(torch.nn.functional, "linear", torch._C._nn.linear)
     yield
-    assert (torch.get_default_dtype(), torch.get_default_device(), torch.nn.functional.linear,
-            is_deepspeed_zero3_enabled(), torch.is_grad_enabled()) == before
+    monkeypatch.undo()
+    assert state() == before
 
 
 # ---------------------------------------------------------------------------------------------- model sizes

@@ -51,3 +51,11 @@ def launch(recipe: str, *overrides: str, nproc: int = 2, timeout: int = 600, che
 
 def metrics(output_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def losses(output_dir: Path) -> dict[int, float]:
+    """Step -> logged loss of a run; a step logged twice (a resume that repeated one) fails the test."""
+    rows = [r for r in metrics(output_dir) if "loss" in r]
+    steps = [r["step"] for r in rows]
+    assert len(steps) == len(set(steps)), f"a step was logged twice: {steps}"
+    return {r["step"]: r["loss"] for r in rows}

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests import slurm_local
-from tests.helpers import BIN, REPO, launch, metrics, port
+from tests.helpers import BIN, REPO, launch, losses, metrics, port
 
 pytestmark = pytest.mark.distributed
 
@@ -38,13 +38,6 @@ def _overrides(demo_dir, out, start, *extra):
             f"train.max_steps={STEPS}", "train.log_every_steps=1", "train.log_sample_ids=true",
             "checkpoint.every_steps=4", "checkpoint.keep_last=0", "checkpoint.export=false", "eval.at_end=false",
             "optim.lr=1e-2", "optim.warmup_steps=1", "policy.projector.lr=3e-3", *extra]
-
-
-def _losses(out: Path) -> dict[int, float]:
-    rows = [r for r in metrics(out) if "loss" in r]
-    steps = [r["step"] for r in rows]
-    assert len(steps) == len(set(steps)), f"a step was logged twice: {steps}"
-    return {r["step"]: r["loss"] for r in rows}
 
 
 def _samples_per_step(out: Path) -> dict[int, collections.Counter]:
@@ -63,7 +56,7 @@ def _run(cmd: list[str], *, env: dict | None = None, timeout: int = 300) -> subp
 
 
 def _assert_matches(reference: Path, out: Path, steps=range(1, STEPS + 1)) -> None:
-    ref, got = _losses(reference), _losses(out)
+    ref, got = losses(reference), losses(out)
     assert sorted(got) == list(range(1, STEPS + 1))
     # same world size, same data, same reduction order: bitwise equal
     assert [got[s] for s in steps] == [ref[s] for s in steps]
@@ -225,7 +218,7 @@ def test_resume_two_ranks_on_one(tmp_path, reference, demo_dir, start_model):
     proc = launch("sft", *args, "resume=latest", "train.grad_accum_steps=2", nproc=1)
     assert "resumed from step-00000004 at step 4 (32 samples seen); saved by 2 ranks, now 1" in proc.stderr
     assert (out / "checkpoints" / "step-00000004" / "universal" / "zero" / "optimizer_state.pt").is_file()
-    ref, got = _losses(reference), _losses(out)
+    ref, got = losses(reference), losses(out)
     assert [got[s] for s in (5, 6)] == pytest.approx([ref[s] for s in (5, 6)], rel=1e-6, abs=0)
     assert _samples_per_step(out) == _samples_per_step(reference)
 
@@ -238,7 +231,7 @@ def test_resume_one_rank_on_two(tmp_path, reference, demo_dir, start_model):
     assert first.returncode != 0 and _logged_step(out) == 4
     proc = launch("sft", *args, "resume=latest")
     assert "resumed from step-00000004 at step 4 (32 samples seen); saved by 1 ranks, now 2" in proc.stderr
-    ref, got = _losses(reference), _losses(out)
+    ref, got = losses(reference), losses(out)
     assert sorted(got) == list(range(1, STEPS + 1))
     assert [got[s] for s in range(1, STEPS + 1)] == pytest.approx([ref[s] for s in range(1, STEPS + 1)], rel=1e-6, abs=0)
     assert _samples_per_step(out) == _samples_per_step(reference)

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 from safetensors import safe_open
 
-from tests.helpers import launch, metrics
+from tests.helpers import launch, losses, metrics
 
 pytestmark = pytest.mark.distributed
 
@@ -32,13 +31,6 @@ def _overrides(demo_dir, out, start, *extra):
 
 def _dpo(demo_dir, out, start, *extra):
     return _overrides(demo_dir, out, start, "eval.at_start=false", "eval.at_end=false", "dpo.cache_flush_steps=2", *extra)
-
-
-def _losses(out: Path) -> dict[int, float]:
-    rows = [r for r in metrics(out) if "loss" in r]
-    steps = [r["step"] for r in rows]
-    assert len(steps) == len(set(steps)), f"a step was logged twice: {steps}"
-    return {r["step"]: r["loss"] for r in rows}
 
 
 def test_reward_model_trains_exports_and_reports_heldout_accuracy(tmp_path, demo_dir, start_model):
@@ -73,7 +65,7 @@ def dpo_reference(tmp_path_factory, demo_dir, start_model):
 
 
 def test_dpo_cached_and_live_references_give_the_same_losses(tmp_path, dpo_reference, demo_dir, start_model):
-    cached = _losses(dpo_reference)
+    cached = losses(dpo_reference)
     assert sorted(cached) == list(range(1, STEPS + 1))
     assert cached[1] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference at step 1
     row = [r for r in metrics(dpo_reference) if r.get("step") == STEPS and "loss" in r][0]
@@ -82,7 +74,7 @@ def test_dpo_cached_and_live_references_give_the_same_losses(tmp_path, dpo_refer
     assert len(list((dpo_reference / "ref_cache").glob("rank-*-of-00002.pt"))) == 2
     live = tmp_path / "live"
     launch("dpo", *_dpo(demo_dir, live, start_model, "dpo.reference=live"))
-    assert _losses(live) == cached
+    assert losses(live) == cached
     assert not (live / "ref_cache").exists()
 
 
@@ -99,6 +91,6 @@ def test_dpo_killed_while_caching_and_while_training_resumes_to_the_same_losses(
     third = launch("dpo", *args, "resume=latest")
     assert "resumed from step-00000003 at step 3" in third.stderr
     assert "reference log-probs: " in third.stderr and "computing reference" not in third.stderr
-    ref, got = _losses(dpo_reference), _losses(out)
+    ref, got = losses(dpo_reference), losses(out)
     assert sorted(got) == list(range(1, STEPS + 1))
     assert [got[s] for s in range(4, STEPS + 1)] == [ref[s] for s in range(4, STEPS + 1)]

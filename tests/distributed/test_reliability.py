@@ -24,7 +24,7 @@ import psutil
 import pytest
 import torch
 
-from tests.helpers import launch, metrics
+from tests.helpers import launch, losses, metrics
 
 pytestmark = pytest.mark.distributed
 
@@ -36,13 +36,6 @@ def _overrides(demo_dir, out, start, *extra):
             f"train.max_steps={STEPS}", "train.log_every_steps=1", "train.log_sample_ids=true",
             "checkpoint.every_steps=5", "checkpoint.keep_last=2", "checkpoint.export=false", "eval.at_end=false",
             "optim.lr=1e-2", "optim.warmup_steps=1", "policy.projector.lr=1e-2", *extra]
-
-
-def _losses(out: Path) -> dict[int, float]:
-    rows = [r for r in metrics(out) if "loss" in r]
-    steps = [r["step"] for r in rows]
-    assert len(steps) == len(set(steps)), f"a step was logged twice: {steps}"
-    return {r["step"]: r["loss"] for r in rows}
 
 
 def _sample_ids(out: Path) -> collections.Counter:
@@ -86,7 +79,7 @@ def test_kill_one_rank_then_resume_matches_the_uninterrupted_run(reference, cras
     assert runs[0]["ckpts"] == {"step-00000005"}
     assert "resumed from step-00000005 at step 5" in runs[1]["log"]
     assert runs[-1]["code"] == 0, runs[-1]["log"][-3000:]
-    ref, got = _losses(reference), _losses(out)
+    ref, got = losses(reference), losses(out)
     assert sorted(got) == list(range(1, STEPS + 1))
     # same world size, same data, same reduction order: bitwise equal, not merely close
     assert [got[s] for s in range(6, STEPS + 1)] == [ref[s] for s in range(6, STEPS + 1)]
@@ -323,6 +316,6 @@ def test_sigterm_commits_a_checkpoint_and_the_relaunch_matches(tmp_path, referen
     assert stopped % 5 != 0, "stopped on a regular checkpoint step; the test would not show the signal's checkpoint"
     relaunch = launch("sft", *_overrides(demo_dir, out, start_model), "resume=latest")
     assert f"resumed from {tag} at step {stopped}" in relaunch.stderr
-    ref, got = _losses(reference), _losses(out)
+    ref, got = losses(reference), losses(out)
     assert [got[s] for s in range(1, STEPS + 1)] == [ref[s] for s in range(1, STEPS + 1)]
     assert _sample_ids(out) == _sample_ids(reference)

@@ -63,10 +63,13 @@ class TrainDataset(torch.utils.data.Dataset):
         self.video = video
         self.mixture = Mixture(sizes=[len(s) for s in sources], weights=weights, seed=seed)
 
+    # record -> rendered sample; subclasses render other things from the same shards (PairDataset: pairs)
+    render = staticmethod(render_sample)
+
     def __len__(self) -> int:  # the stream is unbounded; the sampler decides what is read
         return 2**62
 
-    def _render(self, source: int, index: int) -> tuple[Rendered, str]:
+    def _render(self, source: int, index: int) -> tuple[Rendered, str]:  # (or what ``render`` returns)
         ds = self.sources[source]
         try:
             ref, members = ds.read(index)
@@ -82,7 +85,7 @@ class TrainDataset(torch.utils.data.Dataset):
             raise BadSample("bad_json", f"{ref.key}: top level is not an object")
         sample_id = str(record.get("id", f"{Path(ref.shard).name}:{ref.key}"))
         try:
-            return render_sample(record, members, self.assets, max_seq_len=self.max_seq_len, video=self.video), sample_id
+            return self.render(record, members, self.assets, max_seq_len=self.max_seq_len, video=self.video), sample_id
         except BadSample as exc:
             exc.detail = f"{sample_id}: {exc.detail}"
             raise

@@ -16,7 +16,6 @@ micro-batch as ``[chosen_0 .. chosen_{n-1}, rejected_0 .. rejected_{n-1}]`` so o
 from __future__ import annotations
 
 import difflib
-import json
 from dataclasses import dataclass
 
 import torch
@@ -79,22 +78,7 @@ class PairDataset(TrainDataset):
     """:class:`TrainDataset` over preference shards: the same mixture, positions and counted skips;
     each item's ``rendered`` is a :class:`RenderedPair`."""
 
-    def _render(self, source: int, index: int) -> tuple[RenderedPair, str]:
-        ref, members = self.sources[source].read(index)
-        try:
-            record = json.loads(members["json"])
-        except (KeyError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise BadSample("bad_json", f"{ref.key}: {exc!r}") from exc
-        if not isinstance(record, dict):
-            raise BadSample("bad_json", f"{ref.key}: top level is not an object")
-        sample_id = str(record.get("id", ref.key))
-        try:
-            return render_pair(record, members, self.assets, max_seq_len=self.max_seq_len, video=self.video), sample_id
-        except BadSample as exc:
-            exc.detail = f"{sample_id}: {exc.detail}"
-            raise
-        except (KeyError, TypeError, AttributeError) as exc:
-            raise BadSample("bad_schema", f"{sample_id}: {exc!r}") from exc
+    render = staticmethod(render_pair)
 
 
 def pair_collate(items: list[Item], *, pad_id: int) -> dict:

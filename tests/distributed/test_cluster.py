@@ -153,7 +153,10 @@ def test_slurm_signal_checkpoint_requeue_resume(tmp_path, slurm, reference, demo
     stopped = _logged_step(out)
     assert stopped < STEPS and stopped % 4 != 0, f"stopped at {stopped}: not a signal checkpoint mid-run"
     assert (out / "checkpoints" / f"step-{stopped:08d}" / "COMMITTED").is_file()
-    # Slurm holds a requeued job for about two minutes (EligibleTime); release it now
+    # Slurm holds a requeued job for about two minutes (EligibleTime); release it now. Not within the second
+    # of the requeue, though: slurmd refuses a job credential issued in the same second it revoked the last
+    # one ("Job credential revoked"), which is what the hold normally rules out.
+    time.sleep(2)
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, check=True)
     _wait(lambda: info().get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"), timeout=300, what="the job to end")
     text = log.read_text()

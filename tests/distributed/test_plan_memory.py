@@ -94,7 +94,9 @@ def test_plan_agrees_with_the_measured_peak(preset, extra, states_matter, tmp_pa
         for k in (2, 3):
             b = plans[k - 1]
             standing = sum(t.nbytes for t in b.terms if t.phase == "standing")
-            phases = [("fwd_bwd", m["phase_peaks"][f"backward.{k}"], 0.15)]
+            # the align policy's forward/backward phase is ~70 MB, so the untraced offset (up to ~10 MB between
+            # identical runs, docs/plan.md) alone can reach 15% of it: that phase gets the acceptance bound, 25%
+            phases = [("fwd_bwd", m["phase_peaks"][f"backward.{k}"], 0.15 if preset == "tiny" or states_matter else 0.25)]
             if preset == "tiny" or states_matter:
                 phases.append(("step", m["phase_peaks"][f"step.{k}"], 0.25))
             for phase, seen, bound in phases:

@@ -1,6 +1,7 @@
 """FLOP accounting: a hand count for the tiny preset, and torch's own FLOP counter on a real step."""
 
 import math
+import time
 
 import pytest
 import torch
@@ -106,12 +107,30 @@ def test_sequence_lengths_padded_and_packed():
     assert sequence_lengths(packed) == [3, 2]
 
 
-def test_metrics_row_has_tflops_and_mfu():
-    progress = Progress({}, dist=DistInfo(rank=0, world_size=1, local_rank=0), peak_tflops=2.0)
-    stats = StepStats(loss=1.0, grad_norm=1.0, tokens=10, slots=10, supervised=5, samples=1, bad=0, read=1, flops=1e12)
+def _row(peak: float, flops: float) -> dict:
+    progress = Progress({}, dist=DistInfo(rank=0, world_size=1, local_rank=0), peak_tflops=peak)
+    stats = StepStats(loss=1.0, grad_norm=1.0, tokens=10, slots=10, supervised=5, samples=1, bad=0, read=1, flops=flops)
     progress.update(stats, step=1, data=load_config(SFTConfig, overrides=[]).data, max_consecutive_nonfinite=5)
-    row = progress.record(1, stats, lr=1e-3)
+    time.sleep(0.01)
+    return progress.record(1, stats, lr=1e-3)
+
+
+def test_metrics_row_has_tflops_and_mfu():
+    row = _row(peak=2.0, flops=1e9)  # well under 2 TFLOP/s over >= 10 ms
     assert row["tflops"] > 0 and row["mfu"] == pytest.approx(row["tflops"] / 2.0)
+
+
+def test_mfu_never_exceeds_one(caplog):
+    """A window faster than the (too low) peak reports MFU 1 and says the peak is off, once."""
+    row = _row(peak=1e-6, flops=1e12)
+    assert row["mfu"] == pytest.approx(1.0)
+    assert "underestimates" in caplog.text
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cpu_peak_is_measured_in_the_run_precision(precision):
+    peak, source = device_peak_tflops(None, precision)
+    assert math.isfinite(peak) and peak > 0 and f"CPU {precision} matmul" in source
 
 
 def test_peak_is_measured_on_cpu_or_configured():

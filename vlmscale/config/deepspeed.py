@@ -1,6 +1,7 @@
 """Fill a DeepSpeed JSON from the run config.
 
-The run config is the one source of truth for batch sizes, gradient clipping and precision.
+The run config is the one source of truth for batch sizes, gradient clipping and precision
+(``train.precision``; ``auto`` resolved by hardware, see ``vlmscale.precision``).
 A DeepSpeed JSON may leave those fields out or set them to "auto"; a concrete value that
 disagrees with the run config is an error, never a silent override.
 """
@@ -14,6 +15,7 @@ from typing import Any
 
 from vlmscale.config.load import ConfigError
 from vlmscale.config.schema import RunConfig
+from vlmscale.precision import FP16_DEFAULTS, ds_sections, hardware_precision
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -61,18 +63,24 @@ def build_ds_config(cfg: RunConfig, *, world_size: int) -> dict[str, Any]:
     _check_field(ds, "gradient_accumulation_steps", train.grad_accum_steps, "train.grad_accum_steps")
     _check_field(ds, "train_batch_size", global_batch, "train.micro_batch_size x grad_accum_steps x world")
     _check_field(ds, "gradient_clipping", cfg.optim.max_grad_norm, "optim.max_grad_norm")
-    for prec, on in (("bf16", train.bf16), ("fp16", False)):
+    precision = train.precision if train.precision != "auto" else hardware_precision().precision
+    for prec, on in ds_sections(precision).items():
         section = ds.setdefault(prec, {})
         have = section.get("enabled", "auto")
-        if have != "auto" and have != on:
-            raise ConfigError(f"{path}: {prec}.enabled={have} contradicts train.bf16={train.bf16}")
-        section["enabled"] = on
+        if have != "auto" and have != on["enabled"]:
+            raise ConfigError(f"{path}: {prec}.enabled={have} contradicts train.precision={precision}"
+                              f"{' (picked by auto for this hardware)' if train.precision == 'auto' else ''}; "
+                              f"set {prec}.enabled to \"auto\" in the JSON, or change train.precision")
+        section["enabled"] = on["enabled"]
+        if prec == "fp16" and on["enabled"]:
+            for key, value in FP16_DEFAULTS.items():  # dynamic loss scaling unless the JSON sets its own
+                section.setdefault(key, value)
     zero = ds.setdefault("zero_optimization", {})
     if zero.get("stage") not in (0, 1, 2, 3):
         raise ConfigError(f"{path}: zero_optimization.stage must be 0-3")
     ds.setdefault("steps_per_print", 10**9)
     ds.setdefault("wall_clock_breakdown", False)
-    # vlmscale normalises the loss over the whole accumulation window itself (see engine.loss).
+    # vlmscale normalises the loss over the whole accumulation window itself (see engine.trainer.train_step).
     ds["zero_allow_untested_optimizer"] = True
     return ds
 

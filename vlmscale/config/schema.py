@@ -12,6 +12,9 @@ from typing import Literal
 
 from vlmscale.config.load import ConfigError
 
+# one-line deprecation notices raised while validating (the recipes print them once, on rank 0)
+DEPRECATIONS: set[str] = set()
+
 PRESETS = ("tiny", "demo")
 
 
@@ -208,13 +211,18 @@ class TrainConfig:
     global_batch_size: int | None = None  # optional check: must equal micro * accum * world size
     log_every_steps: int = 10  # metrics.jsonl / tensorboard cadence
     seed: int = 1234  # model init, data order and mixture all derive from this
-    bf16: bool = True  # bf16 weights/activations with fp32 master weights (CPU too)
+    # auto | bf16 | fp16 | fp32: auto = bf16 on GPUs of compute capability >= 8.0, fp16 (dynamic loss
+    # scaling) on older GPUs, bf16 on CPUs with native bf16 (AVX512-BF16/AMX), else fp32; on resume, auto
+    # keeps the checkpoint's precision where the hardware runs it (vlmscale/precision.py). fp32 master
+    # weights in every case
+    precision: str = "auto"
+    bf16: bool | None = None  # deprecated alias: true = precision bf16, false = fp32
     # per module {llm, vision}; a plain true/false (the older form) sets both
     activation_checkpointing: ActivationCheckpointing | bool = field(default_factory=ActivationCheckpointing)
     max_consecutive_nonfinite: int = 5  # stop (exit 4) after this many consecutive skipped non-finite steps
     hang_timeout_s: float = 900.0  # a step (or save) taking longer than this dumps stacks and exits (5); 0 = off
     log_sample_ids: bool = False  # write each step's sample ids to output_dir/samples/rank-N.jsonl (audit)
-    peak_tflops: float | None = None  # bf16 peak per device for MFU; null = A100/H100 table or measured on CPU
+    peak_tflops: float | None = None  # peak per device for MFU in the run's precision; null = GPU table or measured on CPU
 
     def __post_init__(self) -> None:
         if isinstance(self.activation_checkpointing, bool):
@@ -222,6 +230,17 @@ class TrainConfig:
             self.activation_checkpointing = ActivationCheckpointing(llm=on, vision=on)
 
     def validate(self) -> None:
+        from vlmscale.precision import PRECISIONS
+
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"train.precision={self.precision!r}: expected one of {', '.join(PRECISIONS)}")
+        if self.bf16 is not None:
+            alias = "bf16" if self.bf16 else "fp32"
+            if self.precision not in ("auto", alias):
+                raise ConfigError(f"train.bf16={str(self.bf16).lower()} contradicts train.precision={self.precision}; "
+                                  "remove train.bf16 (deprecated)")
+            DEPRECATIONS.add(f"train.bf16 is deprecated: use train.precision={alias} (or auto)")
+            self.precision, self.bf16 = alias, None
         for name in ("max_steps", "micro_batch_size", "grad_accum_steps", "log_every_steps", "max_consecutive_nonfinite"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1")

@@ -6,7 +6,7 @@ Layout under ``<output_dir>/checkpoints``::
     step-00000200/rng/rank-00000.pt   per-rank RNG states (plain tensors, weights_only-loadable)
     step-00000200/<name>/     further engines of the run (PPO's critic), each a DeepSpeed tag dir
     step-00000200/COMMITTED   written last, by rank 0, after every rank finished writing
-                              (JSON: step, world_size, global_batch, time)
+                              (JSON: step, world_size, global_batch, precision, time)
     step-00000200/universal/  DeepSpeed universal checkpoint of this step, made when a run resumes it on a
                               different number of ranks (see :meth:`CheckpointManager.prepare_universal`)
     latest                    name of the newest committed tag (temp file + fsync + rename)
@@ -78,6 +78,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def engine_precision(engine) -> str:
+    """The precision a DeepSpeed engine trains in (what its optimizer state is saved as)."""
+    if engine.bfloat16_enabled():
+        return "bf16"
+    return "fp16" if engine.fp16_enabled() else "fp32"
+
+
 class ResumeError(RuntimeError):
     """Resume was requested but nothing loadable exists."""
 
@@ -104,7 +111,8 @@ class CheckpointManager:
         faults.fire("save", step)
         barrier()
         if self.dist.is_main:
-            meta = {"step": step, "world_size": self.dist.world_size, "global_batch": engine.train_batch_size(), "time": time.time()}
+            meta = {"step": step, "world_size": self.dist.world_size, "global_batch": engine.train_batch_size(),
+                    "precision": engine_precision(engine), "time": time.time()}
             _atomic_write(self.root / tag / COMMIT, json.dumps(meta))
             _atomic_write(self.root / "latest", tag)
             self._retain(step)

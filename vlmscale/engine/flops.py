@@ -31,11 +31,26 @@ from dataclasses import dataclass
 import torch
 
 from vlmscale.model.forward import num_supervised
+from vlmscale.precision import torch_dtype
 
 log = logging.getLogger(__name__)
 
-# dense bf16 tensor-core peak per device (TFLOP/s), from the vendor data sheets
-PEAK_TFLOPS = {"H100": 989.0, "H800": 989.0, "H200": 989.0, "A100": 312.0, "A800": 312.0}
+# dense peak per device (TFLOP/s) by precision, from the vendor data sheets (SXM parts): bf16/fp16 tensor
+# cores; fp32 without TF32 (torch's default for matmuls). Checked in order: the first key in the device
+# name wins ("H100 PCIe" before "H100").
+PEAK_TFLOPS = {
+    "H100 PCIe": {"bf16": 756.0, "fp16": 756.0, "fp32": 51.0},
+    "H100": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
+    "H800": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
+    "H200": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
+    "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5},
+    "A800": {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5},
+    "L40S": {"bf16": 362.0, "fp16": 362.0, "fp32": 91.6},
+    "A10": {"bf16": 125.0, "fp16": 125.0, "fp32": 31.2},
+    "L4": {"bf16": 121.0, "fp16": 121.0, "fp32": 30.3},
+    "V100": {"fp16": 125.0, "fp32": 15.7},
+    "T4": {"fp16": 65.0, "fp32": 8.1},
+}
 
 
 def _trains(module: torch.nn.Module, *, weights_only: bool = False) -> bool:
@@ -175,30 +190,34 @@ def sequence_lengths(batch: dict) -> list[int]:
 
 
 # ---------------------------------------------------------------------- peak
-@functools.lru_cache(maxsize=1)
-def measured_cpu_peak_tflops(*, size: int = 1024, seconds: float = 1.0) -> float:
-    """bf16 matmul TFLOP/s this process reaches with its own threads (the best of repeated timings)."""
-    a = torch.randn(size, size, dtype=torch.bfloat16)
-    b = torch.randn(size, size, dtype=torch.bfloat16)
-    torch.mm(a, b)
-    best, deadline = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        t0 = time.perf_counter()
-        for _ in range(4):
-            torch.mm(a, b)
-        best = max(best, 4 * 2.0 * size**3 / (time.perf_counter() - t0))
+@functools.lru_cache(maxsize=4)
+def measured_cpu_peak_tflops(dtype: torch.dtype = torch.bfloat16, *, sizes: tuple[int, ...] = (512, 1024, 2048),
+                             seconds: float = 1.0) -> float:
+    """Matmul TFLOP/s this process reaches in ``dtype`` with its own threads: the best of repeated
+    ``F.linear`` timings (the model's own kernel) over a few square sizes, as CPU kernels peak at
+    different sizes per dtype."""
+    best = 0.0
+    for size in sizes:
+        x, w = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+        torch.nn.functional.linear(x, w)
+        deadline = time.perf_counter() + seconds / len(sizes)
+        while time.perf_counter() < deadline:
+            t0 = time.perf_counter()
+            torch.nn.functional.linear(x, w)
+            best = max(best, 2.0 * size**3 / max(time.perf_counter() - t0, 1e-9))
     return best / 1e12
 
 
-def device_peak_tflops(override: float | None = None) -> tuple[float, str]:
-    """Peak bf16 TFLOP/s of this rank's device and where the figure comes from."""
+def device_peak_tflops(override: float | None = None, precision: str = "bf16") -> tuple[float, str]:
+    """Peak TFLOP/s of this rank's device in ``precision`` (bf16 | fp16 | fp32) and where the figure comes from."""
     if override:
         return float(override), "configured"
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name()
-        for key, peak in PEAK_TFLOPS.items():
-            if key in name:
-                return peak, f"table ({name})"
-        log.warning("no peak on record for %s; MFU is not reported (set train.peak_tflops)", name)
-        return float("nan"), f"unknown ({name})"
-    return measured_cpu_peak_tflops(), f"measured (CPU bf16 matmul, {torch.get_num_threads()} threads)"
+        for key, peaks in PEAK_TFLOPS.items():
+            if key in name and precision in peaks:
+                return peaks[precision], f"table ({name}, {precision})"
+        log.warning("no %s peak on record for %s; MFU is not reported (set train.peak_tflops)", precision, name)
+        return float("nan"), f"unknown ({name}, {precision})"
+    dtype = torch_dtype(precision)
+    return measured_cpu_peak_tflops(dtype), f"measured (CPU {precision} matmul, {torch.get_num_threads()} threads)"

@@ -43,6 +43,7 @@ def check_paths(cfg) -> None:
         raise ConfigError(f"resume=latest but {checkpoints.root} holds no complete checkpoint "
                           "(use resume=auto to start fresh when there is none)")
     check_resume_batch(cfg, checkpoints, world_size=env_dist_info().world_size)
+    settle_precision(cfg, checkpoints)
     for i, src in enumerate(cfg.data.sources):
         if not src.path.startswith("demo:") and not Path(src.path).exists():
             raise ConfigError(f"data.sources[{i}].path={src.path!r} does not exist")
@@ -67,6 +68,36 @@ def check_paths(cfg) -> None:
         if zero_stage(ds) != 3:
             raise ConfigError("regularizer.ewc applies the penalty to ZeRO-3 partitions; "
                               f"deepspeed.config={cfg.deepspeed.config!r} is not stage 3 (use ds_configs/zero3.json)")
+
+
+def settle_precision(cfg, checkpoints) -> None:
+    """Resolve ``train.precision`` (``auto`` by hardware and by the checkpoint to resume) into the run
+    config, before any process group starts; the run logs the decision (:func:`precision_decision`)."""
+    from vlmscale.engine.checkpoint import ResumeError
+    from vlmscale.precision import PrecisionError, checkpoint_precision, resolve
+
+    saved = tag = None
+    try:
+        tag = checkpoints.find(cfg.resume)
+    except ResumeError:
+        pass  # setup_run reports it with its exit code
+    if tag is not None:
+        saved = checkpoint_precision(checkpoints.root / tag, checkpoints.meta(tag))
+    try:
+        decision = resolve(cfg.train.precision, checkpoint=saved,
+                           checkpoint_path=checkpoints.root / tag if tag is not None else None)
+    except PrecisionError as exc:
+        raise ConfigError(str(exc)) from exc
+    cfg.train.precision = decision.precision
+    _DECISION[:] = [decision]
+
+
+_DECISION: list = []
+
+
+def precision_decision():
+    """The precision decision :func:`settle_precision` made in this process (None before it ran)."""
+    return _DECISION[0] if _DECISION else None
 
 
 def check_resume_batch(cfg, checkpoints, *, world_size: int) -> None:
@@ -108,6 +139,12 @@ def recipe_main(config_cls: type[C], train: Callable[[C], int], argv: list[str])
         if env_dist_info().rank == 0:  # every rank fails alike; one message is enough
             print(f"config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    from vlmscale.config.schema import DEPRECATIONS
+    from vlmscale.engine.distributed import env_dist_info
+
+    if env_dist_info().rank == 0:
+        for notice in sorted(DEPRECATIONS):
+            print(f"warning: {notice}", file=sys.stderr)
     from vlmscale.engine.checkpoint import ResumeError
     from vlmscale.engine.preemption import EXIT_PREEMPTED, Preempted
     from vlmscale.engine.progress import NonFiniteTraining

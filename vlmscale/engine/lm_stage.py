@@ -76,7 +76,7 @@ def train_lm_stage(cfg: RunConfig) -> int:
 
 def total_peak_tflops(cfg: RunConfig) -> float:
     """The MFU denominator: every rank's device peak, summed (collective)."""
-    peak, source = device_peak_tflops(cfg.train.peak_tflops)
+    peak, source = device_peak_tflops(cfg.train.peak_tflops, cfg.train.precision)
     (total,) = all_reduce_sum([peak])
     log.info("MFU peak: %.3g TFLOP/s per rank, %s; %.3g in all", peak, source, total)
     return total

@@ -35,6 +35,7 @@ from vlmscale.model.heads import ScalarHeadModel, head_weights, last_token_score
 from vlmscale.model.policy import apply_policy
 from vlmscale.model.tokenizer import IM_END, IMG_CONTEXT, IMG_END, IMG_START, PAD, VIDEO, ProcessorAssets
 from vlmscale.objectives import ppo as objective
+from vlmscale.precision import torch_dtype
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ def build_scalar_head(path: str, *, model_cfg: ModelConfig, ds_config: dict[str,
 
 
 def build_engines(cfg: PPOConfig, *, ds_config: dict[str, Any]) -> tuple[PPOEngines, ProcessorAssets]:
-    dtype = torch.bfloat16 if cfg.train.bf16 else torch.float32
+    dtype = torch_dtype(cfg.train.precision)
     tiles = cfg.data.max_tiles
     actor, assets = build_partitioned(cfg.model, ds_config=ds_config, max_tiles=tiles, dtype=dtype, name="actor")
     reference, _ = build_partitioned(cfg.model, ds_config=ds_config, max_tiles=tiles, dtype=dtype, name="reference")

@@ -35,6 +35,7 @@ class Progress:
         self.nonfinite_skips = int(client_state.get("nonfinite_skips", 0))
         self.consecutive_nonfinite = int(client_state.get("consecutive_nonfinite", 0))
         self.peak_tflops = peak_tflops
+        self._peak_raised = False
         self._window_start, self._window_tokens, self._window_flops, self.data_wait = time.time(), 0, 0.0, 0.0
 
     def update(self, stats: StepStats, *, step: int, data: DataConfig, max_consecutive_nonfinite: int) -> None:
@@ -68,6 +69,18 @@ class Progress:
                 "nonfinite_skips": self.nonfinite_skips, "consecutive_nonfinite": self.consecutive_nonfinite,
                 "world_size": self.dist.world_size}
 
+    def _mfu(self, tflops: float) -> float:
+        """Achieved over peak, at most 1: a window faster than the peak means the peak (measured at start
+        on CPU) was too low; that is said once, and MFU is then relative to the fastest window seen."""
+        if tflops > self.peak_tflops:
+            if not self._peak_raised:
+                log.warning("achieved %.3g TFLOP/s exceeds the MFU peak of %.3g: the measured peak underestimates "
+                            "this device (set train.peak_tflops); MFU is reported against the fastest window",
+                            tflops, self.peak_tflops)
+            self._peak_raised = True
+            self.peak_tflops = tflops
+        return tflops / self.peak_tflops
+
     def record(self, step: int, stats: StepStats, *, lr: float) -> dict[str, Any]:
         """A metrics.jsonl row for the window since the previous one (collective)."""
         elapsed = max(time.time() - self._window_start, 1e-9)
@@ -78,7 +91,7 @@ class Progress:
             "bad_samples": self.bad, "data_wait_fraction": self.data_wait / elapsed,
             "nonfinite_skips": self.nonfinite_skips,
             "tflops": self._window_flops / elapsed / 1e12,  # achieved model TFLOP/s, all ranks
-            "mfu": self._window_flops / elapsed / 1e12 / self.peak_tflops,
+            "mfu": self._mfu(self._window_flops / elapsed / 1e12),
         }
         row.update({f"skipped/{k}": v for k, v in sum_counts(self.skipped).items()})
         self._window_start, self._window_tokens, self._window_flops, self.data_wait = time.time(), 0, 0.0, 0.0

@@ -30,6 +30,7 @@ from vlmscale.model.checkpointing import enable_activation_checkpointing
 from vlmscale.model.lora import add_lora
 from vlmscale.model.policy import apply_policy
 from vlmscale.model.tokenizer import ProcessorAssets
+from vlmscale.precision import resolve, torch_dtype
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ def start_run(cfg: RunConfig) -> tuple[DistInfo, dict[str, Any]]:
     """Process group, logging, the filled DeepSpeed config, ``config.yaml`` and the seeds."""
     dist = init_distributed()
     setup_logging(dist.rank)
+    log_precision(cfg)
     ds_config = build_ds_config(cfg, world_size=dist.world_size)
     out = Path(cfg.output_dir)
     if dist.is_main:
@@ -64,6 +66,20 @@ def start_run(cfg: RunConfig) -> tuple[DistInfo, dict[str, Any]]:
         (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     seed_everything(cfg.train.seed)
     return dist, ds_config
+
+
+def log_precision(cfg: RunConfig) -> None:
+    """Say which precision the run uses and why (``recipe_main`` resolved it before any process group)."""
+    from vlmscale.engine.launch import precision_decision
+
+    decision = precision_decision()
+    if decision is None:  # not started through recipe_main (tests, scripts): resolve by hardware now
+        decision = resolve(cfg.train.precision)
+        cfg.train.precision = decision.precision
+    log.info("precision: %s (%s)", decision.precision, decision.reason)
+    if decision.slow:
+        log.warning("this device emulates %s, which runs many times slower than fp32 here; a new run with "
+                    "train.precision=auto would use fp32", decision.precision)
 
 
 def build_partitioned(model_cfg: ModelConfig, *, ds_config: dict[str, Any], max_tiles: int, dtype: torch.dtype,
@@ -135,7 +151,7 @@ def setup_run(cfg: RunConfig, *, wrap: Callable[[torch.nn.Module], torch.nn.Modu
     after activation checkpointing and LoRA are applied to the VLM, before the policy and the engine.
     """
     dist, ds_config = start_run(cfg)
-    dtype = torch.bfloat16 if cfg.train.bf16 else torch.float32
+    dtype = torch_dtype(cfg.train.precision)
     model, assets = build_partitioned(cfg.model, ds_config=ds_config, max_tiles=cfg.data.max_tiles, dtype=dtype)
     ac = cfg.train.activation_checkpointing
     enable_activation_checkpointing(model, llm=ac.llm, vision=ac.vision)

@@ -49,7 +49,7 @@ def fingerprint(cfg: DPOConfig, *, world_size: int) -> str:
     shards = [_files_signature(list_shards(resolve_path(s.path, cfg.data))) for s in cfg.data.sources]
     t = cfg.train
     key = {
-        "model": [cfg.model.preset, cfg.model.init_from, cfg.model.vision, cfg.model.llm, weights, t.seed, t.bf16],
+        "model": [cfg.model.preset, cfg.model.init_from, cfg.model.vision, cfg.model.llm, weights, t.seed, t.precision],
         "data": [[s.name, s.path, s.weight] for s in cfg.data.sources] + shards,
         "render": [cfg.data.max_seq_len, cfg.data.max_tiles],
         "layout": [t.micro_batch_size, t.grad_accum_steps, t.max_steps, world_size],

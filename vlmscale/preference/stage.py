@@ -21,6 +21,7 @@ from vlmscale.engine.flops import FlopModel
 from vlmscale.engine.lm_stage import total_peak_tflops, train_loop
 from vlmscale.engine.preemption import StopFlag
 from vlmscale.engine.progress import Progress
+from vlmscale.precision import torch_dtype
 from vlmscale.engine.setup import Run, make_loader, seed_everything, setup_run
 from vlmscale.engine.trainer import StepStats, export_hf
 from vlmscale.engine.zero import frozen_engine, load_weights, start_micro_batch, zero3_model_scope
@@ -104,7 +105,7 @@ def live_reference(run: Run):
     seed_everything(cfg.train.seed)  # a preset start is rebuilt from the same seed
     with zero3_model_scope(run.ds_config):
         model, _ = build_model(cfg.model, max_tiles=cfg.data.max_tiles,
-                               dtype=torch.bfloat16 if cfg.train.bf16 else torch.float32, load_weights=load_weights)
+                               dtype=torch_dtype(cfg.train.precision), load_weights=load_weights)
     return LiveReference(frozen_engine(model, run.ds_config), segment_weight=cfg.dpo.segment_weight, device=device())
 
 

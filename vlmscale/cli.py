@@ -22,6 +22,18 @@ import sys
 from pathlib import Path
 
 
+DTYPE_CHOICES = ["auto", "bfloat16", "float16", "float32"]
+DTYPE_HELP = "auto (default): the precision training would pick on this hardware (vlmscale/precision.py)"
+
+
+def _dtype(name: str):
+    import torch
+
+    from vlmscale.precision import torch_dtype
+
+    return torch_dtype("auto") if name == "auto" else getattr(torch, name)
+
+
 def _data_demo(args) -> int:
     from vlmscale.data.demo import generate_demo
 
@@ -41,7 +53,7 @@ def _model_init(args) -> int:
     from vlmscale.model.build import build_model, load_weights_plain
 
     torch.manual_seed(args.seed)
-    model, assets = build_model(ModelConfig(preset=args.preset), max_tiles=args.max_tiles, dtype=getattr(torch, args.dtype),
+    model, assets = build_model(ModelConfig(preset=args.preset), max_tiles=args.max_tiles, dtype=_dtype(args.dtype),
                                 load_weights=load_weights_plain)
     out = Path(args.out)
     model.save_pretrained(out)
@@ -68,28 +80,45 @@ def _yes_no_pairs(args) -> int:
 
 
 def _eval(args) -> int:
-    import os
-
     import torch
 
-    from vlmscale.engine.distributed import DistInfo, init_distributed, shutdown
+    from vlmscale.engine.distributed import DistInfo, device, env_dist_info, init_distributed, shutdown
+    from vlmscale.engine.zero import frozen_engine, zero3_config, zero3_model_scope
     from vlmscale.eval.generate import VCDConfig
     from vlmscale.eval.suites import drift_reference, format_table, run_suites
     from vlmscale.model.build import load_pretrained
 
-    dist = init_distributed() if int(os.environ.get("WORLD_SIZE", "1")) > 1 else DistInfo(0, 1, 0)
-    dtype = getattr(torch, args.dtype)
     suites = [s for s in args.suite.split(",") if s]
+    if "drift" in suites and not args.reference:
+        print("error: the drift suite needs --reference DIR (the model to compare the encoder with)", file=sys.stderr)
+        return 2
+    dtype = _dtype(args.dtype)
+    multi = env_dist_info().world_size > 1
+    ds_config = None
+    if multi:  # partitioned like training (ZeRO-3): no rank holds the whole model
+        try:
+            ds_config = zero3_config(args.deepspeed, world_size=env_dist_info().world_size, dtype=dtype)
+        except ValueError as exc:
+            if env_dist_info().rank == 0:
+                print(f"error: {exc}", file=sys.stderr)
+            return 2
+    dist = init_distributed() if multi else DistInfo(0, 1, 0)
+
+    def load(path: str):
+        if ds_config is None:
+            model, assets = load_pretrained(path, max_tiles=None, dtype=dtype)
+            return model.to(device()), assets
+        with zero3_model_scope(ds_config):
+            model, assets = load_pretrained(path, max_tiles=None, dtype=dtype)
+        return frozen_engine(model, ds_config).module, assets
+
     reference = None
     if "drift" in suites:
-        if not args.reference:
-            print("error: the drift suite needs --reference DIR (the model to compare the encoder with)", file=sys.stderr)
-            return 2
-        ref_model, ref_assets = load_pretrained(args.reference, max_tiles=None, dtype=dtype)
+        ref_model, ref_assets = load(args.reference)
         reference = drift_reference(ref_model, ref_assets, Path(args.data), max_samples=args.max_samples,
                                     rank=dist.rank, world_size=dist.world_size)
         del ref_model
-    model, assets = load_pretrained(args.model, max_tiles=None, dtype=dtype)
+    model, assets = load(args.model)
     vcd = VCDConfig(alpha=args.vcd_alpha, beta=args.vcd_beta) if args.vcd else None
     results = run_suites(model, assets, Path(args.data), suites, rank=dist.rank, world_size=dist.world_size,
                          max_samples=args.max_samples, max_new_tokens=args.max_new_tokens, vcd=vcd,
@@ -127,10 +156,11 @@ def _ewc_fisher(args) -> int:
     import torch
 
     from vlmscale.engine.distributed import env_dist_info, init_distributed, shutdown
-    from vlmscale.regularize.fisher import estimate_fisher, fisher_ds_config
+    from vlmscale.engine.zero import zero3_config
+    from vlmscale.regularize.fisher import estimate_fisher
 
     out = Path(args.out)
-    dtype = getattr(torch, args.dtype)
+    dtype = _dtype(args.dtype)
     problem = None
     if not (Path(args.model) / "config.json").is_file():
         problem = f"--model {args.model}: no config.json there (expected an HF-format export such as <output_dir>/hf)"
@@ -142,7 +172,7 @@ def _ewc_fisher(args) -> int:
         problem = "--samples must be >= 1"
     else:
         try:
-            fisher_ds_config(args.deepspeed, world_size=env_dist_info().world_size, bf16=dtype == torch.bfloat16)
+            zero3_config(args.deepspeed, world_size=env_dist_info().world_size, dtype=dtype)
         except ValueError as exc:
             problem = str(exc)
     if problem is not None:  # before any process group starts; every rank fails alike
@@ -226,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--out", required=True)
     init.add_argument("--seed", type=int, default=1234)
     init.add_argument("--max-tiles", type=int, default=4)
-    init.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    init.add_argument("--dtype", default="bfloat16", choices=DTYPE_CHOICES, help="storage dtype of the weights")
     init.set_defaults(func=_model_init)
 
     ev = sub.add_parser("eval", help="score a model on held-out data, or compare two results")
@@ -238,10 +268,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", help="write results JSON here")
     ev.add_argument("--max-samples", type=int, default=0)
     ev.add_argument("--max-new-tokens", type=int, default=24)
+    ev.add_argument("--deepspeed", default="ds_configs/zero3.json",
+                    help="under a launcher with several ranks: the ZeRO-3 JSON the model is partitioned with")
     ev.add_argument("--vcd", action="store_true", help="visual contrastive decoding for generative suites")
     ev.add_argument("--vcd-alpha", type=float, default=1.0)
     ev.add_argument("--vcd-beta", type=float, default=0.1)
-    ev.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ev.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                         help=DTYPE_HELP)
     ev.set_defaults(func=_eval_dispatch)
 
     ewc = sub.add_parser("ewc", help="elastic weight consolidation").add_subparsers(dest="ewc_command", required=True)
@@ -256,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     fisher.add_argument("--params", default="llm", choices=["llm", "vision", "both"], help="which parameters to protect")
     fisher.add_argument("--seed", type=int, default=0)
     fisher.add_argument("--max-seq-len", type=int, default=4096, help="longer samples are skipped")
-    fisher.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    fisher.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                         help=DTYPE_HELP)
     fisher.add_argument("--deepspeed", default="ds_configs/zero3.json", help="a ZeRO-3 DeepSpeed JSON")
     fisher.set_defaults(func=_ewc_fisher)
 

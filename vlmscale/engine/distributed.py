@@ -115,12 +115,50 @@ def init_distributed(*, timeout_minutes: int = 30) -> DistInfo:
     return info
 
 
+def _multi_rank() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def comm_device() -> torch.device:
+    """Where tensors handed to the default process group's collectives must live: the current CUDA
+    device under NCCL, the CPU under gloo and MPI (and without a process group)."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _all_reduce(values: list[float], op, dtype: torch.dtype = torch.float64) -> list[float]:
+    """Every collective on plain numbers goes through here: built on :func:`comm_device`, read back on the CPU."""
+    t = torch.tensor(values, dtype=dtype, device=comm_device())
+    if _multi_rank():
+        dist.all_reduce(t, op=op)
+    return t.cpu().tolist()
+
+
 def all_reduce_sum(values: list[float]) -> list[float]:
     """Sum a few scalars over all ranks in one collective (float64 for exact counts)."""
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.tolist()
+    return _all_reduce(values, dist.ReduceOp.SUM)
+
+
+def all_reduce_max(values: list[float]) -> list[float]:
+    """Element-wise maximum of a few scalars over all ranks (one collective)."""
+    return _all_reduce(values, dist.ReduceOp.MAX)
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` holds on any rank (collective)."""
+    return all_reduce_max([1.0 if flag else 0.0])[0] > 0
+
+
+def gather_to_main(local: torch.Tensor) -> list[torch.Tensor] | None:
+    """Every rank's ``local`` (same shape and dtype on all ranks) on rank 0, on the CPU; None elsewhere.
+    Collective; sent through :func:`comm_device`."""
+    if not _multi_rank():
+        return [local.cpu()]
+    t = local.contiguous().to(comm_device())
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())] if dist.get_rank() == 0 else None
+    dist.gather(t, parts, dst=0)
+    return [p.cpu() for p in parts] if parts is not None else None
 
 
 def all_gather_objects(obj):
@@ -146,9 +184,18 @@ def barrier() -> None:
 
 
 def device() -> torch.device:
+    """This rank's compute device (what DeepSpeed's accelerator runs the engines on)."""
     from deepspeed.accelerator import get_accelerator
 
     return torch.device(get_accelerator().current_device_name())
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device a model's inputs must be on: its parameters' (under ZeRO-3 a partitioned parameter's
+    placeholder lives on the compute device, also with its partition offloaded to the CPU)."""
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
 
 
 def shm_buffer_path(rank: int) -> Path:

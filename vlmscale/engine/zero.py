@@ -9,7 +9,7 @@ import deepspeed
 import torch
 from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
-from vlmscale.config.deepspeed import zero_stage
+from vlmscale.config.deepspeed import build_ds_config, zero_stage
 from vlmscale.model.build import LazyTensor, copy_into
 
 
@@ -28,6 +28,21 @@ def zero3_model_scope(ds_config: dict[str, Any]) -> Iterator[None]:
         yield
     finally:
         unset_hf_deepspeed_config()
+
+
+def zero3_config(path: str, *, world_size: int, dtype: torch.dtype) -> dict[str, Any]:
+    """The DeepSpeed JSON at ``path`` filled for one sample per rank, no clipping and ``dtype``, for models
+    run outside a training stage (evaluation, the Fisher estimate); it must be ZeRO-3."""
+    from vlmscale.config import RunConfig, load_config
+    from vlmscale.precision import name_of
+
+    cfg = load_config(RunConfig, overrides=[f"deepspeed.config={path}", "train.micro_batch_size=1",
+                                            "train.grad_accum_steps=1", f"train.precision={name_of(dtype)}",
+                                            "optim.max_grad_norm=0"])
+    ds = build_ds_config(cfg, world_size=world_size)
+    if zero_stage(ds) != 3:
+        raise ValueError(f"--deepspeed {path}: this runs under ZeRO-3 (zero_optimization.stage 3)")
+    return ds
 
 
 def start_micro_batch(engine) -> None:

@@ -28,10 +28,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from transformers import DynamicCache
 
 from vlmscale.data.render import Rendered
+from vlmscale.engine.distributed import all_reduce_max, any_rank, model_device
 from vlmscale.model.forward import merge_image_features
 from vlmscale.model.tokenizer import ProcessorAssets
 
@@ -56,17 +56,9 @@ def plan_batches(prompts: list[Rendered], *, batch_size: int) -> list[list[int]]
     return batches
 
 
-def _any_rank(flag: bool) -> bool:
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
-
-
 def _distort(pixels: torch.Tensor, vcd: VCDConfig) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(vcd.seed)
-    noise = torch.randn(pixels.shape, generator=gen).to(pixels.dtype)
+    gen = torch.Generator().manual_seed(vcd.seed)  # on the CPU: the same noise on every device
+    noise = torch.randn(pixels.shape, generator=gen).to(device=pixels.device, dtype=pixels.dtype)
     return (1 - vcd.noise) ** 0.5 * pixels + vcd.noise ** 0.5 * noise
 
 
@@ -96,20 +88,16 @@ def _next_tokens(main: _Branch, contrast: _Branch | None, vcd: VCDConfig | None,
         probs = logits.softmax(-1)
         keep = probs >= vcd.beta * probs.max(dim=-1, keepdim=True).values
         logits = ((1 + vcd.alpha) * logits - vcd.alpha * contrast.logits).masked_fill(~keep, float("-inf"))
-    if temperature > 0:
-        probs = (logits / temperature).softmax(-1)
+    if temperature > 0:  # drawn on the CPU with the caller's generator: the same rollout on every device
+        probs = (logits / temperature).softmax(-1).cpu()
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-    return logits.argmax(-1)
+    return logits.argmax(-1).cpu()
 
 
 def _rounds(num_mine: int, *, local: bool, num_batches: int, world_size: int) -> int:
     if not local:
         return -(-num_batches // world_size)
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return num_mine
-    t = torch.tensor([float(num_mine)])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
+    return int(all_reduce_max([float(num_mine)])[0])
 
 
 @torch.no_grad()
@@ -128,16 +116,17 @@ def generate(model, assets: ProcessorAssets, prompts: list[Rendered], *, max_new
     rounds = _rounds(len(mine), local=local, num_batches=len(batches), world_size=world_size)
     eos, pad = assets.tokenizer.eos_token_id, assets.tokenizer.pad_token_id
     dtype = next(model.model.multi_modal_projector.parameters()).dtype
+    dev = model_device(model)
     answers: dict[int, str] = {}
-    ban = torch.tensor(banned, dtype=torch.long) if banned else None
+    ban = torch.tensor(banned, dtype=torch.long, device=dev) if banned else None
     for r in range(rounds):
         group = mine[r] if r < len(mine) else None
         if group is None:  # placeholder batch: keep this rank's collectives in step with the others
-            ids, pixels, pool = torch.tensor([[eos]]), None, None
+            ids, pixels, pool = torch.tensor([[eos]], device=dev), None, None
         else:
-            ids = torch.tensor([prompts[j].input_ids for j in group])
+            ids = torch.tensor([prompts[j].input_ids for j in group], device=dev)
             tiles = [prompts[j].pixel_values for j in group if prompts[j].pixel_values is not None]
-            pixels = torch.cat(tiles).to(dtype) if tiles else None
+            pixels = torch.cat(tiles).to(device=dev, dtype=dtype) if tiles else None
             pool = torch.tensor([f for j in group for f in prompts[j].tile_pool], dtype=torch.long)
         main = _Branch(model, ids, pixels, pool)
         contrast = None
@@ -150,11 +139,11 @@ def generate(model, assets: ProcessorAssets, prompts: list[Rendered], *, max_new
             nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
             out[:, t] = nxt
             done |= nxt == eos
-            if not _any_rank(not bool(done.all())) or t == max_new_tokens - 1:
+            if not any_rank(not bool(done.all())) or t == max_new_tokens - 1:
                 break
-            main.step(nxt)
+            main.step(nxt.to(dev))
             if contrast is not None:
-                contrast.step(nxt)
+                contrast.step(nxt.to(dev))
         if group is not None:
             for row, j in enumerate(group):
                 ids_row = out[row].tolist()

@@ -21,7 +21,7 @@ from vlmscale.config.schema import EVAL_SUITES, VideoConfig
 from vlmscale.data.dataset import Item, collate
 from vlmscale.data.render import Rendered, render_prompt, render_sample
 from vlmscale.data.shards import ShardDataset
-from vlmscale.engine.distributed import all_gather_objects
+from vlmscale.engine.distributed import all_gather_objects, model_device
 from vlmscale.eval.generate import VCDConfig, generate
 from vlmscale.eval.metrics import exact_match, iou, parse_box, pope_scores, yes_no
 from vlmscale.model.forward import token_losses, vlm_logits
@@ -116,14 +116,16 @@ def text_loss(model, assets, records, *, rank: int, world_size: int, batch_size:
     batches = [list(range(i, min(i + batch_size, len(rendered)))) for i in range(0, len(rendered), batch_size)]
     rounds = -(-len(batches) // world_size)
     pad = assets.tokenizer.pad_token_id
+    dev = model_device(model)
     mine: dict[int, tuple[float, int]] = {}
     for r in range(rounds):
         b = r * world_size + rank
         idx = batches[b] if b < len(batches) else [0]  # placeholder keeps collectives in step
         batch = collate([Item(rendered[i], str(i), 0, []) for i in idx], pad_id=pad)
-        logits = vlm_logits(model, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                            pixel_values=batch["pixel_values"], tile_pool=batch["tile_pool"])
-        losses = token_losses(logits, batch["labels"]).double()
+        pixels = batch["pixel_values"]
+        logits = vlm_logits(model, input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev),
+                            pixel_values=None if pixels is None else pixels.to(dev), tile_pool=batch["tile_pool"])
+        losses = token_losses(logits, batch["labels"].to(dev)).double()
         if b < len(batches):
             mine[b] = (float(losses.sum()), int((batch["labels"][:, 1:] != -100).sum()))
     merged = _merge(mine)
@@ -152,6 +154,7 @@ def encoder_features(model, assets, records, *, rank: int, world_size: int, batc
     tower = model.model.vision_tower
     dtype = next(model.model.multi_modal_projector.parameters()).dtype
     size = model.config.vision_config.image_size
+    dev = model_device(model)
     feats: dict[int, torch.Tensor] = {}
     for r in range(rounds):
         b = r * world_size + rank
@@ -159,10 +162,10 @@ def encoder_features(model, assets, records, *, rank: int, world_size: int, batc
             pixels = torch.cat([images[i].pixel_values[-1:] for i in batches[b]])  # whole-image tile (thumbnail if tiled)
         else:
             pixels = torch.zeros(1, 3, size[0], size[1])
-        hidden = tower(pixel_values=pixels.to(dtype), return_dict=True).last_hidden_state[:, 1:].float()
+        hidden = tower(pixel_values=pixels.to(device=dev, dtype=dtype), return_dict=True).last_hidden_state[:, 1:].float()
         if b < len(batches):
             for row, i in enumerate(batches[b]):
-                feats[i] = hidden[row].to(torch.bfloat16)
+                feats[i] = hidden[row].to(device="cpu", dtype=torch.bfloat16)  # kept (and saved) on the CPU
     model.train(was_training)
     return feats
 

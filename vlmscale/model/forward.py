@@ -22,9 +22,9 @@ import torch
 from vlmscale.data.render import IGNORE
 
 
-def _dummy_tile(model: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
+def _dummy_tile(model: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     size = model.config.vision_config.image_size
-    return torch.zeros((1, 3, size[0], size[1]), dtype=dtype)
+    return torch.zeros((1, 3, size[0], size[1]), dtype=dtype, device=device)
 
 
 def _pool_tiles(features: torch.Tensor, tile_pool: torch.Tensor) -> torch.Tensor:
@@ -45,8 +45,8 @@ def image_features(model: torch.nn.Module, pixel_values: torch.Tensor | None,
                    tile_pool: torch.Tensor | None = None) -> torch.Tensor:
     """Projected features ``(image tokens, hidden)``; a blank tile when there are no images."""
     inner = model.model
-    dtype = next(inner.multi_modal_projector.parameters()).dtype
-    pixels = pixel_values.to(dtype) if pixel_values is not None else _dummy_tile(model, dtype)
+    param = next(inner.multi_modal_projector.parameters())
+    pixels = pixel_values.to(param.dtype) if pixel_values is not None else _dummy_tile(model, param.dtype, param.device)
     features = inner.get_image_features(pixel_values=pixels, return_dict=True).pooler_output
     if pixel_values is not None and tile_pool is not None and bool((tile_pool > 1).any()):
         return _pool_tiles(features, tile_pool)

@@ -181,7 +181,8 @@ class EWC:
             fisher, anchor = torch.zeros(size), torch.zeros(size)
             fisher[:real] = read_flat_range(files[file], f"fisher.{name}", start, start + real)
             anchor[:real] = read_flat_range(files[file], f"anchor.{name}", start, start + real)
-            entries.append(Protected(name, p, fisher, anchor))
+            where = local_fp32_param(p).device  # the master partition's device (CPU when the optimizer is offloaded)
+            entries.append(Protected(name, p, fisher.to(where), anchor.to(where)))
         if not entries:
             raise ValueError(f"regularizer.ewc: none of the {len(meta['index'])} parameters in {path} is trainable in "
                              "this stage (check policy.*), so the penalty would do nothing")

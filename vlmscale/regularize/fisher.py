@@ -30,14 +30,13 @@ import time
 import deepspeed
 import torch
 
-from vlmscale.config import RunConfig, load_config
-from vlmscale.config.deepspeed import build_ds_config, zero_stage
+from vlmscale.precision import torch_dtype
 from vlmscale.config.schema import VideoConfig
 from vlmscale.data.dataset import Item, collate
 from vlmscale.data.render import IGNORE, BadSample, Rendered, render_sample
 from vlmscale.data.shards import ShardDataset
-from vlmscale.engine.distributed import DistInfo, all_reduce_sum, barrier, sum_counts
-from vlmscale.engine.zero import local_fp32_param, local_grad, local_range, set_local_grad, zero3_model_scope
+from vlmscale.engine.distributed import DistInfo, all_reduce_sum, barrier, gather_to_main, model_device, sum_counts
+from vlmscale.engine.zero import zero3_config, local_fp32_param, local_grad, local_range, set_local_grad, zero3_model_scope
 from vlmscale.model.build import load_pretrained
 from vlmscale.model.forward import token_losses, vlm_logits
 from vlmscale.model.policy import module_of
@@ -53,17 +52,6 @@ def sample_indices(available: int, n: int, *, seed: int) -> list[int]:
     if n >= available:
         return list(range(available))
     return sorted(random.Random(seed).sample(range(available), n))
-
-
-def fisher_ds_config(path: str, *, world_size: int, bf16: bool) -> dict:
-    """The DeepSpeed JSON at ``path`` filled for one sample per rank and no clipping; must be ZeRO-3."""
-    cfg = load_config(RunConfig, overrides=[f"deepspeed.config={path}", "train.micro_batch_size=1",
-                                            "train.grad_accum_steps=1", f"train.bf16={'true' if bf16 else 'false'}",
-                                            "optim.max_grad_norm=0"])
-    ds = build_ds_config(cfg, world_size=world_size)
-    if zero_stage(ds) != 3:
-        raise ValueError(f"--deepspeed {path}: the Fisher estimate runs under ZeRO-3 (zero_optimization.stage 3)")
-    return ds
 
 
 def _render(data: ShardDataset, index: int, assets, *, max_seq_len: int):
@@ -86,13 +74,14 @@ def _placeholder(assets):
 
 
 def estimate_fisher(*, model_dir: str, data_dir: str, out_dir: str, dist: DistInfo, num_samples: int,
-                    params: str = "llm", dtype: torch.dtype = torch.bfloat16, seed: int = 0,
+                    params: str = "llm", dtype: torch.dtype | None = None, seed: int = 0,
                     max_seq_len: int = 4096, deepspeed_config: str = "ds_configs/zero3.json") -> dict:
     """Estimate F for the ``params`` set, write it with the anchor weights to ``out_dir`` (collective)."""
     assert params in PARAM_SETS, params
     t0 = time.time()
+    dtype = dtype or torch_dtype("auto")
     # ---------------------------------------------------------------- build (partitioned)
-    ds_config = fisher_ds_config(deepspeed_config, world_size=dist.world_size, bf16=dtype == torch.bfloat16)
+    ds_config = zero3_config(deepspeed_config, world_size=dist.world_size, dtype=dtype)
     with zero3_model_scope(ds_config):
         model, assets = load_pretrained(model_dir, max_tiles=None, dtype=dtype)
     protected = [(n, p) for n, p in model.named_parameters() if protects(n, params)]
@@ -102,7 +91,8 @@ def estimate_fisher(*, model_dir: str, data_dir: str, out_dir: str, dist: DistIn
                                       optimizer=torch.optim.SGD([p for _, p in protected], lr=0.0))
     engine.eval()  # no dropout: the gradient of the model as it is
     hooks = [p.register_hook(lambda g: g * g) for _, p in protected]  # square before the reduce-scatter
-    sums = {n: torch.zeros(local_range(p)[1]) for n, p in protected}
+    sums = {n: torch.zeros(local_range(p)[1], device=local_fp32_param(p).device) for n, p in protected}
+    dev = model_device(engine.module)
 
     # ---------------------------------------------------------------- one sample per rank per round
     data = ShardDataset(data_dir)
@@ -116,12 +106,13 @@ def estimate_fisher(*, model_dir: str, data_dir: str, out_dir: str, dist: DistIn
         if reason is not None:
             skipped[reason] = skipped.get(reason, 0) + 1
         batch = collate([Item(rendered or _placeholder(assets), str(i), 0, [])], pad_id=pad)
-        logits = vlm_logits(engine.module, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                            pixel_values=batch["pixel_values"], tile_pool=batch["tile_pool"])
-        nll = token_losses(logits, batch["labels"]).sum()
+        pixels = batch["pixel_values"]
+        logits = vlm_logits(engine.module, input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev),
+                            pixel_values=None if pixels is None else pixels.to(dev), tile_pool=batch["tile_pool"])
+        nll = token_losses(logits, batch["labels"].to(dev)).sum()
         engine.backward(nll if rendered is not None else nll * 0.0)
         for n, p in protected:
-            sums[n] += local_grad(p) * dist.world_size  # the reduce averaged over ranks
+            sums[n] += local_grad(p).to(sums[n].device) * dist.world_size  # the reduce averaged over ranks
             set_local_grad(p, torch.zeros_like(sums[n]))  # a parameter unused next round must not keep this one
         engine.step()  # learning rate 0: only closes the round
         used += rendered is not None
@@ -172,11 +163,7 @@ def _gather(local: torch.Tensor, p: torch.Tensor, *, dist: DistInfo) -> torch.Te
     """The full tensor of parameter ``p`` from every rank's slice, on rank 0 (None elsewhere)."""
     start, size, _ = local_range(p)
     assert start == dist.rank * size and local.numel() == size, (start, size, local.numel())
-    if dist.world_size == 1:
-        parts = [local]
-    else:
-        parts = [torch.empty_like(local) for _ in range(dist.world_size)] if dist.is_main else None
-        torch.distributed.gather(local.contiguous(), parts, dst=0)
+    parts = gather_to_main(local)
     if not dist.is_main:
         return None
     return torch.cat(parts)[: p.ds_numel].view(p.ds_shape)

@@ -26,7 +26,7 @@ from vlmscale.regularize.ewc import EWC
 WEIGHT = 2.0
 model_dir, ewc_dir, demo_dir, out_file = sys.argv[1:5]
 dist = init_distributed()
-cfg = load_config(SFTConfig, overrides=["train.bf16=false", "train.micro_batch_size=2", "policy.vision.trainable=true",
+cfg = load_config(SFTConfig, overrides=["train.precision=fp32", "train.micro_batch_size=2", "policy.vision.trainable=true",
                                         "optim.lr=1e-2", "optim.warmup_steps=1", "train.max_steps=3"])
 ds_config = build_ds_config(cfg, world_size=dist.world_size)
 with zero3_model_scope(ds_config):

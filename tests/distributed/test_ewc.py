@@ -102,7 +102,7 @@ def _sft(nproc: int, out, demo_dir, start_model, ewc_dir, weight: float):
     # one rank accumulates two micro-batches of 4; two ranks take one each: the same 8 samples per step
     return launch("sft", f"output_dir={out}", f"data.demo_dir={demo_dir}", f"model.init_from={start_model}",
                   "train.micro_batch_size=4", f"train.grad_accum_steps={3 - nproc}", "train.max_steps=6",
-                  "train.log_every_steps=1", "train.bf16=false", "checkpoint.every_steps=100", "optim.lr=1e-2",
+                  "train.log_every_steps=1", "train.precision=fp32", "checkpoint.every_steps=100", "optim.lr=1e-2",
                   "optim.warmup_steps=1", "policy.vision.trainable=true", "policy.projector.lr=1e-2", "eval.at_end=false",
                   f"regularizer.ewc.weight={weight}", f"regularizer.ewc.path={ewc_dir}", nproc=nproc)
 

@@ -319,3 +319,36 @@ def test_sigterm_commits_a_checkpoint_and_the_relaunch_matches(tmp_path, referen
     ref, got = losses(reference), losses(out)
     assert [got[s] for s in range(1, STEPS + 1)] == [ref[s] for s in range(1, STEPS + 1)]
     assert _sample_ids(out) == _sample_ids(reference)
+
+
+def _other(precision: str) -> str:
+    return {"bf16": "fp32", "fp32": "bf16"}[precision]
+
+
+def test_resume_across_precisions_is_clean_or_exit_2(tmp_path, reference, demo_dir, start_model):
+    """A bf16 checkpoint relaunched in fp32 and the reverse: exit 2 naming the fix (no traceback), before
+    any process group; ``auto`` keeps the checkpoint's precision and resumes."""
+    import shutil
+
+    saved = json.loads((reference / "checkpoints" / "step-00000020" / "COMMITTED").read_text())["precision"]
+    copy = tmp_path / "copy"
+    shutil.copytree(reference / "checkpoints", copy / "checkpoints")
+    t0 = time.time()
+    proc = launch("sft", *_overrides(demo_dir, copy, start_model, f"train.precision={_other(saved)}"), check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"Set train.precision={saved} (or auto) to resume it" in proc.stderr and "Traceback" not in proc.stderr
+    assert time.time() - t0 < 120  # refused before any process group: no rendezvous, no engine
+
+    # the reverse direction: a checkpoint in the other precision, relaunched in this one
+    other = tmp_path / "other"
+    short = ["train.max_steps=2", "checkpoint.every_steps=2"]
+    launch("sft", *_overrides(demo_dir, other, start_model, f"train.precision={_other(saved)}", *short))
+    meta = json.loads((other / "checkpoints" / "step-00000002" / "COMMITTED").read_text())
+    assert meta["precision"] == _other(saved)
+    proc = launch("sft", *_overrides(demo_dir, other, start_model, f"train.precision={saved}", "train.max_steps=3"),
+                  check=False)
+    assert proc.returncode == 2 and f"Set train.precision={_other(saved)} (or auto)" in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    proc = launch("sft", *_overrides(demo_dir, other, start_model, "train.max_steps=3"))  # auto
+    assert f"precision: {_other(saved)} (kept the checkpoint's {_other(saved)}" in proc.stderr
+    assert "resumed from step-00000002 at step 2" in proc.stderr

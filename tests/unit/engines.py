@@ -22,7 +22,7 @@ def zero3_engine(model_dir, *, optimizer=None, policy: list[str] = (), grad_accu
                  micro_batch_size: int = 1, max_grad_norm: float = 0.0, max_steps: int = 10, lr: float = 1e-2):
     """``(engine, assets)``: the tiny export under ZeRO-3 in fp32, with the recipes' AdamW unless
     ``optimizer`` (a function of the parameter list) is given."""
-    cfg = load_config(SFTConfig, overrides=["train.bf16=false", f"train.micro_batch_size={micro_batch_size}",
+    cfg = load_config(SFTConfig, overrides=["train.precision=fp32", f"train.micro_batch_size={micro_batch_size}",
                                             f"train.grad_accum_steps={grad_accum_steps}", f"optim.max_grad_norm={max_grad_norm}",
                                             f"optim.lr={lr}", "optim.warmup_steps=1", f"train.max_steps={max_steps}", *policy])
     ds_config = build_ds_config(cfg, world_size=1)

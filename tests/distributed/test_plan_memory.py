@@ -64,7 +64,8 @@ def _measure(tmp_path, demo_dir, overrides: list[str]) -> list[dict]:
     ("demo", ["policy.llm.trainable=false"], False),
 ])
 def test_plan_agrees_with_the_measured_peak(preset, extra, states_matter, tmp_path, demo_dir):
-    overrides = [f"model.preset={preset}", "train.max_steps=3", "train.micro_batch_size=8", *extra]
+    # the plan models 16-bit training: pinned, so a CPU without native bf16 (auto: fp32) measures the same run
+    overrides = [f"model.preset={preset}", "train.max_steps=3", "train.micro_batch_size=8", "train.precision=bf16", *extra]
     ranks = _measure(tmp_path, demo_dir, overrides)
     facts = facts_for(load_config(SFTConfig, overrides=overrides), device="cpu")  # attention "auto": eager on CPU
     assert facts.attn_implementation == "eager"

@@ -123,7 +123,8 @@ def test_explicit_resume_with_nothing_loadable_fails(tmp_path, demo_dir, start_m
 def _fp32_partition(ckpt: Path, rank: int) -> torch.Tensor:
     from vlmscale.engine.safe_load import safe_torch_load
 
-    state = safe_torch_load(str(ckpt / f"bf16_zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"))
+    (path,) = ckpt.glob(f"*zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")  # bf16_ prefix when trained in bf16
+    state = safe_torch_load(str(path))
     osd = state["optimizer_state_dict"]
     return torch.cat([t.flatten().float() for t in osd["fp32_flat_groups"]])
 

@@ -104,6 +104,27 @@ def _gib(x: float) -> str:
     return f"{x / GiB:7.2f}"
 
 
+def planned_precision(cfg: RunConfig, *, device: str) -> tuple[str, str]:
+    """The precision the planned run trains in: ``train.precision``, with ``auto`` resolved as a run on this
+    machine's CPU would (``--device cpu``) or as on an A100/H100-class GPU (``--device cuda``: bf16). The
+    terms of the plan are 16-bit; a run that resolves to fp32 is refused here rather than planned wrong."""
+    from vlmscale.precision import hardware_precision
+
+    requested = cfg.train.precision
+    if requested != "auto":
+        precision, why = requested, "train.precision"
+    elif device == "cpu":
+        decision = hardware_precision()
+        precision, why = decision.precision, f"auto on this machine: {decision.reason}"
+    else:
+        precision, why = "bf16", "auto on a GPU of compute capability >= 8.0 (fp16 below: the same bytes)"
+    if precision == "fp32":
+        raise ValueError(f"the plan models 16-bit weights and activations, but this run would train in fp32 ({why}); "
+                         "plan it with train.precision=bf16, or expect about twice the weight, gradient and "
+                         "activation bytes in fp32")
+    return precision, why
+
+
 def render(cfg: RunConfig, cluster: Cluster, *, model_name: str, zero: int | None = None, offload: str | None = None,
            limit: int = 64, tiles: int | None = None) -> tuple[str, dict]:
     """The report text and the same figures as JSON-ready data."""
@@ -111,7 +132,9 @@ def render(cfg: RunConfig, cluster: Cluster, *, model_name: str, zero: int | Non
     setting = configured_setting(cfg, zero=zero, offload=offload)
     mb = cfg.train.micro_batch_size
     per_sample = tiles_per_sample(cfg, facts) if tiles is None else tiles
+    precision, why = planned_precision(cfg, device=cluster.device)
     lines = [
+        f"precision: {precision} ({why})",
         f"model {model_name}: {facts.num_params / 1e9:.3f}B parameters, {facts.num_trainable / 1e9:.3f}B trained "
         f"(stage {cfg.stage} policy{', LoRA' if cfg.lora.enabled else ''})",
         f"cluster {cluster.nodes} x {cluster.gpus_per_node} GPUs of {cluster.gpu_mem_gib:g} GiB "

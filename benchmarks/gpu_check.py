@@ -101,8 +101,10 @@ class Check:
 
 
 def _rows(run_dir: Path) -> list[dict]:
+    """The training rows of ``metrics.jsonl`` (evaluation rows left out)."""
     path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    return [r for r in rows if not any(k.startswith("eval/") for k in r)]
 
 
 def _ok(proc: subprocess.CompletedProcess, log: Path) -> None:

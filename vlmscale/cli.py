@@ -80,9 +80,7 @@ def _yes_no_pairs(args) -> int:
 
 
 def _eval(args) -> int:
-    import torch
-
-    from vlmscale.engine.distributed import DistInfo, device, env_dist_info, init_distributed, shutdown
+    from vlmscale.engine.distributed import env_dist_info, init_distributed, shutdown
     from vlmscale.engine.zero import frozen_engine, zero3_config, zero3_model_scope
     from vlmscale.eval.generate import VCDConfig
     from vlmscale.eval.suites import drift_reference, format_table, run_suites
@@ -93,21 +91,17 @@ def _eval(args) -> int:
         print("error: the drift suite needs --reference DIR (the model to compare the encoder with)", file=sys.stderr)
         return 2
     dtype = _dtype(args.dtype)
-    multi = env_dist_info().world_size > 1
-    ds_config = None
-    if multi:  # partitioned like training (ZeRO-3): no rank holds the whole model
-        try:
-            ds_config = zero3_config(args.deepspeed, world_size=env_dist_info().world_size, dtype=dtype)
-        except ValueError as exc:
-            if env_dist_info().rank == 0:
-                print(f"error: {exc}", file=sys.stderr)
-            return 2
-    dist = init_distributed() if multi else DistInfo(0, 1, 0)
+    # partitioned like training (ZeRO-3), on any number of ranks: no rank holds the whole model, and 1 and
+    # N ranks compute alike (ZeRO-3 runs its own linear kernel, whose rounding differs from a plain model's)
+    try:
+        ds_config = zero3_config(args.deepspeed, world_size=env_dist_info().world_size, dtype=dtype)
+    except ValueError as exc:
+        if env_dist_info().rank == 0:
+            print(f"error: {exc}", file=sys.stderr)
+        return 2
+    dist = init_distributed()
 
     def load(path: str):
-        if ds_config is None:
-            model, assets = load_pretrained(path, max_tiles=None, dtype=dtype)
-            return model.to(device()), assets
         with zero3_model_scope(ds_config):
             model, assets = load_pretrained(path, max_tiles=None, dtype=dtype)
         return frozen_engine(model, ds_config).module, assets

@@ -16,7 +16,8 @@ import yaml
 from vlmscale.config.deepspeed import build_ds_config
 from vlmscale.config.load import to_dict
 from vlmscale.config.schema import ModelConfig, RunConfig
-from vlmscale.data.dataset import StepBatchSampler, TrainDataset, collate, open_sources, pack_collate
+from vlmscale.data.dataset import (NormalisingLoader, StepBatchSampler, TrainDataset, collate, image_options,
+                                   open_sources, pack_collate)
 from vlmscale.data.preference import PairDataset, pair_collate
 from vlmscale.engine.checkpoint import CheckpointManager, ResumeError
 from vlmscale.engine import safe_load
@@ -155,7 +156,7 @@ def setup_run(cfg: RunConfig, *, wrap: Callable[[torch.nn.Module], torch.nn.Modu
     return Run(cfg, dist, ds_config, engine, assets, checkpoints, metrics, start_step, client)
 
 
-def make_loader(run: Run, *, pairs: bool = False, start_step: int | None = None) -> torch.utils.data.DataLoader:
+def make_loader(run: Run, *, pairs: bool = False, start_step: int | None = None) -> NormalisingLoader:
     """Each rank's micro-batches from ``start_step`` (default: the resume step) to ``train.max_steps``;
     ``pairs``: preference pairs (``vlmscale.data.preference``) instead of single samples."""
     cfg = run.cfg
@@ -172,6 +173,7 @@ def make_loader(run: Run, *, pairs: bool = False, start_step: int | None = None)
         max_seq_len=cfg.data.max_seq_len,
         seed=cfg.train.seed,
         video=cfg.data.video,
+        image_options=image_options(cfg.data, raw=True),  # uint8 across the worker boundary
     )
     sampler = StepBatchSampler(
         rank=run.dist.rank, world_size=run.dist.world_size, micro_batch_size=cfg.train.micro_batch_size,
@@ -185,8 +187,9 @@ def make_loader(run: Run, *, pairs: bool = False, start_step: int | None = None)
         collate_fn = functools.partial(pack_collate, pad_id=pad, max_len=cfg.data.max_seq_len)
     else:
         collate_fn = functools.partial(collate, pad_id=pad)
-    return torch.utils.data.DataLoader(
+    loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
         collate_fn=collate_fn, prefetch_factor=4 if cfg.data.num_workers else None,
         persistent_workers=False, worker_init_fn=ignore_stop_signals,
     )
+    return NormalisingLoader(loader, run.assets.image_processor)

@@ -81,6 +81,15 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def _canvas_size(img: Image.Image, *, tile_size: int, max_tiles: int) -> tuple[int, int]:
+    """The (stored-orientation) size the tile grid of ``img`` is resized to: what a draft must cover."""
+    transposed = img.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # EXIF orientations that swap width and height
+    w, h = (img.height, img.width) if transposed else img.size
+    cols, rows = get_optimal_tiled_canvas((h, w), (tile_size, tile_size), 1, max_tiles)
+    need = (cols * tile_size, rows * tile_size)
+    return need[::-1] if transposed else need
+
+
 def decode_image(data: bytes, *, tile_size: int | None = None, max_tiles: int | None = None) -> Image.Image:
     """An upright RGB image, or :class:`BadSample`: ``decompression_bomb`` (over PIL's pixel limit),
     ``corrupt_image`` (unreadable or truncated). Animated images give their first frame. A large JPEG
@@ -90,9 +99,7 @@ def decode_image(data: bytes, *, tile_size: int | None = None, max_tiles: int | 
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             if tile_size is not None and max_tiles is not None and img.format == "JPEG":
-                cols, rows = get_optimal_tiled_canvas((img.height, img.width), (tile_size, tile_size), 1, max_tiles)
-                side = max(cols, rows) * tile_size  # either orientation (EXIF may rotate it)
-                img.draft("RGB", (side, side))
+                img.draft("RGB", _canvas_size(img, tile_size=tile_size, max_tiles=max_tiles))
             img.load()  # the first frame of an animation
             img = ImageOps.exif_transpose(img)
             return _to_rgb(img)

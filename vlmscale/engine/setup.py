@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import random
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from vlmscale.config.load import to_dict
 from vlmscale.config.schema import ModelConfig, RunConfig
 from vlmscale.data.dataset import (NormalisingLoader, StepBatchSampler, TrainDataset, collate, image_options,
                                    open_sources, pack_collate)
+from vlmscale.data.fingerprint import FINGERPRINT, data_fingerprint
 from vlmscale.data.preference import PairDataset, pair_collate
 from vlmscale.engine.checkpoint import CheckpointManager, ResumeError
 from vlmscale.engine import safe_load
@@ -81,6 +83,7 @@ def build_partitioned(model_cfg: ModelConfig, *, ds_config: dict[str, Any], max_
 def open_checkpoints(cfg: RunConfig, dist: DistInfo) -> CheckpointManager:
     """The run's checkpoint manager, torn saves removed (collective)."""
     checkpoints = CheckpointManager(Path(cfg.output_dir), dist=dist, keep_last=cfg.checkpoint.keep_last)
+    checkpoints.extra_files[FINGERPRINT] = json.dumps(data_fingerprint(cfg.data, seed=cfg.train.seed), indent=1)
     if dist.is_main:
         checkpoints.clean_partial()
     barrier()

@@ -26,7 +26,7 @@ from typing import Callable, Iterable, Iterator
 
 from vlmscale.data.records import BadLine, iter_records
 from vlmscale.data.shards import ShardWriter
-from vlmscale.data.video_files import FrameSampling, UnreadableVideo, decode_video, is_video_file
+from vlmscale.data.video_files import FrameSampling, MissingExtra, UnreadableVideo, decode_video, is_video_file
 
 log = logging.getLogger(__name__)
 LLAVA_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
@@ -85,6 +85,8 @@ def _guarded(fn: Callable[[object, Options], Sample | list[Sample]], opts: Optio
         return n, fn(record, opts), None
     except Skip as exc:
         return n, None, exc
+    except MissingExtra:
+        raise
     except (KeyError, TypeError, AttributeError, ValueError) as exc:
         return n, None, Skip("bad_record", repr(exc))
 
@@ -436,7 +438,7 @@ def _hf_rows(path: Path, *, split: str | None):
     try:
         import datasets
     except ImportError as exc:
-        raise ValueError("the hf converter needs the datasets library: pip install 'vlmscale[hf]'") from exc
+        raise MissingExtra("the hf converter needs the datasets library: pip install 'vlmscale[hf]'") from exc
     if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):
         ds = datasets.load_from_disk(str(path))
     else:

@@ -14,6 +14,10 @@ from pathlib import Path
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".webm", ".mov")
 
 
+class MissingExtra(ValueError):
+    """An optional dependency a record needs is not installed (stops the conversion, not a skip)."""
+
+
 class UnreadableVideo(Exception):
     """The file could not be decoded (the converter counts it as ``unreadable_video``)."""
 
@@ -39,7 +43,7 @@ def decode_video(source: str | Path | bytes, sampling: FrameSampling, *, quality
     try:
         import av
     except ImportError as exc:
-        raise ValueError("decoding video files needs PyAV: pip install 'vlmscale[video]' (or pre-extract the frames)") from exc
+        raise MissingExtra("decoding video files needs PyAV: pip install 'vlmscale[video]' (or pre-extract the frames)") from exc
     try:
         with av.open(io.BytesIO(source) if isinstance(source, bytes) else str(source)) as container:
             stream = container.streams.video[0]

@@ -255,3 +255,12 @@ def test_fingerprint_names_what_changed(tmp_path):
         check_resume_data(cfg, ckpt)
     with pytest.raises(ConfigError, match="data.max_seq_len 512 -> 256"):
         check_resume_data(load_config(SFTConfig, overrides=[sources, "data.max_seq_len=256"]), ckpt)
+
+
+def test_data_index_command_builds_the_index_ahead_of_a_launch(tmp_path, capsys):
+    from vlmscale.cli import main
+
+    _write_shards(tmp_path / "d", 12, 5)
+    assert main(["data", "index", str(tmp_path / "d"), "--workers", "2"]) == 0
+    assert "12 samples in 3 shards" in capsys.readouterr().out
+    assert len(list((tmp_path / "d").glob("*.tar.idx.json"))) == 3

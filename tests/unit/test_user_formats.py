@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import io
 import json
-import os
-import tarfile
 
 import numpy as np
 import pytest
 import torch
 import yaml
-from PIL import Image
 
 from tests import user_formats as uf
 from vlmscale.data import convert as cv

@@ -180,12 +180,16 @@ class ShardIndex:
     """One shard's memory-mapped index."""
 
     def __init__(self, shard: Path, base: Path):
+        self._base = base
         members, keys, meta = _paths(base)
         self.shard = str(shard)
         self.meta = json.loads(meta.read_text())
         self.members = np.load(members, mmap_mode="r")
         self.keys = np.load(keys, mmap_mode="r")
         self.suffixes: list[str] = self.meta["suffixes"]
+
+    def __reduce__(self):  # spawned loader workers map the files again instead of receiving copies
+        return ShardIndex, (Path(self.shard), self._base)
 
     def __len__(self) -> int:
         return int(self.meta["num_samples"])

@@ -2,8 +2,10 @@
 
     vlmscale data demo --out DIR
     vlmscale model init --preset demo --out DIR
-    vlmscale data convert llava --json FILE --image-root DIR --out DIR
-    vlmscale data convert preference --json FILE --image-root DIR --out DIR   (RLAIF-V / RLHF-V pairs)
+    vlmscale data convert llava|sharegpt|openai|preference --json FILE --media-root DIR --out DIR [--workers N]
+    vlmscale data convert internvl --json META.json --out DIR      (shard dirs + sources.yaml)
+    vlmscale data convert hf --data DIR_OR_FILES --out DIR          (parquet / arrow / save_to_disk)
+    vlmscale data index DIR [DIR ...]                               (build the persistent shard index)
     vlmscale data convert yes-no-pairs --shards DIR --out DIR   (yes/no answers -> correctional pairs)
     vlmscale eval SUITE[,SUITE] --model DIR --data DIR [--reference DIR] [--vcd] [--out FILE.json]
     vlmscale eval compare A.json B.json
@@ -63,12 +65,36 @@ def _model_init(args) -> int:
 
 
 def _data_convert(args) -> int:
-    from vlmscale.data.convert import convert_llava, convert_preference
+    from vlmscale.data import convert
+    from vlmscale.data.video_files import FrameSampling
 
-    convert = {"llava": convert_llava, "preference": convert_preference}[args.format]
-    counts = convert(args.json, image_root=args.image_root, out_dir=args.out, shard_size=args.shard_size)
+    if args.video_frames < 1 or (args.video_fps is not None and args.video_fps <= 0):
+        raise ValueError("--video-frames must be >= 1 and --video-fps > 0")
+    common = {"out_dir": args.out, "shard_size": args.shard_size, "workers": args.workers, "overwrite": args.overwrite,
+              "video": FrameSampling(num_frames=args.video_frames, fps=args.video_fps)}
+    if args.format == "internvl":
+        result = convert.convert_internvl(args.json, **common)
+        print(json.dumps(result, indent=2))
+        return 0 if result["sources"] else 1
+    if args.format == "hf":
+        counts = convert.convert_hf(args.data, media_root=args.media_root or ".", messages_column=args.messages_column,
+                                    images_column=args.images_column, videos_column=args.videos_column, split=args.split,
+                                    **common)
+    else:
+        fn = {"llava": convert.convert_llava, "sharegpt": convert.convert_sharegpt, "openai": convert.convert_openai,
+              "preference": convert.convert_preference}[args.format]
+        counts = fn(args.json, image_root=args.media_root or ".", **common)
     print(json.dumps(counts, indent=2))
     return 0 if counts.get("written") else 1
+
+
+def _data_index(args) -> int:
+    from vlmscale.data.shards import ShardDataset
+
+    for path in args.dirs:
+        data = ShardDataset(path, workers=args.workers)
+        print(f"{path}: {len(data)} samples in {len(data.shards)} shards, index digest {data.digest}")
+    return 0
 
 
 def _yes_no_pairs(args) -> int:
@@ -227,22 +253,45 @@ def build_parser() -> argparse.ArgumentParser:
 
     convert = data.add_parser("convert", help="convert an existing dataset into shards")
     fmt = convert.add_subparsers(dest="format", required=True)
-    llava = fmt.add_parser("llava", help="LLaVA-format JSON/JSONL (conversations with from: human/gpt)")
-    llava.add_argument("--json", required=True)
-    llava.add_argument("--image-root", required=True)
-    llava.add_argument("--out", required=True)
-    llava.add_argument("--shard-size", type=int, default=1000)
-    llava.set_defaults(func=_data_convert)
-    pref = fmt.add_parser("preference", help="RLAIF-V / RLHF-V preference pairs (question, chosen, rejected, image)")
-    pref.add_argument("--json", required=True)
-    pref.add_argument("--image-root", required=True)
-    pref.add_argument("--out", required=True)
-    pref.add_argument("--shard-size", type=int, default=1000)
-    pref.set_defaults(func=_data_convert)
+    formats = {
+        "llava": "LLaVA-format JSON/JSONL (conversations with from: human/gpt, <image> placeholders)",
+        "sharegpt": "LLaMA-Factory ShareGPT: messages (role/content) or conversations (from/value), images/videos, system",
+        "openai": "OpenAI / TRL content lists: parts of type text, image, image_url, video",
+        "internvl": "InternVL meta JSON {name: {root, annotation, repeat_time, length, max_dynamic_patch}} -> "
+                    "one shard dir per entry + sources.yaml",
+        "hf": "a Hugging Face dataset on disk (parquet/arrow files or save_to_disk) with embedded images",
+        "preference": "RLAIF-V / RLHF-V preference pairs (question, chosen, rejected, image)",
+    }
+    for name, help_text in formats.items():
+        p = fmt.add_parser(name, help=help_text)
+        if name == "hf":
+            p.add_argument("--data", required=True, help="a save_to_disk directory, or parquet/arrow files (a file or a directory)")
+            p.add_argument("--messages-column", help="default: messages or conversations")
+            p.add_argument("--images-column", help="default: images or image")
+            p.add_argument("--videos-column", help="default: videos or video")
+            p.add_argument("--split", help="for a DatasetDict (default: train, else the first)")
+        else:
+            p.add_argument("--json", required=True, help=".json (a list, streamed) or .jsonl (one record per line)"
+                           if name != "internvl" else "the meta JSON")
+        if name != "internvl":  # the meta file names each annotation's root
+            p.add_argument("--media-root", "--image-root", dest="media_root",
+                           help="directory that relative image/video paths are resolved against")
+        p.add_argument("--out", required=True)
+        p.add_argument("--shard-size", type=int, default=1000)
+        p.add_argument("--workers", type=int, default=1, help="processes converting records (order is kept)")
+        p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out once the conversion finished")
+        p.add_argument("--video-frames", type=int, default=8, help="video files: frames sampled uniformly")
+        p.add_argument("--video-fps", type=float, help="video files: sample at this rate instead of --video-frames")
+        p.set_defaults(func=_data_convert)
     yes_no = fmt.add_parser("yes-no-pairs", help="pairs from yes/no answers in conversation shards (chosen = the answer)")
     yes_no.add_argument("--shards", required=True, help="a directory (or .tar) of conversation shards")
     yes_no.add_argument("--out", required=True)
     yes_no.set_defaults(func=_yes_no_pairs)
+
+    index = data.add_parser("index", help="build (or check) the persistent shard index of shard directories")
+    index.add_argument("dirs", nargs="+", help="directories (or .tar files) of shards")
+    index.add_argument("--workers", type=int, help="parallel indexing processes (default: all CPUs)")
+    index.set_defaults(func=_data_index)
 
     model = sub.add_parser("model", help="model utilities").add_subparsers(dest="model_command", required=True)
     init = model.add_parser("init", help="export an untrained preset model in HF format")

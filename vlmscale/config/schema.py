@@ -86,12 +86,15 @@ class SourceConfig:
     path: str = ""  # directory (or single .tar) of webdataset shards; "demo:<split>/<task>" = built-in demo
     weight: float = 1.0  # relative sampling weight within the mixture
     text_only: bool = False  # a text-only source: its share is set by data.text_fraction when given
+    max_tiles: int | None = None  # tile limit per image for this source (InternVL's max_dynamic_patch); null = data.max_tiles
 
     def validate(self, where: str) -> None:
         if not self.path:
             raise ConfigError(f"{where}.path is empty: point it at a directory of .tar shards")
         if self.weight <= 0:
             raise ConfigError(f"{where}.weight must be > 0 (remove the source to drop it)")
+        if self.max_tiles is not None and self.max_tiles < 1:
+            raise ConfigError(f"{where}.max_tiles must be >= 1 (or null for data.max_tiles)")
 
 
 def _demo_sft_sources() -> list[SourceConfig]:
@@ -130,6 +133,7 @@ class DataConfig:
     max_seq_len: int = 512  # samples longer than this are skipped (counted as too_long); packed rows hold at most this
     packing: bool = False  # pack each rank's micro-batch into rows of <= max_seq_len, attention kept per sample
     max_tiles: int = 6  # dynamic tiling: at most this many tiles per image (+1 thumbnail)
+    split_tiles: bool = True  # a sample with n images gives each max(1, max_tiles // n) tiles (InternVL); false = max_tiles each
     num_workers: int = 1  # dataloader worker processes per rank
     max_bad_fraction: float = 0.1  # stop the run if more than this fraction of samples is unusable
     bad_check_after: int = 64  # samples read before the bad-fraction limit is enforced
@@ -349,6 +353,7 @@ class RunConfig:
     # auto: newest complete checkpoint if any, else start fresh | latest: newest complete checkpoint, error if
     # none | never | a checkpoint directory
     resume: str = "auto"
+    resume_allow_data_change: bool = False  # resume although the data mixture differs from the checkpoint's (docs/data.md)
     model: ModelConfig = field(default_factory=ModelConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -20,7 +20,7 @@ from vlmscale.config.schema import DataConfig, VideoConfig
 from vlmscale.data.demo import ensure_demo
 from vlmscale.data.mixture import Mixture
 from vlmscale.data.packing import packed_tensors, plan_rows
-from vlmscale.data.render import IGNORE, BadSample, Rendered, render_sample
+from vlmscale.data.render import IGNORE, BadSample, ImageOptions, Rendered, normalise_tiles, render_sample
 from vlmscale.data.shards import ShardDataset
 from vlmscale.model.tokenizer import ProcessorAssets
 
@@ -35,6 +35,29 @@ def resolve_path(path: str, data: DataConfig) -> Path:
         root = ensure_demo(data.demo_dir)
         return root / path[len(DEMO_PREFIX):]
     return Path(path)
+
+
+def image_options(data: DataConfig, *, raw: bool = False) -> list[ImageOptions]:
+    """Each source's tiling: its own ``max_tiles`` (else ``data.max_tiles``), ``data.split_tiles``."""
+    return [ImageOptions(max_tiles=s.max_tiles or data.max_tiles, split_tiles=data.split_tiles, raw=raw) for s in data.sources]
+
+
+class NormalisingLoader:
+    """Iterates a loader whose workers return uint8 tiles and normalises them here, in the main process:
+    a quarter of the float32 bytes cross the worker boundary, and the values equal the processor's."""
+
+    def __init__(self, loader: torch.utils.data.DataLoader, image_processor):
+        self.loader, self.image_processor = loader, image_processor
+
+    def __iter__(self):
+        for batch in self.loader:
+            pixels = batch.get("pixel_values")
+            if pixels is not None and pixels.dtype == torch.uint8:
+                batch["pixel_values"] = normalise_tiles(pixels, self.image_processor)
+            yield batch
+
+    def __len__(self) -> int:
+        return len(self.loader)
 
 
 def open_sources(data: DataConfig) -> list[ShardDataset]:
@@ -57,10 +80,12 @@ class Item:
 
 class TrainDataset(torch.utils.data.Dataset):
     def __init__(self, *, sources: list[ShardDataset], names: list[str], weights: list[float],
-                 assets: ProcessorAssets, max_seq_len: int, seed: int, video: VideoConfig | None = None):
+                 assets: ProcessorAssets, max_seq_len: int, seed: int, video: VideoConfig | None = None,
+                 image_options: list[ImageOptions] | None = None):
         self.sources, self.names, self.assets = sources, names, assets
         self.max_seq_len = max_seq_len
         self.video = video
+        self.image_options = image_options or [ImageOptions()] * len(sources)
         self.mixture = Mixture(sizes=[len(s) for s in sources], weights=weights, seed=seed)
 
     # record -> rendered sample; subclasses render other things from the same shards (PairDataset: pairs)
@@ -85,7 +110,8 @@ class TrainDataset(torch.utils.data.Dataset):
             raise BadSample("bad_json", f"{ref.key}: top level is not an object")
         sample_id = str(record.get("id", f"{Path(ref.shard).name}:{ref.key}"))
         try:
-            return self.render(record, members, self.assets, max_seq_len=self.max_seq_len, video=self.video), sample_id
+            return self.render(record, members, self.assets, max_seq_len=self.max_seq_len, video=self.video,
+                               images=self.image_options[source]), sample_id
         except BadSample as exc:
             exc.detail = f"{sample_id}: {exc.detail}"
             raise

@@ -34,6 +34,7 @@ class Mixture:
             raise ValueError("every mixture source needs at least one sample")
         self.sizes, self.seed, self.block = list(sizes), seed, block
         self.counts = _counts(list(weights), block)
+        self._perms: dict[int, tuple[int, np.ndarray]] = {}  # source -> (epoch, permutation): one per source
 
     @functools.lru_cache(maxsize=8)
     def _block(self, b: int) -> tuple[np.ndarray, np.ndarray]:
@@ -46,9 +47,16 @@ class Mixture:
             seen[s] += 1
         return assign, rank
 
-    @functools.lru_cache(maxsize=64)
     def _perm(self, source: int, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, 2, source, epoch]).permutation(self.sizes[source])
+        """Epoch ``epoch``'s item order of ``source``; only the latest epoch per source is kept (positions
+        advance through epochs in order), stored as int32 where it fits: 4 bytes per sample."""
+        cached = self._perms.get(source)
+        if cached is None or cached[0] != epoch:
+            perm = np.random.default_rng([self.seed, 2, source, epoch]).permutation(self.sizes[source])
+            if self.sizes[source] < 2**31:
+                perm = perm.astype(np.int32)
+            self._perms[source] = cached = (epoch, perm)
+        return cached[1]
 
     def locate(self, position: int) -> tuple[int, int]:
         """(source index, item index) of global stream position ``position``."""

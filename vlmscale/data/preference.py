@@ -22,7 +22,7 @@ import torch
 
 from vlmscale.config.schema import VideoConfig
 from vlmscale.data.dataset import Item, TrainDataset, collate
-from vlmscale.data.render import IGNORE, BadSample, Rendered, render_sample
+from vlmscale.data.render import IGNORE, BadSample, ImageOptions, Rendered, render_sample
 from vlmscale.model.tokenizer import ProcessorAssets
 
 
@@ -49,7 +49,7 @@ def _answer(rendered: Rendered) -> tuple[int, list[int]]:
 
 
 def render_pair(record: dict, members: dict[str, bytes], assets: ProcessorAssets, *, max_seq_len: int,
-                video: VideoConfig | None = None) -> RenderedPair:
+                video: VideoConfig | None = None, images: ImageOptions | None = None) -> RenderedPair:
     """Both conversations rendered; raises :class:`BadSample` (reason ``bad_pair``) for malformed pairs."""
     messages = record.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -67,7 +67,7 @@ def render_pair(record: dict, members: dict[str, bytes], assets: ProcessorAssets
     sides = []
     for text in answers:
         rec = {**record, "messages": messages + [{"role": "assistant", "content": [{"type": "text", "text": text}]}]}
-        sides.append(render_sample(rec, members, assets, max_seq_len=max_seq_len, video=video))
+        sides.append(render_sample(rec, members, assets, max_seq_len=max_seq_len, video=video, images=images))
     chosen, rejected = sides
     (ca_start, ca), (rj_start, rj) = _answer(chosen), _answer(rejected)
     diff_c, diff_r = changed_tokens(ca, rj)

@@ -15,11 +15,13 @@ from __future__ import annotations
 import io
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
+from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
 
 from vlmscale.config.schema import VideoConfig
 from vlmscale.model.tokenizer import IM_END, IM_START, IMG_CONTEXT, IMG_END, IMG_START, ProcessorAssets
@@ -51,13 +53,67 @@ class Rendered:
         return sum(1 for t in self.labels if t != IGNORE)
 
 
-def _decode(data: bytes) -> Image.Image:
+@dataclass(frozen=True)
+class ImageOptions:
+    """How images become tiles for one source (``data.max_tiles``, ``data.sources[i].max_tiles``,
+    ``data.split_tiles``)."""
+
+    max_tiles: int | None = None  # tile limit per image; None = the image processor's max_patches
+    split_tiles: bool = True  # n images in a sample: each gets max(1, max_tiles // n) tiles (InternVL)
+    raw: bool = False  # tiles as uint8 0..255 (normalised later by :func:`normalise_tiles`)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """RGB for every mode: 16/32-bit greyscale scaled to 8 bits (not clipped), transparency over white."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img).astype(np.int64)
+        if img.mode == "I" and arr.size and arr.max() <= 255:
+            arr8 = arr.astype(np.uint8)
+        else:
+            arr8 = np.clip(arr >> 8, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr8).convert("RGB")
+    if img.mode == "F":
+        return Image.fromarray(np.clip(np.asarray(img), 0, 255).astype(np.uint8)).convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def _canvas_size(img: Image.Image, *, tile_size: int, max_tiles: int) -> tuple[int, int]:
+    """The (stored-orientation) size the tile grid of ``img`` is resized to: what a draft must cover."""
+    transposed = img.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # EXIF orientations that swap width and height
+    w, h = (img.height, img.width) if transposed else img.size
+    cols, rows = get_optimal_tiled_canvas((h, w), (tile_size, tile_size), 1, max_tiles)
+    need = (cols * tile_size, rows * tile_size)
+    return need[::-1] if transposed else need
+
+
+def decode_image(data: bytes, *, tile_size: int | None = None, max_tiles: int | None = None) -> Image.Image:
+    """An upright RGB image, or :class:`BadSample`: ``decompression_bomb`` (over PIL's pixel limit),
+    ``corrupt_image`` (unreadable or truncated). Animated images give their first frame. A large JPEG
+    is decoded at a reduced DCT scale (``Image.draft``) when that still covers the tile grid."""
     try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
-        return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise BadSample("corrupt_image", str(exc)) from exc
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            if tile_size is not None and max_tiles is not None and img.format == "JPEG":
+                img.draft("RGB", _canvas_size(img, tile_size=tile_size, max_tiles=max_tiles))
+            img.load()  # the first frame of an animation
+            img = ImageOps.exif_transpose(img)
+            return _to_rgb(img)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise BadSample("decompression_bomb", str(exc)) from exc
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise BadSample("corrupt_image", str(exc) or type(exc).__name__) from exc
+
+
+def normalise_tiles(pixels: torch.Tensor, image_processor) -> torch.Tensor:
+    """uint8 tiles (from ``ImageOptions(raw=True)``) -> the float values the processor itself gives."""
+    p = image_processor
+    tiles = [p.normalize(p.rescale(tile, p.rescale_factor), p.image_mean, p.image_std) for tile in pixels.numpy()]
+    return torch.from_numpy(np.stack(tiles).astype(np.float32, copy=False))
 
 
 def pooled_tokens(image_seq_length: int, pool: int) -> int:
@@ -108,10 +164,26 @@ def _change_scores(images: list[Image.Image]) -> list[float]:
     return [0.0] + [float(np.abs(a - b).mean()) for a, b in zip(arrays[1:], arrays[:-1])]
 
 
+def count_images(record: dict) -> int:
+    """Images (not video frames) of a sample: entries of ``images`` plus image parts."""
+    parts = list(record.get("document") or [])
+    for msg in record.get("messages") or []:
+        if isinstance(msg, dict) and isinstance(msg.get("content"), list):
+            parts.extend(msg["content"])
+    listed = record.get("images")
+    return (len(listed) if isinstance(listed, list) else 0) + sum(
+        1 for p in parts if isinstance(p, dict) and p.get("type") == "image")
+
+
 class _Builder:
-    def __init__(self, assets: ProcessorAssets, video: VideoConfig | None = None):
+    def __init__(self, assets: ProcessorAssets, video: VideoConfig | None = None, images: ImageOptions | None = None,
+                 num_images: int = 1):
         self.assets = assets
         self.video_cfg = video or VideoConfig()
+        self.image_opts = images or ImageOptions()
+        limit = self.image_opts.max_tiles or int(assets.image_processor.max_patches)
+        split = self.image_opts.split_tiles and num_images > 1
+        self.tile_limit = max(1, limit // num_images) if split else limit
         self.ids: list[int] = []
         self.labels: list[int] = []
         self.buffer: list[str] = []
@@ -149,10 +221,19 @@ class _Builder:
     def _tokens(self, text: str) -> list[int]:
         return self.assets.tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    def _pixels(self, img: Image.Image, **kwargs) -> torch.Tensor:
+        raw = self.image_opts.raw
+        out = self.assets.image_processor(images=[img], return_tensors="np", do_rescale=not raw, do_normalize=not raw, **kwargs)
+        pixels = np.asarray(out["pixel_values"])
+        if raw:
+            assert np.array_equal(pixels, np.round(pixels)), "resized tiles are expected to hold whole 0..255 values"
+            pixels = pixels.astype(np.uint8)
+        return torch.from_numpy(pixels)
+
     def image(self, data: bytes) -> None:
         self.flush()
-        out = self.assets.image_processor(images=[_decode(data)], return_tensors="np")
-        pixels = torch.from_numpy(np.asarray(out["pixel_values"]))
+        img = decode_image(data, tile_size=self.assets.image_size, max_tiles=self.tile_limit)
+        pixels = self._pixels(img, max_patches=self.tile_limit)
         n_tiles = int(pixels.shape[0])
         self.tiles.append(pixels)
         self.tiles_per_image.append(n_tiles)
@@ -166,7 +247,7 @@ class _Builder:
         self.flush()
         cfg = self.video_cfg
         keyframes = cfg.sampling == "keyframe"
-        decoded = [_decode(f) for f in frames] if keyframes else None
+        decoded = [decode_image(f) for f in frames] if keyframes else None
         newline = self._tokens("\n")
         # tag token counts depend on the chosen frames' times: plan with the widest tags, then render exact
         widest = max(len(self._tokens(f"Frame{k + 1} ({t:.1f}s): ")) for k, t in enumerate(timestamps))
@@ -174,9 +255,8 @@ class _Builder:
                           image_seq_length=self.assets.image_seq_length, cfg=cfg,
                           scores=_change_scores(decoded) if keyframes else None)
         for k, i in enumerate(plan.frames):
-            img = decoded[i] if decoded is not None else _decode(frames[i])
-            out = self.assets.image_processor(images=[img], crop_to_patches=False, return_tensors="np")
-            self.tiles.append(torch.from_numpy(np.asarray(out["pixel_values"])))
+            img = decoded[i] if decoded is not None else decode_image(frames[i])
+            self.tiles.append(self._pixels(img, crop_to_patches=False))
             self.tiles_per_image.append(1)
             self.tile_pool.append(cfg.pool)
             tag = self._tokens(f"Frame{k + 1} ({timestamps[i]:.1f}s): ")
@@ -248,9 +328,9 @@ def _visual(b: _Builder, part: dict, members: dict[str, bytes]) -> bool:
 
 
 def render_sample(record: dict, members: dict[str, bytes], assets: ProcessorAssets, *, max_seq_len: int,
-                  video: VideoConfig | None = None) -> Rendered:
+                  video: VideoConfig | None = None, images: ImageOptions | None = None) -> Rendered:
     """Tokens, labels and tiles for one sample of the vlmscale schema (see docs/data.md)."""
-    b = _Builder(assets, video)
+    b = _Builder(assets, video, images, num_images=count_images(record))
     if "document" in record:
         for part in record["document"]:
             kind = part.get("type")
@@ -300,9 +380,9 @@ def render_sample(record: dict, members: dict[str, bytes], assets: ProcessorAsse
 
 
 def render_prompt(messages: list[dict], members: dict[str, bytes], assets: ProcessorAssets,
-                  video: VideoConfig | None = None) -> Rendered:
+                  video: VideoConfig | None = None, images: ImageOptions | None = None) -> Rendered:
     """Tokens for generation: the conversation so far plus ``<|im_start|>assistant\\n``."""
-    b = _Builder(assets, video)
+    b = _Builder(assets, video, images, num_images=count_images({"messages": messages}))
     for msg in messages:
         b.special(IM_START, supervised=False)
         b.text(msg["role"] + "\n", supervised=False)

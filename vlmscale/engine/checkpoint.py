@@ -93,6 +93,7 @@ class CheckpointManager:
     def __init__(self, output_dir: str | Path, *, dist: DistInfo, keep_last: int):
         self.root = Path(output_dir) / "checkpoints"
         self.dist, self.keep_last = dist, keep_last
+        self.extra_files: dict[str, str] = {}  # name -> text rank 0 writes into every checkpoint before its commit
 
     def save(self, engine, *, step: int, client_state: dict[str, Any], extra_engines: dict[str, Any] | None = None) -> Path:
         """Collective: every rank writes its shards, then rank 0 commits. ``extra_engines`` (name -> engine)
@@ -111,6 +112,8 @@ class CheckpointManager:
         faults.fire("save", step)
         barrier()
         if self.dist.is_main:
+            for name, text in self.extra_files.items():
+                _atomic_write(self.root / tag / name, text)
             meta = {"step": step, "world_size": self.dist.world_size, "global_batch": engine.train_batch_size(),
                     "precision": engine_precision(engine), "time": time.time()}
             _atomic_write(self.root / tag / COMMIT, json.dumps(meta))

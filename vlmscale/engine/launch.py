@@ -47,6 +47,7 @@ def check_paths(cfg) -> None:
     for i, src in enumerate(cfg.data.sources):
         if not src.path.startswith("demo:") and not Path(src.path).exists():
             raise ConfigError(f"data.sources[{i}].path={src.path!r} does not exist")
+    check_resume_mixture(cfg, checkpoints)
     for key in ("init_from", "vision", "llm"):
         value = getattr(cfg.model, key)
         if value is not None and not (Path(value) / "config.json").is_file():
@@ -126,6 +127,19 @@ def check_resume_batch(cfg, checkpoints, *, world_size: int) -> None:
             f"{checkpoints.root / tag} was trained with a global batch of {want} samples ({saved['world_size']} "
             f"ranks) but this launch gives {have} (micro_batch_size {train.micro_batch_size} x grad_accum_steps "
             f"{train.grad_accum_steps} x {world_size} ranks); the data order depends on it: {fix}")
+
+
+def check_resume_mixture(cfg, checkpoints) -> None:
+    """The checkpoint to resume must have been trained on this launch's data mixture (``vlmscale.data.fingerprint``)."""
+    from vlmscale.data.fingerprint import check_resume_data
+    from vlmscale.engine.checkpoint import ResumeError
+
+    try:
+        tag = checkpoints.find(cfg.resume)
+    except ResumeError:
+        return  # setup_run reports it with its exit code
+    if tag is not None:
+        check_resume_data(cfg, checkpoints.root / tag)
 
 
 def recipe_main(config_cls: type[C], train: Callable[[C], int], argv: list[str]) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import random
 from dataclasses import dataclass
@@ -16,7 +17,9 @@ import yaml
 from vlmscale.config.deepspeed import build_ds_config
 from vlmscale.config.load import to_dict
 from vlmscale.config.schema import ModelConfig, RunConfig
-from vlmscale.data.dataset import StepBatchSampler, TrainDataset, collate, open_sources, pack_collate
+from vlmscale.data.dataset import (NormalisingLoader, StepBatchSampler, TrainDataset, collate, image_options,
+                                   open_sources, pack_collate)
+from vlmscale.data.fingerprint import FINGERPRINT, data_fingerprint
 from vlmscale.data.preference import PairDataset, pair_collate
 from vlmscale.engine.checkpoint import CheckpointManager, ResumeError
 from vlmscale.engine import safe_load
@@ -96,6 +99,7 @@ def build_partitioned(model_cfg: ModelConfig, *, ds_config: dict[str, Any], max_
 def open_checkpoints(cfg: RunConfig, dist: DistInfo) -> CheckpointManager:
     """The run's checkpoint manager, torn saves removed (collective)."""
     checkpoints = CheckpointManager(Path(cfg.output_dir), dist=dist, keep_last=cfg.checkpoint.keep_last)
+    checkpoints.extra_files[FINGERPRINT] = json.dumps(data_fingerprint(cfg.data, seed=cfg.train.seed), indent=1)
     if dist.is_main:
         checkpoints.clean_partial()
     barrier()
@@ -171,7 +175,7 @@ def setup_run(cfg: RunConfig, *, wrap: Callable[[torch.nn.Module], torch.nn.Modu
     return Run(cfg, dist, ds_config, engine, assets, checkpoints, metrics, start_step, client)
 
 
-def make_loader(run: Run, *, pairs: bool = False, start_step: int | None = None) -> torch.utils.data.DataLoader:
+def make_loader(run: Run, *, pairs: bool = False, start_step: int | None = None) -> NormalisingLoader:
     """Each rank's micro-batches from ``start_step`` (default: the resume step) to ``train.max_steps``;
     ``pairs``: preference pairs (``vlmscale.data.preference``) instead of single samples."""
     cfg = run.cfg
@@ -188,6 +192,7 @@ def make_loader(run: Run, *, pairs: bool = False, start_step: int | None = None)
         max_seq_len=cfg.data.max_seq_len,
         seed=cfg.train.seed,
         video=cfg.data.video,
+        image_options=image_options(cfg.data, raw=True),  # uint8 across the worker boundary
     )
     sampler = StepBatchSampler(
         rank=run.dist.rank, world_size=run.dist.world_size, micro_batch_size=cfg.train.micro_batch_size,
@@ -201,8 +206,9 @@ def make_loader(run: Run, *, pairs: bool = False, start_step: int | None = None)
         collate_fn = functools.partial(pack_collate, pad_id=pad, max_len=cfg.data.max_seq_len)
     else:
         collate_fn = functools.partial(collate, pad_id=pad)
-    return torch.utils.data.DataLoader(
+    loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
         collate_fn=collate_fn, prefetch_factor=4 if cfg.data.num_workers else None,
         persistent_workers=False, worker_init_fn=ignore_stop_signals,
     )
+    return NormalisingLoader(loader, run.assets.image_processor)

@@ -238,6 +238,7 @@ class CheckpointConfig:
     every_steps: int = 200  # save a resumable checkpoint every N steps (and at the end)
     keep_last: int = 2  # keep only the newest K complete checkpoints (0 keeps all)
     export: bool = True  # write output_dir/hf (safetensors + processor) at the end
+    overwrite: bool = False  # with resume=never: move an earlier run's checkpoints aside (checkpoints.old-<time>)
 
     def validate(self) -> None:
         if self.every_steps < 1:

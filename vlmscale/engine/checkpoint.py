@@ -5,13 +5,20 @@ Layout under ``<output_dir>/checkpoints``::
     step-00000200/            DeepSpeed tag dir (model, optimizer, scheduler; client state)
     step-00000200/rng/rank-00000.pt   per-rank RNG states (plain tensors, weights_only-loadable)
     step-00000200/<name>/     further engines of the run (PPO's critic), each a DeepSpeed tag dir
-    step-00000200/COMMITTED   written last, by rank 0, after every rank finished writing
-                              (JSON: step, world_size, global_batch, time)
+    step-00000200/COMMITTED   written last, by rank 0, after every rank finished writing and fsyncing
+                              (JSON: step, world_size, global_batch, time, seq: the commit's place in
+                              this history, which retention and ``newest`` order by)
     step-00000200/universal/  DeepSpeed universal checkpoint of this step, made when a run resumes it on a
                               different number of ranks (see :meth:`CheckpointManager.prepare_universal`)
     latest                    name of the newest committed tag (temp file + fsync + rename)
 
-A tag dir without ``COMMITTED`` is a torn save and is never loaded.
+    .saving-step-00000200/    a save in progress; renamed to ``step-00000200`` once committed
+    .deleting-step-00000200/  a checkpoint being removed (retention, or replaced by a re-save of its tag)
+
+A save is written into ``.saving-<tag>`` and renamed into place after the commit barrier, so a
+``<tag>`` directory is always complete. Re-saving a tag that exists (after ``resume=<older tag>``)
+moves the old one aside first; a kill between the two renames leaves a committed ``.saving-<tag>``
+that :meth:`CheckpointManager.clean_partial` renames into place.
 """
 
 from __future__ import annotations
@@ -36,32 +43,66 @@ from vlmscale.engine.distributed import DistInfo, barrier
 log = logging.getLogger(__name__)
 COMMIT = "COMMITTED"
 PREFIX = "step-"
+SAVING = ".saving-"
+DELETING = ".deleting-"
 UNIVERSAL = "universal"
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+def fsync_dir(path: Path) -> None:
+    dir_fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
 
 
+def fsync_tree(root: Path) -> None:
+    """fsync every file under ``root``, then every directory (deepest first), so names and data are durable."""
+    dirs = [root]
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirs.extend(Path(dirpath) / d for d in dirnames)
+        for name in filenames:
+            fd = os.open(Path(dirpath) / name, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    for d in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
+        fsync_dir(d)
+
+
+def atomic_write(path: Path, data: str | bytes | Any) -> None:
+    """Write ``data`` (text, bytes, or an object for ``torch.save``) to ``path`` via temp file + fsync + rename."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    if isinstance(data, (str, bytes)):
+        with open(tmp, "w" if isinstance(data, str) else "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    else:
+        torch.save(data, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
 def tag_for(step: int) -> str:
     return f"{PREFIX}{step:08d}"
 
 
+def commit_order(root: Path, tag: str) -> tuple[int, float]:
+    """Where ``tag``'s commit stands in the history: its ``seq``, then its commit time."""
+    meta = json.loads((root / tag / COMMIT).read_text())
+    return int(meta.get("seq", -1)), float(meta.get("time", 0.0))
+
+
 def committed_tags(root: Path) -> list[str]:
+    """Complete checkpoints, oldest commit first (not name order: a rollback re-saves lower steps later)."""
     if not root.is_dir():
         return []
     tags = [p.name for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / COMMIT).is_file()]
-    return sorted(tags)
+    return sorted(tags, key=lambda t: (*commit_order(root, t), t))
 
 
 def rng_state() -> dict[str, Any]:
@@ -88,47 +129,85 @@ class CheckpointManager:
         self.dist, self.keep_last = dist, keep_last
 
     def save(self, engine, *, step: int, client_state: dict[str, Any], extra_engines: dict[str, Any] | None = None) -> Path:
-        """Collective: every rank writes its shards, then rank 0 commits. ``extra_engines`` (name -> engine)
-        are saved inside the same tag, so one commit covers them all."""
+        """Collective: every rank writes and fsyncs its shards into ``.saving-<tag>``, then rank 0 commits
+        and renames it to ``<tag>``. ``extra_engines`` (name -> engine) are saved inside the same tag, so
+        one commit covers them all."""
         tag = tag_for(step)
+        staging = self.root / f"{SAVING}{tag}"
         t0 = time.time()
-        engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
+        if self.dist.is_main:
+            shutil.rmtree(staging, ignore_errors=True)  # a torn save of this tag from an earlier launch
+        barrier()
+        engine.save_checkpoint(str(self.root), tag=staging.name, client_state=client_state, save_latest=False)
         for name, other in (extra_engines or {}).items():
-            other.save_checkpoint(str(self.root / tag), tag=name, client_state={"step": step}, save_latest=False)
-        rng_dir = self.root / tag / "rng"
+            other.save_checkpoint(str(staging), tag=name, client_state={"step": step}, save_latest=False)
+        rng_dir = staging / "rng"
         rng_dir.mkdir(parents=True, exist_ok=True)
-        path = rng_dir / f"rank-{self.dist.rank:05d}.pt"
-        torch.save(rng_state(), path)
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
+        torch.save(rng_state(), rng_dir / f"rank-{self.dist.rank:05d}.pt")
+        fsync_tree(staging)  # this rank's files (and the others' it can see): durable before the commit
         faults.fire("save", step)
         barrier()
         if self.dist.is_main:
-            meta = {"step": step, "world_size": self.dist.world_size, "global_batch": engine.train_batch_size(), "time": time.time()}
-            _atomic_write(self.root / tag / COMMIT, json.dumps(meta))
-            _atomic_write(self.root / "latest", tag)
-            self._retain(step)
+            self._commit(engine, tag=tag, step=step)
         barrier()
         log.info("checkpoint %s committed in %.1fs", tag, time.time() - t0)
         return self.root / tag
 
+    def _commit(self, engine, *, tag: str, step: int) -> None:
+        """Rank 0, every rank's files durable: mark the staged save committed and rename it into place."""
+        staging, final = self.root / f"{SAVING}{tag}", self.root / tag
+        done = committed_tags(self.root)
+        seq = max((commit_order(self.root, t)[0] for t in done), default=0) + 1
+        meta = {"step": step, "world_size": self.dist.world_size, "global_batch": engine.train_batch_size(),
+                "time": time.time(), "seq": seq}
+        atomic_write(staging / COMMIT, json.dumps(meta))
+        if final.exists():  # re-saving a tag after a rollback: the old one goes, whole, before the new arrives
+            doomed = self.root / f"{DELETING}{tag}"
+            shutil.rmtree(doomed, ignore_errors=True)
+            os.replace(final, doomed)
+            faults.fire("replace", step)
+        os.replace(staging, final)
+        fsync_dir(self.root)
+        atomic_write(self.root / "latest", tag)
+        self._retain(step)
+
     def _retain(self, step: int) -> None:
-        if self.keep_last <= 0:
-            return
-        for tag in committed_tags(self.root)[: -self.keep_last]:
-            doomed = self.root / f".deleting-{tag}"
-            os.replace(self.root / tag, doomed)  # atomic: a kill mid-delete leaves no half checkpoint
-            faults.fire("retain", step)
+        """Keep the ``keep_last`` newest commits (by commit order, not by tag name)."""
+        if self.keep_last > 0:
+            for tag in committed_tags(self.root)[: -self.keep_last]:
+                doomed = self.root / f"{DELETING}{tag}"
+                os.replace(self.root / tag, doomed)  # atomic: a kill mid-delete leaves no half checkpoint
+                faults.fire("retain", step)
+                shutil.rmtree(doomed, ignore_errors=True)
+        for doomed in self.root.glob(f"{DELETING}*"):
             shutil.rmtree(doomed, ignore_errors=True)
 
     def clean_partial(self) -> None:
-        """Remove torn saves and interrupted deletions (rank 0, before training starts)."""
+        """Rank 0, before training starts: finish a committed save whose rename was interrupted, and
+        remove torn saves and interrupted deletions."""
         if not self.root.is_dir():
             return
-        for p in self.root.iterdir():
-            if p.name.startswith(".deleting-") or (p.is_dir() and p.name.startswith(PREFIX) and not (p / COMMIT).exists()):
+        for p in sorted(self.root.iterdir()):
+            if p.name.startswith(SAVING) and (p / COMMIT).is_file() and not (self.root / p.name[len(SAVING):]).exists():
+                log.warning("completing checkpoint %s (committed, rename interrupted)", p.name[len(SAVING):])
+                os.replace(p, self.root / p.name[len(SAVING):])
+            elif (p.name.startswith((DELETING, SAVING)) or
+                  (p.is_dir() and p.name.startswith(PREFIX) and not (p / COMMIT).exists())):
                 log.warning("removing incomplete checkpoint %s", p)
                 shutil.rmtree(p, ignore_errors=True)
+        fsync_dir(self.root)
+
+    def has_history(self) -> bool:
+        """Whether checkpoints of some run (complete or not) are here."""
+        return self.root.is_dir() and any(p.name.startswith((PREFIX, SAVING)) for p in self.root.iterdir())
+
+    def move_history_aside(self) -> Path:
+        """Rank 0 (``checkpoint.overwrite=true``): rename the whole history to ``checkpoints.old-<time>``."""
+        aside = self.root.with_name(f"{self.root.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(self.root, aside)
+        fsync_dir(self.root.parent)
+        log.warning("checkpoint.overwrite=true: moved the earlier run's checkpoints to %s", aside)
+        return aside
 
     def newest(self) -> str | None:
         """The ``latest`` pointer if it names a committed checkpoint, else the newest committed one."""

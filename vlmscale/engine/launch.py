@@ -42,6 +42,11 @@ def check_paths(cfg) -> None:
     if cfg.resume == "latest" and checkpoints.newest() is None:
         raise ConfigError(f"resume=latest but {checkpoints.root} holds no complete checkpoint "
                           "(use resume=auto to start fresh when there is none)")
+    if cfg.resume == "never" and checkpoints.has_history() and not cfg.checkpoint.overwrite:
+        raise ConfigError(f"resume=never but {checkpoints.root} holds checkpoints of an earlier run (newest "
+                          f"{checkpoints.newest()}); a new run would mix its checkpoints with them. Use a new output_dir, "
+                          "or checkpoint.overwrite=true to move the old history aside (to checkpoints.old-<time>), "
+                          "or resume=auto to continue it")
     check_resume_batch(cfg, checkpoints, world_size=env_dist_info().world_size)
     for i, src in enumerate(cfg.data.sources):
         if not src.path.startswith("demo:") and not Path(src.path).exists():

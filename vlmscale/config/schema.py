@@ -239,12 +239,15 @@ class CheckpointConfig:
     keep_last: int = 2  # keep only the newest K complete checkpoints (0 keeps all)
     export: bool = True  # write output_dir/hf (safetensors + processor) at the end
     overwrite: bool = False  # with resume=never: move an earlier run's checkpoints aside (checkpoints.old-<time>)
+    save_timeout_s: float = 3600.0  # the hang watchdog's limit while a checkpoint is saved (train.hang_timeout_s > 0)
 
     def validate(self) -> None:
         if self.every_steps < 1:
             raise ConfigError("checkpoint.every_steps must be >= 1")
         if self.keep_last < 0:
             raise ConfigError("checkpoint.keep_last must be >= 0")
+        if self.save_timeout_s <= 0:
+            raise ConfigError("checkpoint.save_timeout_s must be > 0 (the watchdog's limit for one save)")
 
 
 @dataclass

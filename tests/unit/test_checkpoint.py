@@ -125,3 +125,16 @@ def test_resume_never_over_an_old_history_is_refused_unless_overwrite_moves_it_a
     assert (aside / tag_for(5) / "COMMITTED").is_file()
     _save(manager, 5, "new run")
     assert _branch(manager, tag_for(5)) == "new run" and _dirs(manager) == {tag_for(5)}
+
+
+def test_a_large_checkpoint_from_another_world_size_must_be_converted_offline(tmp_path):
+    from vlmscale.engine.launch import check_universal_size
+
+    manager = CheckpointManager(tmp_path, dist=ONE, keep_last=0)
+    _save(manager, 5, "a")  # saved by 1 rank
+    check_universal_size(_cfg(tmp_path), manager, tag_for(5), world_size=1)  # same world size: nothing to convert
+    check_universal_size(_cfg(tmp_path), manager, tag_for(5), world_size=2)  # small: converted inside the job
+    with pytest.raises(ConfigError, match=r"auto_universal_max_gb=0.*vlmscale ckpt convert .* --to universal"):
+        check_universal_size(_cfg(tmp_path, "checkpoint.auto_universal_max_gb=0"), manager, tag_for(5), world_size=2)
+    (manager.root / tag_for(5) / "universal").mkdir()  # converted offline: the relaunch goes ahead
+    check_universal_size(_cfg(tmp_path, "checkpoint.auto_universal_max_gb=0"), manager, tag_for(5), world_size=2)

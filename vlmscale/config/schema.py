@@ -240,6 +240,9 @@ class CheckpointConfig:
     export: bool = True  # write output_dir/hf (safetensors + processor) at the end
     overwrite: bool = False  # with resume=never: move an earlier run's checkpoints aside (checkpoints.old-<time>)
     save_timeout_s: float = 3600.0  # the hang watchdog's limit while a checkpoint is saved (train.hang_timeout_s > 0)
+    # resuming on another world size converts the checkpoint inside the job only up to this size; larger ones
+    # first: vlmscale ckpt convert OUTPUT_DIR --to universal --workers N (docs/cluster.md)
+    auto_universal_max_gb: float = 4.0
 
     def validate(self) -> None:
         if self.every_steps < 1:
@@ -248,6 +251,8 @@ class CheckpointConfig:
             raise ConfigError("checkpoint.keep_last must be >= 0")
         if self.save_timeout_s <= 0:
             raise ConfigError("checkpoint.save_timeout_s must be > 0 (the watchdog's limit for one save)")
+        if self.auto_universal_max_gb < 0:
+            raise ConfigError("checkpoint.auto_universal_max_gb must be >= 0 (0: always convert offline)")
 
 
 @dataclass

@@ -241,8 +241,15 @@ class CheckpointManager:
         """What rank 0 recorded when it committed ``tag`` (step, world_size, global_batch)."""
         return json.loads((self.root / tag / COMMIT).read_text())
 
-    def prepare_universal(self, tag: str) -> Path:
-        """Rank 0: convert ``tag`` to a DeepSpeed universal checkpoint in ``<tag>/universal`` (once).
+    def size_bytes(self, tag: str) -> int:
+        """Bytes of ``tag``'s files (its universal conversion excluded)."""
+        return sum(f.stat().st_size for f in (self.root / tag).rglob("*")
+                   if f.is_file() and UNIVERSAL not in f.relative_to(self.root / tag).parts[:1])
+
+    def prepare_universal(self, tag: str, *, workers: int = 1) -> Path:
+        """Convert ``tag`` to a DeepSpeed universal checkpoint in ``<tag>/universal`` (once), with ``workers``
+        processes to extract and merge. Run by rank 0 inside a small job, or offline by
+        ``vlmscale ckpt convert`` (one process, no process group) before relaunching a large one.
 
         A ZeRO checkpoint is partitioned for the world size that wrote it; the universal one holds each
         parameter's fp32 weights and Adam moments whole, and every rank of any world size cuts its own
@@ -263,14 +270,16 @@ class CheckpointManager:
         for stale in src.glob(f".{UNIVERSAL}-tmp-*"):  # an interrupted conversion
             shutil.rmtree(stale, ignore_errors=True)
         tmp = src / f".{UNIVERSAL}-tmp-{os.getpid()}"
-        args = argparse.Namespace(input_folder=str(src), output_folder=str(tmp), num_extract_workers=1,
-                                  num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=False)
+        args = argparse.Namespace(input_folder=str(src), output_folder=str(tmp), num_extract_workers=workers,
+                                  num_merge_workers=workers, keep_temp_folder=False, strict=True, inject_missing_state=False)
         with contextlib.redirect_stdout(io.StringIO()):  # the converter prints progress bars
             ds_to_universal.main(args)
         (src / "latest_universal").unlink(missing_ok=True)  # the converter's pointer; ours is the dir name
+        fsync_tree(tmp)
         os.replace(tmp, dst)
-        log.info("converted %s (saved by %d ranks) to a universal checkpoint in %.1fs",
-                 tag, self.meta(tag)["world_size"], time.time() - t0)
+        fsync_dir(src)
+        log.info("converted %s (saved by %d ranks, %.2f GB) to a universal checkpoint in %.1fs with %d workers",
+                 tag, self.meta(tag)["world_size"], self.size_bytes(tag) / 1e9, time.time() - t0, workers)
         return dst
 
     def load(self, engine, tag: str, *, universal: bool = False, extra_engines: dict[str, Any] | None = None) -> dict[str, Any]:

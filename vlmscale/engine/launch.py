@@ -103,6 +103,7 @@ def check_resume_batch(cfg, checkpoints, *, world_size: int) -> None:
     if tag is None:
         return
     saved = checkpoints.meta(tag)
+    check_universal_size(cfg, checkpoints, tag, world_size=world_size)
     train = cfg.train
     have = train.micro_batch_size * train.grad_accum_steps * world_size
     if "global_batch" in saved and saved["global_batch"] != have:
@@ -113,6 +114,21 @@ def check_resume_batch(cfg, checkpoints, *, world_size: int) -> None:
             f"{checkpoints.root / tag} was trained with a global batch of {want} samples ({saved['world_size']} "
             f"ranks) but this launch gives {have} (micro_batch_size {train.micro_batch_size} x grad_accum_steps "
             f"{train.grad_accum_steps} x {world_size} ranks); the data order depends on it: {fix}")
+
+
+def check_universal_size(cfg, checkpoints, tag: str, *, world_size: int) -> None:
+    """A checkpoint saved by another number of ranks is converted inside the job only when it is small;
+    a large one would hold every rank at a barrier for the conversion (an hour at 76B)."""
+    from vlmscale.engine.checkpoint import UNIVERSAL
+
+    if checkpoints.meta(tag)["world_size"] == world_size or (checkpoints.root / tag / UNIVERSAL).is_dir():
+        return
+    gb = checkpoints.size_bytes(tag) / 1e9
+    if gb > cfg.checkpoint.auto_universal_max_gb:
+        raise ConfigError(
+            f"{checkpoints.root / tag} was saved by {checkpoints.meta(tag)['world_size']} ranks and is {gb:.1f} GB, above "
+            f"checkpoint.auto_universal_max_gb={cfg.checkpoint.auto_universal_max_gb:g}; convert it before relaunching "
+            f"on {world_size} ranks: vlmscale ckpt convert {cfg.output_dir} --to universal --workers 8")
 
 
 def _where() -> str:

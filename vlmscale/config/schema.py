@@ -63,7 +63,7 @@ class ModulePolicy:
 class PolicyConfig:
     """Which modules train and at what learning rate; applied before the engine exists."""
 
-    # SFT defaults (seed 000, 1.2 and 6.3): the vision encoder stays frozen. The built-in demo trains
+    # SFT defaults (the LLaVA / InternVL recipe; it also limits forgetting): the vision encoder stays frozen. The built-in demo trains
     # from a random preset; a frozen random encoder keeps colour and shape apart in its features, and
     # a slow projector keeps them apart in the image tokens (fast, they collapse into "object here").
     vision: ModulePolicy = field(default_factory=lambda: ModulePolicy(trainable=False))
@@ -212,7 +212,7 @@ class TrainConfig:
     # per module {llm, vision}; a plain true/false (the older form) sets both
     activation_checkpointing: ActivationCheckpointing | bool = field(default_factory=ActivationCheckpointing)
     max_consecutive_nonfinite: int = 5  # stop (exit 4) after this many consecutive skipped non-finite steps
-    hang_timeout_s: float = 900.0  # a step (or save) taking longer than this dumps stacks and exits (5); 0 = off
+    hang_timeout_s: float = 900.0  # a step (or save) taking longer than this dumps stacks and exits (1); 0 = off
     log_sample_ids: bool = False  # write each step's sample ids to output_dir/samples/rank-N.jsonl (audit)
     peak_tflops: float | None = None  # bf16 peak per device for MFU; null = A100/H100 table or measured on CPU
 

@@ -107,9 +107,10 @@ def check_resume_batch(cfg, checkpoints, *, world_size: int) -> None:
     train = cfg.train
     have = train.micro_batch_size * train.grad_accum_steps * world_size
     if "global_batch" in saved and saved["global_batch"] != have:
-        want, per = saved["global_batch"], train.micro_batch_size * world_size
-        fix = (f"set train.grad_accum_steps={want // per}" if want % per == 0 else
-               f"choose train.micro_batch_size x train.grad_accum_steps = {want / world_size:g} per rank")
+        from vlmscale.config.deepspeed import batch_fix
+
+        want = saved["global_batch"]
+        fix = batch_fix(want=want, micro_batch_size=train.micro_batch_size, world_size=world_size)
         raise ConfigError(
             f"{checkpoints.root / tag} was trained with a global batch of {want} samples ({saved['world_size']} "
             f"ranks) but this launch gives {have} (micro_batch_size {train.micro_batch_size} x grad_accum_steps "

@@ -4,7 +4,7 @@ One uninterrupted 20-step run is the reference. A second run of the same config 
 chain of failures, each relaunched with ``resume=latest``:
 
 1. SIGKILL rank 1 as step 7 begins                  -> resumes from step 5
-2. SIGKILL rank 1 inside the save of step 10         -> step 10 is torn; resumes from step 5 again
+2. SIGKILL rank 1 inside the save of step 10         -> .saving-step-10 is torn; resumes from step 5 again
 3. SIGKILL rank 0 while retention deletes step 5     -> half-deleted dir is cleaned; resumes from 15
 4. runs to step 20
 
@@ -91,7 +91,7 @@ def test_kill_one_rank_then_resume_matches_the_uninterrupted_run(reference, cras
 def test_torn_save_is_ignored_and_removed(crashed):
     out, runs = crashed
     assert runs[1]["code"] != 0
-    assert "step-00000010" in runs[1]["ckpts"]  # shards written ...
+    assert ".saving-step-00000010" in runs[1]["ckpts"]  # shards written, staged ...
     log = runs[2]["log"]
     assert "removing incomplete checkpoint" in log and "step-00000010" in log  # ... but never committed
     assert "resumed from step-00000005 at step 5" in log

@@ -386,3 +386,23 @@ def test_consecutive_bad_samples_on_one_rank_exit_3_on_every_rank(tmp_path, demo
     assert "16 consecutive bad samples" in ranks[1]["log"]
     assert "rank 1 on " in ranks[0]["log"] and "consecutive bad samples" in ranks[0]["log"]
     assert abs(ranks[0]["seconds"] - ranks[1]["seconds"]) < 60
+
+
+def test_offline_universal_conversion(tmp_path, reference):
+    """`vlmscale ckpt convert` on the reference's newest checkpoint; prints the time per GB."""
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    out = tmp_path / "convert"
+    shutil.copytree(reference / "checkpoints", out / "checkpoints")
+    proc = subprocess.run([sys.executable, "-m", "vlmscale.cli", "ckpt", "convert", str(out), "--to", "universal",
+                           "--workers", "2"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["tag"] == "step-00000020"
+    assert (out / "checkpoints" / "step-00000020" / "universal" / "zero").is_dir()
+    print(f"offline universal conversion: {result['gb']:.3f} GB in {result['seconds']:.1f} s = "
+          f"{result['seconds_per_gb']:.0f} s/GB with 2 workers (tiny model, shared 2-core machine)")

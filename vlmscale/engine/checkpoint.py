@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from vlmscale.engine import faults
-from vlmscale.engine.distributed import DistInfo, barrier
+from vlmscale.engine.distributed import DistInfo, all_gather_objects, barrier
 
 log = logging.getLogger(__name__)
 COMMIT = "COMMITTED"
@@ -85,6 +85,14 @@ def atomic_write(path: Path, data: str | bytes | Any) -> None:
             os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def bytes_read() -> int:
+    """Bytes this process has read through read() calls so far (Linux ``/proc/self/io``: ``rchar``)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise RuntimeError("/proc/self/io has no rchar line")
 
 
 def tag_for(step: int) -> str:
@@ -289,6 +297,7 @@ class CheckpointManager:
         if universal and extra_engines:
             raise ResumeError(f"{self.root / tag} holds several engines (e.g. PPO's actor and critic); resuming it on "
                               "a different world size is not supported: resume with the world size that saved it")
+        read_before = bytes_read()
         load_dir, load_tag = (self.root / tag, UNIVERSAL) if universal else (self.root, tag)
         if universal:
             groups = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
@@ -314,6 +323,10 @@ class CheckpointManager:
             set_rng_state(torch.load(rng_file, weights_only=True))
         elif universal:
             log.info("no RNG state for rank %d in %s (saved by fewer ranks); keeping the seeded one", self.dist.rank, tag)
+        per_rank = all_gather_objects(bytes_read() - read_before)
+        log.info("loading %s%s read %s MB per rank (ranks 0..%d); the checkpoint holds %.1f MB", tag,
+                 "/universal" if universal else "", ", ".join(f"{b / 1e6:.1f}" for b in per_rank), len(per_rank) - 1,
+                 self.size_bytes(tag) / 1e6)
         return client
 
 

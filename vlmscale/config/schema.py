@@ -212,7 +212,7 @@ class TrainConfig:
     # per module {llm, vision}; a plain true/false (the older form) sets both
     activation_checkpointing: ActivationCheckpointing | bool = field(default_factory=ActivationCheckpointing)
     max_consecutive_nonfinite: int = 5  # stop (exit 4) after this many consecutive skipped non-finite steps
-    hang_timeout_s: float = 900.0  # a step (or save) taking longer than this dumps stacks and exits (1); 0 = off
+    hang_timeout_s: float = 900.0  # a step taking longer dumps stacks and exits (1); saves: checkpoint.save_timeout_s; 0 = off
     log_sample_ids: bool = False  # write each step's sample ids to output_dir/samples/rank-N.jsonl (audit)
     peak_tflops: float | None = None  # bf16 peak per device for MFU; null = A100/H100 table or measured on CPU
 

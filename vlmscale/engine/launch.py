@@ -21,7 +21,7 @@ from typing import Callable, TypeVar
 
 from vlmscale.config import ConfigError, load_config, parse_cli
 from vlmscale.data.dataset import TooManyBadSamples
-from vlmscale.engine.distributed import all_gather_objects, env_dist_info, init_distributed, shutdown
+from vlmscale.engine.distributed import all_gather_objects, barrier, env_dist_info, init_distributed, shutdown
 
 log = logging.getLogger(__name__)
 C = TypeVar("C")
@@ -194,8 +194,7 @@ def recipe_main(config_cls: type[C], train: Callable[[C], int], argv: list[str])
         code = train(cfg)
     except Preempted as exc:  # every rank stops at the same step (an all-reduced flag): a clean exit
         log.warning("%s", exc)
-        failures.close()
-        shutdown()
+        _leave(failures)
         return exit_code(exc)
     except Exception as exc:  # noqa: BLE001 - every failure ends the run; the others are told first
         code = exit_code(exc)
@@ -210,6 +209,13 @@ def recipe_main(config_cls: type[C], train: Callable[[C], int], argv: list[str])
         kill_children()
         shutdown(barrier=False)
         return code
-    failures.close()
-    shutdown()
+    _leave(failures)
     return code
+
+
+def _leave(failures) -> None:
+    """A clean exit: the peer-failure watch stays on through the final barrier (a rank failing at the very
+    end still ends the others with its code), then the process group goes."""
+    barrier()
+    failures.close()
+    shutdown(barrier=False)

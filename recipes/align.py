@@ -1,8 +1,8 @@
 """Projector alignment (stage 1 of the LLaVA / InternVL pipeline) under DeepSpeed ZeRO-3.
 
 The vision encoder and the LLM stay frozen; only the pixel-shuffle MLP projector learns to map
-vision features into the LLM's embedding space, on image-caption pairs (seed
-000_644b0e0b7218f5b3.txt, section 1.2). Starts from a preset or a composition::
+vision features into the LLM's embedding space, on image-caption pairs (LLaVA's
+two-stage recipe, Liu et al. 2023, "Visual Instruction Tuning"). Starts from a preset or a composition::
 
     deepspeed --num_gpus 2 recipes/align.py
     deepspeed recipes/align.py model.vision=/ckpt/InternVL3-1B-hf model.llm=/ckpt/Qwen2.5-0.5B \\

@@ -94,7 +94,7 @@ def train_ppo(cfg: PPOConfig) -> int:
         bar.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{row['kl']:.3f}")
         signum = stop.any_rank()
         if done % cfg.checkpoint.every_steps == 0 or done == cfg.train.max_steps or signum:
-            watchdog.beat()
+            watchdog.beat(cfg.checkpoint.save_timeout_s)
             state = {"step": done, "samples_seen": done * per_rank * dist.world_size,
                      "kl_controller": kl_ctl.state_dict(), "world_size": dist.world_size}
             checkpoints.save(engines.actor, step=done, client_state=state, extra_engines={"critic": engines.critic})

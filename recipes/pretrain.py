@@ -1,8 +1,8 @@
 """Interleaved image-text pretraining (stage 2, VILA style) under DeepSpeed ZeRO-3.
 
 The projector and the LLM train, the vision encoder stays frozen, on interleaved documents
-(images anywhere in the text) mixed 1:1 with image-text pairs (seed 002_14f2dc33f4df71f7.txt:
-updating the LLM is essential; interleaved data helps)::
+(images anywhere in the text) mixed 1:1 with image-text pairs (VILA, Lin et al. 2024,
+"On Pre-training for Visual Language Models": updating the LLM is essential; interleaved data helps)::
 
     deepspeed --num_gpus 2 recipes/pretrain.py model.init_from=runs/align-demo/hf
     deepspeed recipes/pretrain.py model.init_from=runs/align/hf \\

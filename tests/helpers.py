@@ -59,3 +59,41 @@ def losses(output_dir: Path) -> dict[int, float]:
     steps = [r["step"] for r in rows]
     assert len(steps) == len(set(steps)), f"a step was logged twice: {steps}"
     return {r["step"]: r["loss"] for r in rows}
+
+
+def launch_ranks(recipe: str, per_rank: list[list[str]], *, timeout: int = 240, env: dict | None = None) -> list[dict]:
+    """Start one ``python recipes/<recipe>.py`` per rank with its own overrides, as separate nodes would
+    (no launcher that terminates the others when one exits). Returns per rank ``code`` (None: still
+    running at ``timeout``, then killed, its stacks at the end of its log), ``log`` and ``seconds``."""
+    import signal
+    import tempfile
+    import time
+
+    world, master = len(per_rank), str(port(29600, 300))
+    procs, logs, t0 = [], [], time.time()
+    for rank, overrides in enumerate(per_rank):
+        rank_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1",
+                    **(env or {}),
+                    "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "LOCAL_SIZE": str(world),
+                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": master}
+        logs.append(tempfile.TemporaryFile("w+"))  # not a pipe: a full pipe would block the rank
+        procs.append(subprocess.Popen([sys.executable, str(REPO / "recipes" / f"{recipe}.py"), *overrides], cwd=REPO,
+                                      env=rank_env, stdout=subprocess.DEVNULL, stderr=logs[-1], text=True,
+                                      start_new_session=True))
+    finished: dict[int, float] = {}
+    while len(finished) < world and time.time() - t0 < timeout:
+        for rank, p in enumerate(procs):
+            if rank not in finished and p.poll() is not None:
+                finished[rank] = time.time() - t0
+        time.sleep(0.2)
+    results = []
+    for rank, p in enumerate(procs):
+        if rank not in finished:  # still running: its stacks into its log (faulthandler on SIGABRT), then kill
+            os.kill(p.pid, signal.SIGABRT)
+            time.sleep(2)
+            os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+        logs[rank].seek(0)
+        results.append({"code": p.returncode if rank in finished else None, "log": logs[rank].read(),
+                        "seconds": finished.get(rank)})
+    return results

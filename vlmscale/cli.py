@@ -10,6 +10,7 @@
     vlmscale eval SUITE[,SUITE] --model DIR --data DIR [--reference DIR] [--vcd] [--out FILE.json]
     vlmscale eval compare A.json B.json
     vlmscale ewc fisher --model DIR --data DIR --out DIR [--samples N] [--params llm|vision|both]
+    vlmscale ckpt convert RUN_DIR --to universal [--tag step-N] [--workers N]   (before a world-size change)
     vlmscale plan --model internvl2-26b --nodes 4 --gpus-per-node 8 --gpu-mem 40 [--zero 3] [--offload none|optimizer|all] [key=value ...]
 
 Distributed (the eval and ewc commands): deepspeed --num_gpus N --no_local_rank --module vlmscale.cli ...
@@ -21,6 +22,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 
@@ -239,6 +241,25 @@ def _plan(args) -> int:
     return 0
 
 
+def _ckpt_convert(args) -> int:
+    """Offline universal conversion of a run's checkpoint (default: the one resume=auto would load)."""
+    from vlmscale.engine.checkpoint import CheckpointManager, committed_tags
+    from vlmscale.engine.distributed import DistInfo
+
+    checkpoints = CheckpointManager(args.run_dir, dist=DistInfo(0, 1, 0), keep_last=0)
+    tag = args.tag or checkpoints.newest()
+    if tag is None or tag not in committed_tags(checkpoints.root):
+        raise ValueError(f"{checkpoints.root} holds no complete checkpoint {args.tag or ''}".rstrip()
+                         + "; pass --tag step-NNNNNNNN naming one with a COMMITTED marker")
+    t0 = time.time()
+    dst = checkpoints.prepare_universal(tag, workers=args.workers)
+    size = checkpoints.size_bytes(tag)
+    seconds = time.time() - t0
+    print(json.dumps({"tag": tag, "universal": str(dst), "gb": round(size / 1e9, 4), "seconds": round(seconds, 2),
+                      "seconds_per_gb": round(seconds / max(size / 1e9, 1e-9), 2), "workers": args.workers}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlmscale", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -336,6 +357,17 @@ def build_parser() -> argparse.ArgumentParser:
                          help=DTYPE_HELP)
     fisher.add_argument("--deepspeed", default="ds_configs/zero3.json", help="a ZeRO-3 DeepSpeed JSON")
     fisher.set_defaults(func=_ewc_fisher)
+
+    ckpt = sub.add_parser("ckpt", help="checkpoint utilities").add_subparsers(dest="ckpt_command", required=True)
+    conv = ckpt.add_parser("convert", help="convert a checkpoint to DeepSpeed's universal format (offline)",
+                           description="Run before relaunching a run on a different number of ranks: the resume then "
+                                       "loads <tag>/universal, each rank reading only its own partition. Large "
+                                       "checkpoints must be converted this way (see docs/cluster.md).")
+    conv.add_argument("run_dir", help="the run's output_dir (holding checkpoints/)")
+    conv.add_argument("--to", required=True, choices=["universal"])
+    conv.add_argument("--tag", help="the checkpoint (default: the newest committed one)")
+    conv.add_argument("--workers", type=int, default=4, help="processes extracting and merging parameters")
+    conv.set_defaults(func=_ckpt_convert)
 
     plan = sub.add_parser("plan", help="per-GPU memory of a training run, and the settings that fit (no GPU needed)",
                           description="Per-GPU memory for parameters, gradients, optimizer states and activations of "

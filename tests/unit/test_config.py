@@ -79,6 +79,11 @@ def test_global_batch_must_match_world():
     cfg = load_config(SFTConfig, overrides=["train.global_batch_size=32", "train.micro_batch_size=4"])
     with pytest.raises(ConfigError, match="world_size"):
         build_ds_config(cfg, world_size=3)
+    # the error names the grad_accum_steps that fits (32 = 4 x 2 x 4 ranks), or the per-rank product when none does
+    with pytest.raises(ConfigError, match=re.escape("set train.grad_accum_steps=2")):
+        build_ds_config(cfg, world_size=4)
+    with pytest.raises(ConfigError, match=re.escape("train.micro_batch_size x train.grad_accum_steps = 3.2 per rank")):
+        build_ds_config(cfg, world_size=10)
 
 
 def test_ds_optimizer_section_rejected(tmp_path):

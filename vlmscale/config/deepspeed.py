@@ -57,7 +57,7 @@ def build_ds_config(cfg: RunConfig, *, world_size: int) -> dict[str, Any]:
         raise ConfigError(
             f"train.global_batch_size={train.global_batch_size} but micro_batch_size({train.micro_batch_size}) x "
             f"grad_accum_steps({train.grad_accum_steps}) x world_size({world_size}) = {global_batch}; "
-            "change one of them so the product matches"
+            f"{batch_fix(want=train.global_batch_size, micro_batch_size=train.micro_batch_size, world_size=world_size)}"
         )
     _check_field(ds, "train_micro_batch_size_per_gpu", train.micro_batch_size, "train.micro_batch_size")
     _check_field(ds, "gradient_accumulation_steps", train.grad_accum_steps, "train.grad_accum_steps")
@@ -80,9 +80,18 @@ def build_ds_config(cfg: RunConfig, *, world_size: int) -> dict[str, Any]:
         raise ConfigError(f"{path}: zero_optimization.stage must be 0-3")
     ds.setdefault("steps_per_print", 10**9)
     ds.setdefault("wall_clock_breakdown", False)
-    # vlmscale normalises the loss over the whole accumulation window itself (see engine.trainer.train_step).
+    # vlmscale normalises the loss over the whole accumulation window itself (see vlmscale.engine.trainer.train_step).
     ds["zero_allow_untested_optimizer"] = True
     return ds
+
+
+def batch_fix(*, want: int, micro_batch_size: int, world_size: int) -> str:
+    """How to reach a global batch of ``want`` samples on ``world_size`` ranks: the ``grad_accum_steps`` that
+    fits, or the per-rank product to choose when none does."""
+    per = micro_batch_size * world_size
+    if want % per == 0:
+        return f"set train.grad_accum_steps={want // per}"
+    return f"choose train.micro_batch_size x train.grad_accum_steps = {want / world_size:g} per rank"
 
 
 def zero_stage(ds: dict[str, Any]) -> int:

@@ -66,7 +66,7 @@ class ModulePolicy:
 class PolicyConfig:
     """Which modules train and at what learning rate; applied before the engine exists."""
 
-    # SFT defaults (seed 000, 1.2 and 6.3): the vision encoder stays frozen. The built-in demo trains
+    # SFT defaults (the LLaVA / InternVL recipe; it also limits forgetting): the vision encoder stays frozen. The built-in demo trains
     # from a random preset; a frozen random encoder keeps colour and shape apart in its features, and
     # a slow projector keeps them apart in the image tokens (fast, they collapse into "object here").
     vision: ModulePolicy = field(default_factory=lambda: ModulePolicy(trainable=False))
@@ -224,7 +224,7 @@ class TrainConfig:
     # per module {llm, vision}; a plain true/false (the older form) sets both
     activation_checkpointing: ActivationCheckpointing | bool = field(default_factory=ActivationCheckpointing)
     max_consecutive_nonfinite: int = 5  # stop (exit 4) after this many consecutive skipped non-finite steps
-    hang_timeout_s: float = 900.0  # a step (or save) taking longer than this dumps stacks and exits (5); 0 = off
+    hang_timeout_s: float = 900.0  # a step taking longer dumps stacks and exits (1); saves: checkpoint.save_timeout_s; 0 = off
     log_sample_ids: bool = False  # write each step's sample ids to output_dir/samples/rank-N.jsonl (audit)
     peak_tflops: float | None = None  # peak per device for MFU in the run's precision; null = GPU table or measured on CPU
 
@@ -261,12 +261,21 @@ class CheckpointConfig:
     every_steps: int = 200  # save a resumable checkpoint every N steps (and at the end)
     keep_last: int = 2  # keep only the newest K complete checkpoints (0 keeps all)
     export: bool = True  # write output_dir/hf (safetensors + processor) at the end
+    overwrite: bool = False  # with resume=never: move an earlier run's checkpoints aside (checkpoints.old-<time>)
+    save_timeout_s: float = 3600.0  # the hang watchdog's limit while a checkpoint is saved (train.hang_timeout_s > 0)
+    # resuming on another world size converts the checkpoint inside the job only up to this size; larger ones
+    # first: vlmscale ckpt convert OUTPUT_DIR --to universal --workers N (docs/cluster.md)
+    auto_universal_max_gb: float = 4.0
 
     def validate(self) -> None:
         if self.every_steps < 1:
             raise ConfigError("checkpoint.every_steps must be >= 1")
         if self.keep_last < 0:
             raise ConfigError("checkpoint.keep_last must be >= 0")
+        if self.save_timeout_s <= 0:
+            raise ConfigError("checkpoint.save_timeout_s must be > 0 (the watchdog's limit for one save)")
+        if self.auto_universal_max_gb < 0:
+            raise ConfigError("checkpoint.auto_universal_max_gb must be >= 0 (0: always convert offline)")
 
 
 @dataclass

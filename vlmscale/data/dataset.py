@@ -131,7 +131,7 @@ class TrainDataset(torch.utils.data.Dataset):
                 log.warning("skipping sample (%s) at position %d of source %s: %s",
                             exc.reason, position, self.names[source], exc.detail)
                 skipped.append(exc.reason)
-        raise ValueError(
+        raise TooManyBadSamples(
             f"source {self.names[source]!r}: {MAX_ATTEMPTS} consecutive bad samples around position {position} "
             f"({', '.join(sorted(set(skipped)))}); check the data"
         )

@@ -5,13 +5,20 @@ Layout under ``<output_dir>/checkpoints``::
     step-00000200/            DeepSpeed tag dir (model, optimizer, scheduler; client state)
     step-00000200/rng/rank-00000.pt   per-rank RNG states (plain tensors, weights_only-loadable)
     step-00000200/<name>/     further engines of the run (PPO's critic), each a DeepSpeed tag dir
-    step-00000200/COMMITTED   written last, by rank 0, after every rank finished writing
-                              (JSON: step, world_size, global_batch, precision, time)
+    step-00000200/COMMITTED   written last, by rank 0, after every rank finished writing and fsyncing
+                              (JSON: step, world_size, global_batch, precision, time, seq: the commit's place in
+                              this history, which retention and ``newest`` order by)
     step-00000200/universal/  DeepSpeed universal checkpoint of this step, made when a run resumes it on a
                               different number of ranks (see :meth:`CheckpointManager.prepare_universal`)
     latest                    name of the newest committed tag (temp file + fsync + rename)
 
-A tag dir without ``COMMITTED`` is a torn save and is never loaded.
+    .saving-step-00000200/    a save in progress; renamed to ``step-00000200`` once committed
+    .deleting-step-00000200/  a checkpoint being removed (retention, or replaced by a re-save of its tag)
+
+A save is written into ``.saving-<tag>`` and renamed into place after the commit barrier, so a
+``<tag>`` directory is always complete. Re-saving a tag that exists (after ``resume=<older tag>``)
+moves the old one aside first; a kill between the two renames leaves a committed ``.saving-<tag>``
+that :meth:`CheckpointManager.clean_partial` renames into place.
 """
 
 from __future__ import annotations
@@ -31,37 +38,79 @@ from typing import Any
 import torch
 
 from vlmscale.engine import faults
-from vlmscale.engine.distributed import DistInfo, barrier
+from vlmscale.engine.distributed import DistInfo, all_gather_objects, barrier
 
 log = logging.getLogger(__name__)
 COMMIT = "COMMITTED"
 PREFIX = "step-"
+SAVING = ".saving-"
+DELETING = ".deleting-"
 UNIVERSAL = "universal"
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+def fsync_dir(path: Path) -> None:
+    dir_fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
 
 
+def fsync_tree(root: Path) -> None:
+    """fsync every file under ``root``, then every directory (deepest first), so names and data are durable."""
+    dirs = [root]
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirs.extend(Path(dirpath) / d for d in dirnames)
+        for name in filenames:
+            fd = os.open(Path(dirpath) / name, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    for d in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
+        fsync_dir(d)
+
+
+def atomic_write(path: Path, data: str | bytes | Any) -> None:
+    """Write ``data`` (text, bytes, or an object for ``torch.save``) to ``path`` via temp file + fsync + rename."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    if isinstance(data, (str, bytes)):
+        with open(tmp, "w" if isinstance(data, str) else "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    else:
+        torch.save(data, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def bytes_read() -> int:
+    """Bytes this process has read through read() calls so far (Linux ``/proc/self/io``: ``rchar``)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise RuntimeError("/proc/self/io has no rchar line")
+
+
 def tag_for(step: int) -> str:
     return f"{PREFIX}{step:08d}"
 
 
+def commit_order(root: Path, tag: str) -> tuple[int, float]:
+    """Where ``tag``'s commit stands in the history: its ``seq``, then its commit time."""
+    meta = json.loads((root / tag / COMMIT).read_text())
+    return int(meta.get("seq", -1)), float(meta.get("time", 0.0))
+
+
 def committed_tags(root: Path) -> list[str]:
+    """Complete checkpoints, oldest commit first (not name order: a rollback re-saves lower steps later)."""
     if not root.is_dir():
         return []
     tags = [p.name for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / COMMIT).is_file()]
-    return sorted(tags)
+    return sorted(tags, key=lambda t: (*commit_order(root, t), t))
 
 
 def rng_state() -> dict[str, Any]:
@@ -96,50 +145,87 @@ class CheckpointManager:
         self.extra_files: dict[str, str] = {}  # name -> text rank 0 writes into every checkpoint before its commit
 
     def save(self, engine, *, step: int, client_state: dict[str, Any], extra_engines: dict[str, Any] | None = None) -> Path:
-        """Collective: every rank writes its shards, then rank 0 commits. ``extra_engines`` (name -> engine)
-        are saved inside the same tag, so one commit covers them all."""
+        """Collective: every rank writes and fsyncs its shards into ``.saving-<tag>``, then rank 0 commits
+        and renames it to ``<tag>``. ``extra_engines`` (name -> engine) are saved inside the same tag, so
+        one commit covers them all."""
         tag = tag_for(step)
+        staging = self.root / f"{SAVING}{tag}"
         t0 = time.time()
-        engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
+        if self.dist.is_main:
+            shutil.rmtree(staging, ignore_errors=True)  # a torn save of this tag from an earlier launch
+        barrier()
+        engine.save_checkpoint(str(self.root), tag=staging.name, client_state=client_state, save_latest=False)
         for name, other in (extra_engines or {}).items():
-            other.save_checkpoint(str(self.root / tag), tag=name, client_state={"step": step}, save_latest=False)
-        rng_dir = self.root / tag / "rng"
+            other.save_checkpoint(str(staging), tag=name, client_state={"step": step}, save_latest=False)
+        rng_dir = staging / "rng"
         rng_dir.mkdir(parents=True, exist_ok=True)
-        path = rng_dir / f"rank-{self.dist.rank:05d}.pt"
-        torch.save(rng_state(), path)
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
+        torch.save(rng_state(), rng_dir / f"rank-{self.dist.rank:05d}.pt")
+        fsync_tree(staging)  # this rank's files (and the others' it can see): durable before the commit
         faults.fire("save", step)
         barrier()
         if self.dist.is_main:
-            for name, text in self.extra_files.items():
-                _atomic_write(self.root / tag / name, text)
-            meta = {"step": step, "world_size": self.dist.world_size, "global_batch": engine.train_batch_size(),
-                    "precision": engine_precision(engine), "time": time.time()}
-            _atomic_write(self.root / tag / COMMIT, json.dumps(meta))
-            _atomic_write(self.root / "latest", tag)
-            self._retain(step)
+            self._commit(engine, tag=tag, step=step)
         barrier()
         log.info("checkpoint %s committed in %.1fs", tag, time.time() - t0)
         return self.root / tag
 
+    def _commit(self, engine, *, tag: str, step: int) -> None:
+        """Rank 0, every rank's files durable: mark the staged save committed and rename it into place."""
+        staging, final = self.root / f"{SAVING}{tag}", self.root / tag
+        done = committed_tags(self.root)
+        seq = max((commit_order(self.root, t)[0] for t in done), default=0) + 1
+        for name, text in self.extra_files.items():  # e.g. the data mixture's fingerprint (vlmscale.data.fingerprint)
+            atomic_write(staging / name, text)
+        meta = {"step": step, "world_size": self.dist.world_size, "global_batch": engine.train_batch_size(),
+                "precision": engine_precision(engine), "time": time.time(), "seq": seq}
+        atomic_write(staging / COMMIT, json.dumps(meta))
+        if final.exists():  # re-saving a tag after a rollback: the old one goes, whole, before the new arrives
+            doomed = self.root / f"{DELETING}{tag}"
+            shutil.rmtree(doomed, ignore_errors=True)
+            os.replace(final, doomed)
+            faults.fire("replace", step)
+        os.replace(staging, final)
+        fsync_dir(self.root)
+        atomic_write(self.root / "latest", tag)
+        self._retain(step)
+
     def _retain(self, step: int) -> None:
-        if self.keep_last <= 0:
-            return
-        for tag in committed_tags(self.root)[: -self.keep_last]:
-            doomed = self.root / f".deleting-{tag}"
-            os.replace(self.root / tag, doomed)  # atomic: a kill mid-delete leaves no half checkpoint
-            faults.fire("retain", step)
+        """Keep the ``keep_last`` newest commits (by commit order, not by tag name)."""
+        if self.keep_last > 0:
+            for tag in committed_tags(self.root)[: -self.keep_last]:
+                doomed = self.root / f"{DELETING}{tag}"
+                os.replace(self.root / tag, doomed)  # atomic: a kill mid-delete leaves no half checkpoint
+                faults.fire("retain", step)
+                shutil.rmtree(doomed, ignore_errors=True)
+        for doomed in self.root.glob(f"{DELETING}*"):
             shutil.rmtree(doomed, ignore_errors=True)
 
     def clean_partial(self) -> None:
-        """Remove torn saves and interrupted deletions (rank 0, before training starts)."""
+        """Rank 0, before training starts: finish a committed save whose rename was interrupted, and
+        remove torn saves and interrupted deletions."""
         if not self.root.is_dir():
             return
-        for p in self.root.iterdir():
-            if p.name.startswith(".deleting-") or (p.is_dir() and p.name.startswith(PREFIX) and not (p / COMMIT).exists()):
+        for p in sorted(self.root.iterdir()):
+            if p.name.startswith(SAVING) and (p / COMMIT).is_file() and not (self.root / p.name[len(SAVING):]).exists():
+                log.warning("completing checkpoint %s (committed, rename interrupted)", p.name[len(SAVING):])
+                os.replace(p, self.root / p.name[len(SAVING):])
+            elif (p.name.startswith((DELETING, SAVING)) or
+                  (p.is_dir() and p.name.startswith(PREFIX) and not (p / COMMIT).exists())):
                 log.warning("removing incomplete checkpoint %s", p)
                 shutil.rmtree(p, ignore_errors=True)
+        fsync_dir(self.root)
+
+    def has_history(self) -> bool:
+        """Whether checkpoints of some run (complete or not) are here."""
+        return self.root.is_dir() and any(p.name.startswith((PREFIX, SAVING)) for p in self.root.iterdir())
+
+    def move_history_aside(self) -> Path:
+        """Rank 0 (``checkpoint.overwrite=true``): rename the whole history to ``checkpoints.old-<time>``."""
+        aside = self.root.with_name(f"{self.root.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(self.root, aside)
+        fsync_dir(self.root.parent)
+        log.warning("checkpoint.overwrite=true: moved the earlier run's checkpoints to %s", aside)
+        return aside
 
     def newest(self) -> str | None:
         """The ``latest`` pointer if it names a committed checkpoint, else the newest committed one."""
@@ -173,8 +259,15 @@ class CheckpointManager:
         """What rank 0 recorded when it committed ``tag`` (step, world_size, global_batch)."""
         return json.loads((self.root / tag / COMMIT).read_text())
 
-    def prepare_universal(self, tag: str) -> Path:
-        """Rank 0: convert ``tag`` to a DeepSpeed universal checkpoint in ``<tag>/universal`` (once).
+    def size_bytes(self, tag: str) -> int:
+        """Bytes of ``tag``'s files (its universal conversion excluded)."""
+        return sum(f.stat().st_size for f in (self.root / tag).rglob("*")
+                   if f.is_file() and UNIVERSAL not in f.relative_to(self.root / tag).parts[:1])
+
+    def prepare_universal(self, tag: str, *, workers: int = 1) -> Path:
+        """Convert ``tag`` to a DeepSpeed universal checkpoint in ``<tag>/universal`` (once), with ``workers``
+        processes to extract and merge. Run by rank 0 inside a small job, or offline by
+        ``vlmscale ckpt convert`` (one process, no process group) before relaunching a large one.
 
         A ZeRO checkpoint is partitioned for the world size that wrote it; the universal one holds each
         parameter's fp32 weights and Adam moments whole, and every rank of any world size cuts its own
@@ -195,14 +288,16 @@ class CheckpointManager:
         for stale in src.glob(f".{UNIVERSAL}-tmp-*"):  # an interrupted conversion
             shutil.rmtree(stale, ignore_errors=True)
         tmp = src / f".{UNIVERSAL}-tmp-{os.getpid()}"
-        args = argparse.Namespace(input_folder=str(src), output_folder=str(tmp), num_extract_workers=1,
-                                  num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=False)
+        args = argparse.Namespace(input_folder=str(src), output_folder=str(tmp), num_extract_workers=workers,
+                                  num_merge_workers=workers, keep_temp_folder=False, strict=True, inject_missing_state=False)
         with contextlib.redirect_stdout(io.StringIO()):  # the converter prints progress bars
             ds_to_universal.main(args)
         (src / "latest_universal").unlink(missing_ok=True)  # the converter's pointer; ours is the dir name
+        fsync_tree(tmp)
         os.replace(tmp, dst)
-        log.info("converted %s (saved by %d ranks) to a universal checkpoint in %.1fs",
-                 tag, self.meta(tag)["world_size"], time.time() - t0)
+        fsync_dir(src)
+        log.info("converted %s (saved by %d ranks, %.2f GB) to a universal checkpoint in %.1fs with %d workers",
+                 tag, self.meta(tag)["world_size"], self.size_bytes(tag) / 1e9, time.time() - t0, workers)
         return dst
 
     def load(self, engine, tag: str, *, universal: bool = False, extra_engines: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -212,6 +307,7 @@ class CheckpointManager:
         if universal and extra_engines:
             raise ResumeError(f"{self.root / tag} holds several engines (e.g. PPO's actor and critic); resuming it on "
                               "a different world size is not supported: resume with the world size that saved it")
+        read_before = bytes_read()
         load_dir, load_tag = (self.root / tag, UNIVERSAL) if universal else (self.root, tag)
         if universal:
             groups = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
@@ -237,6 +333,10 @@ class CheckpointManager:
             set_rng_state(torch.load(rng_file, weights_only=True))
         elif universal:
             log.info("no RNG state for rank %d in %s (saved by fewer ranks); keeping the seeded one", self.dist.rank, tag)
+        per_rank = all_gather_objects(bytes_read() - read_before)
+        log.info("loading %s%s read %s MB per rank (ranks 0..%d); the checkpoint holds %.1f MB", tag,
+                 "/universal" if universal else "", ", ".join(f"{b / 1e6:.1f}" for b in per_rank), len(per_rank) - 1,
+                 self.size_bytes(tag) / 1e6)
         return client
 
 

@@ -207,13 +207,15 @@ def shm_buffer_path(rank: int) -> Path:
     return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
 
 
-def shutdown() -> None:
+def shutdown(*, barrier: bool = True) -> None:
     """Leave the process group in order (a group left to interpreter teardown can abort the process),
-    and remove this rank's DeepSpeed shared-memory buffer (every rank mapped it at start-up)."""
+    and remove this rank's DeepSpeed shared-memory buffer (every rank mapped it at start-up).
+    ``barrier=False`` on a failure, where some rank may never reach the barrier."""
     if dist.is_initialized():
         rank = dist.get_rank()
-        if dist.get_world_size() > 1:
+        if barrier and dist.get_world_size() > 1:
             dist.barrier()
-        dist.destroy_process_group()
+        with contextlib.suppress(Exception) if not barrier else contextlib.nullcontext():
+            dist.destroy_process_group()
         with contextlib.suppress(OSError):
             shm_buffer_path(rank).unlink()

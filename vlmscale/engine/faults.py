@@ -7,6 +7,9 @@ by ``;``. Unset (the default), every hook is a no-op.
     kill@save=10,rank=1    SIGKILL rank 1 inside the save of step 10, after its shards are written,
                            before the checkpoint is committed (a torn save)
     kill@retain=15         SIGKILL rank 0 in the middle of deleting an old checkpoint at step 15
+    kill@replace=10        SIGKILL rank 0 while re-saving tag step-10 (after a rollback): the old step-10 is
+                           moved aside, the new one committed but not yet renamed into place
+    raise@step=3,rank=1    raise :class:`InjectedFault` on rank 1 as step 3 begins (an ordinary exception)
     nan@step=3,rank=1      rank 1's loss at step 3 becomes NaN
     nan@step>=3,rank=0     ... at every step from 3 on
     stop@step=5,rank=1     SIGSTOP rank 1 as step 5 begins (a hung rank)
@@ -24,7 +27,11 @@ import time
 from dataclasses import dataclass
 
 ENV = "VLMSCALE_FAULT"
-_SPEC = re.compile(r"^(kill|nan|stop|stall)@(step|save|retain|refcache)(>=|=)(\d+)(?:,rank=(\d+))?$")
+_SPEC = re.compile(r"^(kill|nan|stop|stall|raise)@(step|save|retain|replace|refcache)(>=|=)(\d+)(?:,rank=(\d+))?$")
+
+
+class InjectedFault(RuntimeError):
+    """An exception raised on purpose by ``raise@...`` (a stand-in for any bug on one rank)."""
 
 
 @dataclass(frozen=True)
@@ -64,10 +71,12 @@ def _rank() -> int:
 
 
 def fire(point: str, n: int) -> None:
-    """Kill or stop this process if a fault is set for (point, n, this rank)."""
+    """Kill, stop or raise in this process if a fault is set for (point, n, this rank)."""
     for f in _active():
         if not f.matches(point, n, _rank()):
             continue
+        if f.action == "raise":
+            raise InjectedFault(f"injected fault {f.action}@{point}={n} on rank {_rank()}")
         if f.action == "stall":
             time.sleep(1.0)
         elif f.action in ("kill", "stop"):

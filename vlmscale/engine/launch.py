@@ -1,20 +1,27 @@
 """What every recipe's ``__main__`` does: parse and validate the config, run, map failures to exit codes.
 
-Exit codes: 0 done; 2 configuration error (before any process group starts); 3 too much bad data;
+Exit codes: 0 done; 2 configuration error (before training starts); 3 too much bad data;
 4 too many consecutive non-finite steps; 5 resume requested but nothing loadable (or unsafe);
 6 stopped by SIGTERM/SIGUSR1 after committing a checkpoint (relaunch to resume);
 1 the hang watchdog fired (stacks in output_dir/hang/) or any other failure.
+
+A failure on one rank is every rank's: pre-launch checks that read the filesystem (which can differ
+between nodes) are agreed in one collective, so every rank exits 2 and the failing rank's message
+is printed (with its rank and host) by every rank; an exception in training is posted to the other
+ranks (``vlmscale.engine.watchdog.PeerFailures``), which stop within seconds with the failing
+rank's exit code.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 import sys
 from typing import Callable, TypeVar
 
 from vlmscale.config import ConfigError, load_config, parse_cli
 from vlmscale.data.dataset import TooManyBadSamples
-from vlmscale.engine.distributed import shutdown
+from vlmscale.engine.distributed import all_gather_objects, barrier, env_dist_info, init_distributed, shutdown
 
 log = logging.getLogger(__name__)
 C = TypeVar("C")
@@ -25,23 +32,34 @@ EXIT_NONFINITE = 4
 EXIT_RESUME = 5
 
 
-def check_paths(cfg) -> None:
-    """Inputs that must exist, checked before any process group starts."""
-    from pathlib import Path
+def check_config(cfg) -> None:
+    """The DeepSpeed JSON and the batch sizes against the launcher's world size: alike on every rank,
+    checked before any process group starts."""
+    from vlmscale.config.deepspeed import build_ds_config, resolve_ds_path
 
-    from vlmscale.config.deepspeed import resolve_ds_path
+    resolve_ds_path(cfg.deepspeed.config)
+    build_ds_config(cfg, world_size=env_dist_info().world_size)
+
+
+def check_paths(cfg) -> None:
+    """Inputs that must exist and the checkpoint history; these read the filesystem, which can differ
+    between nodes, so :func:`recipe_main` agrees on the outcome across ranks."""
+    from pathlib import Path
 
     from vlmscale.config.deepspeed import build_ds_config, zero_stage
     from vlmscale.engine.checkpoint import CheckpointManager
-    from vlmscale.engine.distributed import DistInfo, env_dist_info
+    from vlmscale.engine.distributed import DistInfo
 
-    resolve_ds_path(cfg.deepspeed.config)
-    # batch sizes against the world size the launcher set up
     ds = build_ds_config(cfg, world_size=env_dist_info().world_size)
     checkpoints = CheckpointManager(cfg.output_dir, dist=DistInfo(0, 1, 0), keep_last=0)
     if cfg.resume == "latest" and checkpoints.newest() is None:
         raise ConfigError(f"resume=latest but {checkpoints.root} holds no complete checkpoint "
                           "(use resume=auto to start fresh when there is none)")
+    if cfg.resume == "never" and checkpoints.has_history() and not cfg.checkpoint.overwrite:
+        raise ConfigError(f"resume=never but {checkpoints.root} holds checkpoints of an earlier run (newest "
+                          f"{checkpoints.newest()}); a new run would mix its checkpoints with them. Use a new output_dir, "
+                          "or checkpoint.overwrite=true to move the old history aside (to checkpoints.old-<time>), "
+                          "or resume=auto to continue it")
     check_resume_batch(cfg, checkpoints, world_size=env_dist_info().world_size)
     settle_precision(cfg, checkpoints)
     for i, src in enumerate(cfg.data.sources):
@@ -117,12 +135,14 @@ def check_resume_batch(cfg, checkpoints, *, world_size: int) -> None:
     if tag is None:
         return
     saved = checkpoints.meta(tag)
+    check_universal_size(cfg, checkpoints, tag, world_size=world_size)
     train = cfg.train
     have = train.micro_batch_size * train.grad_accum_steps * world_size
     if "global_batch" in saved and saved["global_batch"] != have:
-        want, per = saved["global_batch"], train.micro_batch_size * world_size
-        fix = (f"set train.grad_accum_steps={want // per}" if want % per == 0 else
-               f"choose train.micro_batch_size x train.grad_accum_steps = {want / world_size:g} per rank")
+        from vlmscale.config.deepspeed import batch_fix
+
+        want = saved["global_batch"]
+        fix = batch_fix(want=want, micro_batch_size=train.micro_batch_size, world_size=world_size)
         raise ConfigError(
             f"{checkpoints.root / tag} was trained with a global batch of {want} samples ({saved['world_size']} "
             f"ranks) but this launch gives {have} (micro_batch_size {train.micro_batch_size} x grad_accum_steps "
@@ -142,42 +162,116 @@ def check_resume_mixture(cfg, checkpoints) -> None:
         check_resume_data(cfg, checkpoints.root / tag)
 
 
-def recipe_main(config_cls: type[C], train: Callable[[C], int], argv: list[str]) -> int:
+def check_universal_size(cfg, checkpoints, tag: str, *, world_size: int) -> None:
+    """A checkpoint saved by another number of ranks is converted inside the job only when it is small;
+    a large one would hold every rank at a barrier for the conversion (an hour at 76B)."""
+    from vlmscale.engine.checkpoint import UNIVERSAL
+
+    if checkpoints.meta(tag)["world_size"] == world_size or (checkpoints.root / tag / UNIVERSAL).is_dir():
+        return
+    gb = checkpoints.size_bytes(tag) / 1e9
+    if gb > cfg.checkpoint.auto_universal_max_gb:
+        raise ConfigError(
+            f"{checkpoints.root / tag} was saved by {checkpoints.meta(tag)['world_size']} ranks and is {gb:.1f} GB, above "
+            f"checkpoint.auto_universal_max_gb={cfg.checkpoint.auto_universal_max_gb:g}; convert it before relaunching "
+            f"on {world_size} ranks: vlmscale ckpt convert {cfg.output_dir} --to universal --workers 8")
+
+
+def _where() -> str:
+    return f"rank {env_dist_info().rank} on {socket.gethostname()}"
+
+
+def _agree_on_checks(cfg) -> bool:
+    """Run :func:`check_paths` on every rank; True if it passed on all of them (collective when the
+    launcher started several ranks). Every failing rank prints its error, and every rank the others'."""
+    error = None
     try:
-        config_path, overrides = parse_cli(argv)
-        cfg = load_config(config_cls, path=config_path, overrides=overrides)
         check_paths(cfg)
     except ConfigError as exc:
-        from vlmscale.engine.distributed import env_dist_info
+        error = f"config error ({_where()}): {exc}"
+        print(error, file=sys.stderr)
+    if env_dist_info().world_size == 1:
+        return error is None
+    init_distributed()
+    outcomes = all_gather_objects((error, cfg.train.precision))
+    errors = [e for e, _ in outcomes if e is not None]
+    precisions = sorted({p for _, p in outcomes})
+    if not errors and len(precisions) > 1:  # ranks on different hardware resolved auto differently
+        errors = [f"config error: the ranks resolved train.precision=auto to {' and '.join(precisions)} (different "
+                  "hardware); set train.precision explicitly"]
+        print(errors[0], file=sys.stderr)
+    if errors and error is None:
+        print("config error: stopping because other ranks failed their pre-launch checks:\n" + "\n".join(errors),
+              file=sys.stderr)
+    if errors:
+        shutdown()
+    return not errors
 
-        if env_dist_info().rank == 0:  # every rank fails alike; one message is enough
-            print(f"config error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    from vlmscale.config.schema import DEPRECATIONS
-    from vlmscale.engine.distributed import env_dist_info
 
-    if env_dist_info().rank == 0:
-        for notice in sorted(DEPRECATIONS):
-            print(f"warning: {notice}", file=sys.stderr)
+def exit_code(exc: BaseException) -> int:
+    """The exit code of a run that raised ``exc`` (see the module doc)."""
     from vlmscale.engine.checkpoint import ResumeError
     from vlmscale.engine.preemption import EXIT_PREEMPTED, Preempted
     from vlmscale.engine.progress import NonFiniteTraining
     from vlmscale.engine.safe_load import UnsafeCheckpoint
 
+    if isinstance(exc, TooManyBadSamples):
+        return EXIT_BAD_DATA
+    if isinstance(exc, NonFiniteTraining):
+        return EXIT_NONFINITE
+    if isinstance(exc, (ResumeError, UnsafeCheckpoint)):
+        return EXIT_RESUME
+    if isinstance(exc, Preempted):
+        return EXIT_PREEMPTED
+    return 1
+
+
+def recipe_main(config_cls: type[C], train: Callable[[C], int], argv: list[str]) -> int:
+    try:
+        config_path, overrides = parse_cli(argv)
+        cfg = load_config(config_cls, path=config_path, overrides=overrides)
+        check_config(cfg)
+    except ConfigError as exc:
+        print(f"config error ({_where()}): {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    from vlmscale.config.schema import DEPRECATIONS
+
+    if env_dist_info().rank == 0:
+        for notice in sorted(DEPRECATIONS):
+            print(f"warning: {notice}", file=sys.stderr)
+    if not _agree_on_checks(cfg):
+        return EXIT_CONFIG
+    from vlmscale.engine.preemption import Preempted
+    from vlmscale.engine.watchdog import PeerFailures, kill_children
+
+    info = init_distributed()
+    failures = PeerFailures(cfg.output_dir, rank=info.rank, world_size=info.world_size)
     try:
         code = train(cfg)
-    except TooManyBadSamples as exc:
-        log.error("stopping: %s", exc)
-        return EXIT_BAD_DATA
-    except NonFiniteTraining as exc:
-        log.error("stopping: %s", exc)
-        return EXIT_NONFINITE
-    except (ResumeError, UnsafeCheckpoint) as exc:
-        log.error("cannot resume: %s", exc)
-        return EXIT_RESUME
-    except Preempted as exc:
+    except Preempted as exc:  # every rank stops at the same step (an all-reduced flag): a clean exit
         log.warning("%s", exc)
-        shutdown()
-        return EXIT_PREEMPTED
-    shutdown()
+        _leave(failures)
+        return exit_code(exc)
+    except Exception as exc:  # noqa: BLE001 - every failure ends the run; the others are told first
+        code = exit_code(exc)
+        first = failures.report(code, f"{type(exc).__name__}: {exc}")
+        if code == 1:
+            log.error("stopping on an unexpected error", exc_info=exc)
+        else:
+            log.error("%s: %s", "cannot resume" if code == EXIT_RESUME else "stopping", exc)
+        if first.rank != info.rank:
+            log.error("stopping: %s", first)
+            code = first.code
+        kill_children()
+        shutdown(barrier=False)
+        return code
+    _leave(failures)
     return code
+
+
+def _leave(failures) -> None:
+    """A clean exit: the peer-failure watch stays on through the final barrier (a rank failing at the very
+    end still ends the others with its code), then the process group goes."""
+    barrier()
+    failures.close()
+    shutdown(barrier=False)

@@ -118,7 +118,7 @@ def train_loop(cfg: RunConfig, run: Run, batches: Iterator[dict], *, stop: StopF
             run.metrics.log(row)
         signum = stop.any_rank()
         if done % cfg.checkpoint.every_steps == 0 or done == cfg.train.max_steps or signum:
-            watchdog.beat()
+            watchdog.beat(cfg.checkpoint.save_timeout_s)
             run.checkpoints.save(engine, step=done, client_state=progress.client_state(done))
         if signum and done < cfg.train.max_steps:
             watchdog.close()

@@ -97,10 +97,14 @@ def build_partitioned(model_cfg: ModelConfig, *, ds_config: dict[str, Any], max_
 
 
 def open_checkpoints(cfg: RunConfig, dist: DistInfo) -> CheckpointManager:
-    """The run's checkpoint manager, torn saves removed (collective)."""
+    """The run's checkpoint manager, torn saves removed (collective). A fresh run (``resume=never``) over
+    an earlier one's history moves it aside with ``checkpoint.overwrite=true`` (without it, the launch
+    stopped before: ``vlmscale.engine.launch.check_paths``)."""
     checkpoints = CheckpointManager(Path(cfg.output_dir), dist=dist, keep_last=cfg.checkpoint.keep_last)
     checkpoints.extra_files[FINGERPRINT] = json.dumps(data_fingerprint(cfg.data, seed=cfg.train.seed), indent=1)
     if dist.is_main:
+        if cfg.resume == "never" and cfg.checkpoint.overwrite and checkpoints.has_history():
+            checkpoints.move_history_aside()
         checkpoints.clean_partial()
     barrier()
     return checkpoints

@@ -3,7 +3,9 @@
 Runs the suites on the live (possibly ZeRO-3 partitioned) model on every rank together. The
 drift suite compares the vision encoder with its state at the start of the run; those
 reference features are computed once and stored rank-sharded under ``output_dir/eval/`` so a
-resumed run keeps the same reference.
+resumed run keeps the same reference. Whether to use the stored reference is decided by all ranks
+together (a file missing on one node must not give the ranks different suites, whose ZeRO-3 gathers
+would then stop matching), and each shard is written atomically.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from pathlib import Path
 import torch
 
 from vlmscale.config.schema import EvalConfig, VideoConfig
-from vlmscale.engine.distributed import DistInfo, barrier
+from vlmscale.engine.checkpoint import atomic_write
+from vlmscale.engine.distributed import DistInfo, all_reduce_sum, barrier
 from vlmscale.eval.generate import VCDConfig
 from vlmscale.eval.suites import drift_reference, flatten, format_table, run_suites
 from vlmscale.model.tokenizer import ProcessorAssets
@@ -40,13 +43,18 @@ class PeriodicEval:
         return self.dir / f"drift_reference-w{self.dist.world_size}-rank{self.dist.rank:05d}.pt"
 
     def prepare(self, model, *, fresh: bool) -> None:
-        """Capture (or reload) the drift reference: the encoder as it was when the run started."""
+        """Capture (or reload) the drift reference: the encoder as it was when the run started (collective)."""
         if "drift" not in self.cfg.suites:
             return
         path = self._reference_file()
-        if path.is_file():
+        (present,) = all_reduce_sum([float(path.is_file())])
+        if present == self.dist.world_size:
             self.reference = torch.load(path, weights_only=True)
             return
+        if present:
+            log.warning("the drift reference for world size %d is in %s on %d of %d ranks only: %s",
+                        self.dist.world_size, self.dir, int(present), self.dist.world_size,
+                        "computing it again on every rank" if fresh else "no rank uses it")
         if not fresh:
             log.warning("no drift reference for world size %d in %s: the drift suite is skipped in this resumed run",
                         self.dist.world_size, self.dir)
@@ -55,7 +63,7 @@ class PeriodicEval:
         self.reference = drift_reference(model, self.assets, self.heldout, max_samples=self.cfg.final_max_samples,
                                          rank=self.dist.rank, world_size=self.dist.world_size)
         self.dir.mkdir(parents=True, exist_ok=True)
-        torch.save(self.reference, path)
+        atomic_write(path, self.reference)
         barrier()
 
     def due(self, step: int) -> bool:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from vlmscale.config.load import ConfigError
 
@@ -126,7 +126,9 @@ class DataConfig:
     demo_dir: str = "data/demo"  # where the built-in demo dataset lives (generated on first use)
     max_seq_len: int = 512  # samples longer than this are skipped (counted as too_long); packed rows hold at most this
     packing: bool = False  # pack each rank's micro-batch into rows of <= max_seq_len, attention kept per sample
-    max_tiles: int = 6  # dynamic tiling: at most this many tiles per image (+1 thumbnail)
+    # dynamic tiling: at most this many tiles per image (+1 thumbnail); with model.init_from the checkpoint's
+    # max_patches applies unless this is set explicitly (YAML or override)
+    max_tiles: int = 6
     num_workers: int = 1  # dataloader worker processes per rank
     max_bad_fraction: float = 0.1  # stop the run if more than this fraction of samples is unusable
     bad_check_after: int = 64  # samples read before the bad-fraction limit is enforced
@@ -340,6 +342,15 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     lora: LoraSection = field(default_factory=LoraSection)
     regularizer: RegularizerConfig = field(default_factory=RegularizerConfig)
+    # dotted keys the YAML file and the overrides set (recorded by load_config); not a config field
+    explicit_keys: ClassVar[frozenset[str]] = frozenset()
+
+    def tile_limit(self) -> int | None:
+        """Tiles per image the run asks for: ``data.max_tiles``, or None (the checkpoint's ``max_patches``)
+        when starting from ``model.init_from`` without setting ``data.max_tiles`` explicitly."""
+        if self.model.init_from is not None and "data.max_tiles" not in self.explicit_keys:
+            return None
+        return self.data.max_tiles
 
     def validate(self) -> None:
         if self.lora.enabled and self.regularizer.ewc.weight > 0:

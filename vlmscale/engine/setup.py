@@ -66,7 +66,7 @@ def start_run(cfg: RunConfig) -> tuple[DistInfo, dict[str, Any]]:
     return dist, ds_config
 
 
-def build_partitioned(model_cfg: ModelConfig, *, ds_config: dict[str, Any], max_tiles: int, dtype: torch.dtype,
+def build_partitioned(model_cfg: ModelConfig, *, ds_config: dict[str, Any], max_tiles: int | None, dtype: torch.dtype,
                       name: str = "model"):
     """``build_model`` inside the ZeRO-3 scope: no rank ever holds the whole model."""
     with zero3_model_scope(ds_config):
@@ -136,7 +136,7 @@ def setup_run(cfg: RunConfig, *, wrap: Callable[[torch.nn.Module], torch.nn.Modu
     """
     dist, ds_config = start_run(cfg)
     dtype = torch.bfloat16 if cfg.train.bf16 else torch.float32
-    model, assets = build_partitioned(cfg.model, ds_config=ds_config, max_tiles=cfg.data.max_tiles, dtype=dtype)
+    model, assets = build_partitioned(cfg.model, ds_config=ds_config, max_tiles=cfg.tile_limit(), dtype=dtype)
     ac = cfg.train.activation_checkpointing
     enable_activation_checkpointing(model, llm=ac.llm, vision=ac.vision)
     if cfg.lora.enabled:

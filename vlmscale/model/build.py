@@ -30,6 +30,7 @@ from vlmscale.model.presets import PRESETS, Preset
 from vlmscale.model.tokenizer import (
     IMG_CONTEXT,
     ProcessorAssets,
+    load_image_processor,
     load_tokenizer,
     make_image_processor,
     train_bpe_tokenizer,
@@ -148,11 +149,13 @@ def _finish(model: torch.nn.Module, assets: ProcessorAssets) -> None:
 def build_model(
     cfg: ModelConfig,
     *,
-    max_tiles: int,
+    max_tiles: int | None,
     dtype: torch.dtype,
     load_weights: LoadWeights,
 ) -> tuple[InternVLForConditionalGeneration, ProcessorAssets]:
-    """Return ``(model, assets)``; call inside the ZeRO-3 scope when training with ZeRO-3."""
+    """Return ``(model, assets)``; call inside the ZeRO-3 scope when training with ZeRO-3.
+
+    ``max_tiles`` None keeps a checkpoint's own ``max_patches`` (``RunConfig.tile_limit``)."""
     if cfg.init_from is not None:
         return load_pretrained(cfg.init_from, max_tiles=max_tiles, dtype=dtype, cfg=cfg)
     if cfg.vision is not None:
@@ -244,7 +247,7 @@ def _vision_config_and_weights(path: Path) -> tuple[InternVLVisionConfig, dict[s
     raise ValueError(f"model.vision={str(path)!r}: expected an InternVL or InternVL vision checkpoint, got {type(config).__name__}")
 
 
-def compose(cfg: ModelConfig, *, max_tiles: int, dtype: torch.dtype, load_weights: LoadWeights):
+def compose(cfg: ModelConfig, *, max_tiles: int | None, dtype: torch.dtype, load_weights: LoadWeights):
     """A vision encoder and an LLM joined by a freshly initialised pixel-shuffle + MLP projector."""
     vision_path, llm_path = Path(cfg.vision), Path(cfg.llm)
     vision_config, vision_weights = _vision_config_and_weights(vision_path)
@@ -271,11 +274,11 @@ def compose(cfg: ModelConfig, *, max_tiles: int, dtype: torch.dtype, load_weight
         elif key.startswith("lm_head."):
             mapped[key] = value
     load_weights(model, mapped)
-    assets = ProcessorAssets(
-        tokenizer=tokenizer,
-        image_processor=make_image_processor(image_size=image_size, max_tiles=max_tiles),
-        image_seq_length=seq_len,
-    )
+    if (vision_path / "preprocessor_config.json").is_file():  # the encoder's own statistics and tiling
+        image_processor = load_image_processor(vision_path, max_tiles=max_tiles)
+    else:
+        image_processor = make_image_processor(image_size=image_size, max_tiles=max_tiles or 12)
+    assets = ProcessorAssets(tokenizer=tokenizer, image_processor=image_processor, image_seq_length=seq_len)
     _finish(model, assets)
     return model, assets
 

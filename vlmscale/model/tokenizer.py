@@ -80,15 +80,36 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def make_image_processor(*, image_size: int, max_tiles: int) -> GotOcr2ImageProcessorPil:
+def make_image_processor(*, image_size: int, max_tiles: int, image_mean: list[float] = CLIP_MEAN,
+                         image_std: list[float] = CLIP_STD) -> GotOcr2ImageProcessorPil:
+    """InternVL's dynamic tiling (GotOcr2's processor, PIL backend: no torchvision needed); presets
+    and fresh compositions normalise with CLIP statistics unless told otherwise."""
     return GotOcr2ImageProcessorPil(
         size={"height": image_size, "width": image_size},
         crop_to_patches=True,
         min_patches=1,
         max_patches=max_tiles,
-        image_mean=CLIP_MEAN,
-        image_std=CLIP_STD,
+        image_mean=list(image_mean),
+        image_std=list(image_std),
     )
+
+
+def load_image_processor(path: str | Path, *, max_tiles: int | None) -> GotOcr2ImageProcessorPil:
+    """A checkpoint's own image processor, every setting as its ``preprocessor_config.json`` says
+    (mean/std, size, min/max patches, crop-to-patches, resampling); ``max_tiles`` replaces
+    ``max_patches`` when given (an explicit ``data.max_tiles``)."""
+    pre_file = Path(path) / "preprocessor_config.json"
+    if not pre_file.is_file():
+        raise ValueError(f"{pre_file}: not found; the checkpoint's image statistics and tiling are unknown. "
+                         "Copy the release's preprocessor_config.json next to its config.json")
+    kind = json.loads(pre_file.read_text()).get("image_processor_type", "")
+    if not kind.startswith("GotOcr2ImageProcessor"):
+        raise ValueError(f"{pre_file}: image_processor_type {kind!r} is not InternVL's GotOcr2ImageProcessor; an "
+                         "original-format InternVL release is imported with `vlmscale model convert --from internvl-chat`")
+    processor = GotOcr2ImageProcessorPil.from_pretrained(path)
+    if max_tiles is not None:
+        processor.max_patches = max_tiles
+    return processor
 
 
 @dataclass
@@ -122,14 +143,14 @@ class ProcessorAssets:
             "video_processor_type": "InternVLVideoProcessor",
             "processor_class": "InternVLProcessor",
             "size": dict(self.image_processor.size),
-            "image_mean": CLIP_MEAN,
-            "image_std": CLIP_STD,
+            "image_mean": list(self.image_processor.image_mean),
+            "image_std": list(self.image_processor.image_std),
             "do_convert_rgb": True,
             "do_normalize": True,
             "do_rescale": True,
             "do_resize": True,
             "rescale_factor": 1 / 255,
-            "resample": 3,
+            "resample": int(self.image_processor.resample),
             "initial_shift": True,
         }
         (out / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2))
@@ -139,19 +160,14 @@ class ProcessorAssets:
 
     @classmethod
     def load(cls, path: str | Path, *, image_seq_length: int, max_tiles: int | None = None) -> "ProcessorAssets":
+        """The tokenizer and image processor saved with a checkpoint; ``max_tiles`` (when given)
+        replaces its ``max_patches``, every other image setting is the checkpoint's."""
         path = Path(path)
-        tokenizer = load_tokenizer(path)
-        pre_file = path / "preprocessor_config.json"
-        size, tiles = 448, 12
-        if pre_file.is_file():
-            pre = json.loads(pre_file.read_text())
-            size = int(pre.get("size", {}).get("height", size))
-            tiles = int(pre.get("max_patches", tiles))
         proc_file = path / "processor_config.json"
         if proc_file.is_file():
             image_seq_length = int(json.loads(proc_file.read_text()).get("image_seq_length", image_seq_length))
         return cls(
-            tokenizer=tokenizer,
-            image_processor=make_image_processor(image_size=size, max_tiles=max_tiles or tiles),
+            tokenizer=load_tokenizer(path),
+            image_processor=load_image_processor(path, max_tiles=max_tiles),
             image_seq_length=image_seq_length,
         )

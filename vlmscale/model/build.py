@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import safe_open
 from transformers import (
     AutoConfig,
     AutoModelForImageTextToText,
@@ -27,6 +26,7 @@ from transformers import (
 
 from vlmscale.config.schema import ModelConfig
 from vlmscale.model.presets import PRESETS, Preset
+from vlmscale.model.shards import LazyTensor, index_weights
 from vlmscale.model.tokenizer import (
     IMG_CONTEXT,
     ProcessorAssets,
@@ -204,29 +204,6 @@ def load_pretrained(path: str, *, max_tiles: int | None, dtype: torch.dtype, cfg
     return model, assets
 
 
-class LazyTensor:
-    """One tensor of a safetensors file, read only when ``load()`` is called."""
-
-    def __init__(self, file: Path, key: str):
-        self.file, self.key = file, key
-
-    def load(self) -> torch.Tensor:
-        with safe_open(str(self.file), framework="pt") as f:
-            return f.get_tensor(self.key)
-
-
-def _index_weights(path: Path) -> dict[str, LazyTensor]:
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise ValueError(f"{path}: no *.safetensors weights found (only safetensors are loaded)")
-    out: dict[str, LazyTensor] = {}
-    for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                out[key] = LazyTensor(file, key)
-    return out
-
-
 # InternVL checkpoints store the vision encoder under one of these prefixes (the original HF
 # layout, the in-memory module layout, or none for a standalone vision checkpoint).
 _VISION_PREFIXES = ("vision_tower.", "model.vision_tower.")
@@ -234,7 +211,7 @@ _VISION_PREFIXES = ("vision_tower.", "model.vision_tower.")
 
 def _vision_config_and_weights(path: Path) -> tuple[InternVLVisionConfig, dict[str, LazyTensor]]:
     config = AutoConfig.from_pretrained(path)
-    weights = _index_weights(path)
+    weights = index_weights(path)
     if isinstance(config, InternVLConfig):
         out = {}
         for key, value in weights.items():
@@ -256,7 +233,7 @@ def compose(cfg: ModelConfig, *, max_tiles: int | None, dtype: torch.dtype, load
     image_size = vision_config.image_size[0]
     patch = vision_config.patch_size[0]
     seq_len = (image_size // patch) ** 2 // 4
-    llm_weights = _index_weights(llm_path)
+    llm_weights = index_weights(llm_path)
     text_config.vocab_size = max(text_config.vocab_size, len(tokenizer))
     config = InternVLConfig(
         vision_config=vision_config.to_dict(),

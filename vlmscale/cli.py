@@ -1,7 +1,9 @@
 """The ``vlmscale`` command: data generation and conversion, evaluation.
 
     vlmscale data demo --out DIR
-    vlmscale model init --preset demo --out DIR
+    vlmscale model init --preset demo --out DIR   (or --spec internvl2-1b: a published shape, random weights)
+    vlmscale model convert --from internvl-chat SRC --out DST   (original InternVLChatModel release -> HF)
+    vlmscale model convert --to internvl-chat SRC --out DST [--llm internlm2]   (HF -> original format)
     vlmscale data convert llava --json FILE --image-root DIR --out DIR
     vlmscale data convert preference --json FILE --image-root DIR --out DIR   (RLAIF-V / RLHF-V pairs)
     vlmscale data convert yes-no-pairs --shards DIR --out DIR   (yes/no answers -> correctional pairs)
@@ -47,6 +49,28 @@ def _model_init(args) -> int:
     model.save_pretrained(out)
     assets.save(out)
     print(f"wrote an untrained '{args.preset}' model ({sum(p.numel() for p in model.parameters()):,} parameters) to {out}")
+    return 0
+
+
+def _model_convert(args) -> int:
+    from vlmscale.model.internvl_chat import REMOTE_CODE_FILES, INTERNLM2_CODE_FILES, export_original, import_original
+
+    if (args.from_format is None) == (args.to_format is None):
+        print("error: give exactly one of --from internvl-chat (import) or --to internvl-chat (export)", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        print(f"error: {out} is not empty; choose a new --out directory", file=sys.stderr)
+        return 2
+    if args.from_format:
+        import_original(args.src, out, shard_size=args.shard_size)
+        print(f"wrote the HF-format model to {out}")
+    else:
+        export_original(args.src, out, llm=args.llm, shard_size=args.shard_size)
+        llm = json.loads((out / "config.json").read_text())["llm_config"]["architectures"][0]
+        files = REMOTE_CODE_FILES + (INTERNLM2_CODE_FILES if llm == "InternLM2ForCausalLM" else [])
+        print(f"wrote the original-format model ({llm}) to {out}; to load it with the original code, copy these "
+              f"files from the matching OpenGVLab release into it: {', '.join(files)}")
     return 0
 
 
@@ -223,11 +247,26 @@ def build_parser() -> argparse.ArgumentParser:
     model = sub.add_parser("model", help="model utilities").add_subparsers(dest="model_command", required=True)
     init = model.add_parser("init", help="export an untrained preset model in HF format")
     init.add_argument("--preset", default="demo", choices=["tiny", "demo"])
+    init.add_argument("--spec", help="instead of a preset: a published InternVL shape from vlmscale/plan/specs.py "
+                                     "(e.g. internvl2-1b), random weights, the demo tokenizer")
+    init.add_argument("--shard-size", default="5GB", help="largest safetensors shard (e.g. 5GB, 500MB)")
     init.add_argument("--out", required=True)
     init.add_argument("--seed", type=int, default=1234)
     init.add_argument("--max-tiles", type=int, default=4)
     init.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     init.set_defaults(func=_model_init)
+    convert = model.add_parser("convert", help="InternVL's original format (InternVLChatModel) to / from HF",
+                               description="Import an original-format InternVL release (config.json + safetensors; "
+                                           "no remote code is run) to the HF layout, or export an HF-format model "
+                                           "to the original layout. See docs/checkpoints.md.")
+    convert.add_argument("src", help="the checkpoint directory to convert")
+    convert.add_argument("--from", dest="from_format", choices=["internvl-chat"], help="import SRC from this format")
+    convert.add_argument("--to", dest="to_format", choices=["internvl-chat"], help="export SRC (HF) to this format")
+    convert.add_argument("--out", required=True, help="a new directory")
+    convert.add_argument("--llm", choices=["qwen2", "llama", "internlm2"],
+                         help="export: the original LLM class (default: what the model was imported from, else by its text config)")
+    convert.add_argument("--shard-size", default="5GB", help="largest safetensors shard (e.g. 5GB, 500MB)")
+    convert.set_defaults(func=_model_convert)
 
     ev = sub.add_parser("eval", help="score a model on held-out data, or compare two results")
     ev.add_argument("suite", help="vqa, grounding, pope, text, drift (comma-separated), or 'compare A.json B.json'")

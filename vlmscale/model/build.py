@@ -25,6 +25,7 @@ from transformers import (
 )
 
 from vlmscale.config.schema import ModelConfig
+from vlmscale.model.internvl_chat import image_processor_from_original, is_internvl_chat, load_original, read_original_config
 from vlmscale.model.presets import PRESETS, Preset
 from vlmscale.model.shards import LazyTensor, index_weights
 from vlmscale.model.tokenizer import (
@@ -157,6 +158,8 @@ def build_model(
 
     ``max_tiles`` None keeps a checkpoint's own ``max_patches`` (``RunConfig.tile_limit``)."""
     if cfg.init_from is not None:
+        if is_internvl_chat(cfg.init_from):
+            return load_internvl_chat(cfg.init_from, max_tiles=max_tiles, dtype=dtype, cfg=cfg, load_weights=load_weights)
         return load_pretrained(cfg.init_from, max_tiles=max_tiles, dtype=dtype, cfg=cfg)
     if cfg.vision is not None:
         return compose(cfg, max_tiles=max_tiles, dtype=dtype, load_weights=load_weights)
@@ -183,8 +186,11 @@ def build_model(
 
 
 def load_pretrained(path: str, *, max_tiles: int | None, dtype: torch.dtype, cfg: ModelConfig | None = None):
-    """Load a full InternVL checkpoint in HF format (our exports, or OpenGVLab ``*-hf`` models)."""
+    """Load a full InternVL checkpoint in HF format (our exports, or OpenGVLab ``*-hf`` models), or an
+    original-format release (converted as it loads; not partitioned: under ZeRO-3 use ``build_model``)."""
     p = Path(path)
+    if is_internvl_chat(p):
+        return load_internvl_chat(path, max_tiles=max_tiles, dtype=dtype, cfg=cfg, load_weights=load_weights_plain)
     if not (p / "config.json").is_file():
         raise ValueError(f"{path!r}: no config.json there; expected an HF-format InternVL export such as <output_dir>/hf")
     config = AutoConfig.from_pretrained(p, trust_remote_code=bool(cfg and cfg.trust_remote_code))
@@ -200,6 +206,23 @@ def load_pretrained(path: str, *, max_tiles: int | None, dtype: torch.dtype, cfg
         trust_remote_code=bool(cfg and cfg.trust_remote_code),
     )
     assets = ProcessorAssets.load(p, image_seq_length=config.image_seq_length, max_tiles=max_tiles)
+    _finish(model, assets)
+    return model, assets
+
+
+def load_internvl_chat(path: str, *, max_tiles: int | None, dtype: torch.dtype, cfg: ModelConfig | None,
+                       load_weights: LoadWeights):
+    """An original-format release (``InternVLChatModel``) built as the HF model from its config and loaded
+    tensor by tensor through ``load_weights`` (partitioned under ZeRO-3), converted on the fly."""
+    config, weights = load_original(path)
+    config._attn_implementation = resolve_attn_implementation(cfg.attn_implementation if cfg else "auto")
+    model = InternVLForConditionalGeneration._from_config(config, dtype=dtype)
+    load_weights(model, weights)
+    assets = ProcessorAssets(
+        tokenizer=load_tokenizer(path, trust_remote_code=bool(cfg and cfg.trust_remote_code)),
+        image_processor=image_processor_from_original(path, read_original_config(path), max_tiles=max_tiles),
+        image_seq_length=config.image_seq_length,
+    )
     _finish(model, assets)
     return model, assets
 

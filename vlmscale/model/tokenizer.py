@@ -68,11 +68,12 @@ def train_bpe_tokenizer(corpus: list[str], *, vocab_size: int) -> PreTrainedToke
     )
 
 
-def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """An LLM's or VLM's own tokenizer, with InternVL's image tokens and a ChatML template ensured."""
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if getattr(tokenizer, "context_image_token", None) is None:
-        tokenizer = AutoTokenizer.from_pretrained(path, extra_special_tokens=dict(MULTIMODAL_TOKENS))
+        tokenizer = AutoTokenizer.from_pretrained(path, extra_special_tokens=dict(MULTIMODAL_TOKENS),
+                                                  trust_remote_code=trust_remote_code)
     if tokenizer.chat_template is None:
         tokenizer.chat_template = CHAT_TEMPLATE
     if tokenizer.pad_token is None:
@@ -112,6 +113,32 @@ def load_image_processor(path: str | Path, *, max_tiles: int | None) -> GotOcr2I
     return processor
 
 
+def save_processor_configs(out: Path, *, image_processor: GotOcr2ImageProcessorPil, image_seq_length: int) -> None:
+    """The image, video and processor configs of an HF InternVL export (everything but the tokenizer)."""
+    image_processor.save_pretrained(out)
+    pre = json.loads((out / "preprocessor_config.json").read_text())
+    pre["image_processor_type"] = "GotOcr2ImageProcessor"
+    pre["processor_class"] = "InternVLProcessor"
+    (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
+    video = {
+        "video_processor_type": "InternVLVideoProcessor",
+        "processor_class": "InternVLProcessor",
+        "size": dict(image_processor.size),
+        "image_mean": list(image_processor.image_mean),
+        "image_std": list(image_processor.image_std),
+        "do_convert_rgb": True,
+        "do_normalize": True,
+        "do_rescale": True,
+        "do_resize": True,
+        "rescale_factor": 1 / 255,
+        "resample": int(image_processor.resample),
+        "initial_shift": True,
+    }
+    (out / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2))
+    proc = {"processor_class": "InternVLProcessor", "image_seq_length": image_seq_length}
+    (out / "processor_config.json").write_text(json.dumps(proc, indent=2))
+
+
 @dataclass
 class ProcessorAssets:
     """What a model needs besides weights: tokenizer, image processor, tokens per tile."""
@@ -134,28 +161,7 @@ class ProcessorAssets:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save_pretrained(out)
-        self.image_processor.save_pretrained(out)
-        pre = json.loads((out / "preprocessor_config.json").read_text())
-        pre["image_processor_type"] = "GotOcr2ImageProcessor"
-        pre["processor_class"] = "InternVLProcessor"
-        (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
-        video = {
-            "video_processor_type": "InternVLVideoProcessor",
-            "processor_class": "InternVLProcessor",
-            "size": dict(self.image_processor.size),
-            "image_mean": list(self.image_processor.image_mean),
-            "image_std": list(self.image_processor.image_std),
-            "do_convert_rgb": True,
-            "do_normalize": True,
-            "do_rescale": True,
-            "do_resize": True,
-            "rescale_factor": 1 / 255,
-            "resample": int(self.image_processor.resample),
-            "initial_shift": True,
-        }
-        (out / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2))
-        proc = {"processor_class": "InternVLProcessor", "image_seq_length": self.image_seq_length}
-        (out / "processor_config.json").write_text(json.dumps(proc, indent=2))
+        save_processor_configs(out, image_processor=self.image_processor, image_seq_length=self.image_seq_length)
         (out / "chat_template.jinja").write_text(self.tokenizer.chat_template or CHAT_TEMPLATE)
 
     @classmethod

@@ -240,8 +240,16 @@ class CheckpointConfig:
     every_steps: int = 200  # save a resumable checkpoint every N steps (and at the end)
     keep_last: int = 2  # keep only the newest K complete checkpoints (0 keeps all)
     export: bool = True  # write output_dir/hf (safetensors + processor) at the end
+    export_shard_size: str = "5GB"  # largest safetensors shard of the export (e.g. 5GB, 500MB, 2GiB)
 
     def validate(self) -> None:
+        from vlmscale.model.shards import parse_size
+
+        try:
+            if parse_size(self.export_shard_size) < 1:
+                raise ValueError
+        except ValueError:
+            raise ConfigError(f"checkpoint.export_shard_size={self.export_shard_size!r}: write a size such as 5GB or 500MB") from None
         if self.every_steps < 1:
             raise ConfigError("checkpoint.every_steps must be >= 1")
         if self.keep_last < 0:

@@ -9,8 +9,10 @@ checkpoint was saved in.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -31,6 +33,14 @@ def parse_size(text: str | int) -> int:
     if not m or m.group(2).upper() not in _UNITS:
         raise ValueError(f"{text!r} is not a size; write e.g. 5GB, 500MB or 2GiB")
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc). After its first large frees, glibc raises its mmap
+    threshold and serves later shard-sized buffers from the heap, which it keeps: without this a streaming
+    export's RSS grows by the model's size after all (``benchmarks/export_memory.py``)."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None).malloc_trim(0)
 
 
 def tensor_bytes(t: torch.Tensor) -> int:
@@ -70,6 +80,7 @@ class ShardWriter:
         save_file(self.buffer, str(path), metadata=self.metadata)
         self.files.append((path, list(self.buffer)))
         self.buffer, self.buffered = {}, 0
+        release_freed_memory()
 
     def close(self) -> list[Path]:
         """Write the last shard and the index; the final file paths."""

@@ -40,15 +40,20 @@ def _model_init(args) -> int:
     import torch
 
     from vlmscale.config.schema import ModelConfig
-    from vlmscale.model.build import build_model, load_weights_plain
+    from vlmscale.model.build import build_model, load_weights_plain, spec_model
 
     torch.manual_seed(args.seed)
-    model, assets = build_model(ModelConfig(preset=args.preset), max_tiles=args.max_tiles, dtype=getattr(torch, args.dtype),
-                                load_weights=load_weights_plain)
+    dtype = getattr(torch, args.dtype)
+    if args.spec:
+        model, assets = spec_model(args.spec, dtype=dtype, max_tiles=args.max_tiles)
+    else:
+        model, assets = build_model(ModelConfig(preset=args.preset), max_tiles=args.max_tiles, dtype=dtype,
+                                    load_weights=load_weights_plain)
     out = Path(args.out)
-    model.save_pretrained(out)
+    model.save_pretrained(out, max_shard_size=args.shard_size)
     assets.save(out)
-    print(f"wrote an untrained '{args.preset}' model ({sum(p.numel() for p in model.parameters()):,} parameters) to {out}")
+    print(f"wrote an untrained '{args.spec or args.preset}' model ({sum(p.numel() for p in model.parameters()):,} "
+          f"parameters) to {out}")
     return 0
 
 
@@ -252,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--shard-size", default="5GB", help="largest safetensors shard (e.g. 5GB, 500MB)")
     init.add_argument("--out", required=True)
     init.add_argument("--seed", type=int, default=1234)
-    init.add_argument("--max-tiles", type=int, default=4)
+    init.add_argument("--max-tiles", type=int, default=None, help="max_patches of the image processor (default: presets 4, a --spec 12)")
     init.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     init.set_defaults(func=_model_init)
     convert = model.add_parser("convert", help="InternVL's original format (InternVLChatModel) to / from HF",

@@ -136,6 +136,31 @@ def preset_assets(name: str, *, max_tiles: int | None = None) -> ProcessorAssets
     )
 
 
+def spec_model(name: str, *, dtype: torch.dtype, max_tiles: int | None = None):
+    """A published InternVL shape (``vlmscale.plan.specs.SPECS``, e.g. ``internvl2-1b``) with random weights,
+    the demo tokenizer (its ids fit in the published vocabulary) and InternVL's preprocessing (ImageNet
+    statistics, 448-px tiles, up to 12)."""
+    from vlmscale.model.internvl_chat import IMAGENET_MEAN, IMAGENET_STD
+    from vlmscale.plan.specs import SPECS, spec_config
+
+    if name not in SPECS:
+        raise ValueError(f"--spec {name!r}: choose one of {', '.join(sorted(SPECS))}")
+    tokenizer = preset_tokenizer("demo")
+    config = spec_config(name)
+    config.image_token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT)
+    config._attn_implementation = resolve_attn_implementation("auto")
+    model = InternVLForConditionalGeneration._from_config(config, dtype=dtype)
+    size = config.vision_config.image_size[0]
+    assets = ProcessorAssets(
+        tokenizer=tokenizer,
+        image_processor=make_image_processor(image_size=size, max_tiles=max_tiles or 12, image_mean=IMAGENET_MEAN,
+                                             image_std=IMAGENET_STD),
+        image_seq_length=config.image_seq_length,
+    )
+    _finish(model, assets)
+    return model, assets
+
+
 def _finish(model: torch.nn.Module, assets: ProcessorAssets) -> None:
     cfg = model.config
     cfg.pad_token_id = assets.tokenizer.pad_token_id

@@ -16,7 +16,7 @@ from vlmscale.model.build import load_pretrained
 from vlmscale.model.forward import vlm_logits
 from vlmscale.model.lora import add_lora
 from vlmscale.model.policy import apply_policy
-from vlmscale.model.shards import INDEX_NAME, ShardWriter, parse_size
+from vlmscale.model.shards import INDEX_NAME, ShardWriter, index_weights, parse_size
 from vlmscale.model.tokenizer import IMG_CONTEXT
 
 SHARD = "40KB"  # the tiny preset in fp32 is ~290 KB: 7+ shards
@@ -57,6 +57,7 @@ def test_sharded_export_loads_in_stock_transformers(tiny_export, tmp_path, proce
     index = json.loads((tmp_path / "hf" / INDEX_NAME).read_text())
     files = sorted(set(index["weight_map"].values()))
     per_file = {f: sum(1 for v in index["weight_map"].values() if v == f) for f in files}
+    assert set(index["weight_map"]) == set(index_weights(tiny_export))  # transformers' own on-disk names
     assert len(files) >= 4  # a tensor larger than a shard (the fp32 embedding) gets one of its own
     assert all(per_file[f] == 1 or (tmp_path / "hf" / f).stat().st_size <= parse_size(SHARD) + 4096 for f in files)
     stock = AutoModelForImageTextToText.from_pretrained(tmp_path / "hf", dtype=torch.float32)

@@ -20,7 +20,7 @@ from vlmscale.engine.zero import gathered_units, start_micro_batch
 from vlmscale.model.forward import num_supervised, supervised_loss_sum, vlm_hidden
 from vlmscale.model.heads import ScalarHeadModel, save_head, split_state
 from vlmscale.model.lora import export_units, merge_lora_state_dict
-from vlmscale.model.shards import ShardWriter, parse_size
+from vlmscale.model.shards import ShardWriter, disk_name, parse_size
 from vlmscale.model.tokenizer import ProcessorAssets
 
 log = logging.getLogger(__name__)
@@ -201,7 +201,7 @@ def export_hf(engine, *, assets: ProcessorAssets, out_dir: str | Path, meta: dic
                 unit = vlm_part
             for name, tensor in unit.items():
                 dtype = dtype or tensor.dtype
-                writer.add(name, tensor)
+                writer.add(disk_name(name), tensor)
         except Exception as exc:  # re-raised below on every rank
             failure = exc
     if is_main and failure is None:

@@ -30,7 +30,7 @@ import torch
 from transformers import InternVLConfig, InternVLVisionConfig, LlamaConfig, PretrainedConfig, Qwen2Config
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
-from vlmscale.model.shards import LazyTensor, ShardWriter, hf_weights, index_weights, parse_size
+from vlmscale.model.shards import ShardWriter, disk_name, hf_weights, index_weights, parse_size
 
 log = logging.getLogger(__name__)
 
@@ -432,7 +432,8 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
             shutil.copy2(src / name, dst / name)
 
 
-def _write(weights: dict[str, Source], out: Path, *, shard_size: str, dtype: torch.dtype | None) -> torch.dtype:
+def _write(weights: dict[str, Source], out: Path, *, shard_size: str, dtype: torch.dtype | None,
+           rename: Callable[[str], str] = str) -> torch.dtype:
     writer = ShardWriter(out, max_bytes=parse_size(shard_size))
     seen = None
     for name in sorted(weights):
@@ -440,7 +441,7 @@ def _write(weights: dict[str, Source], out: Path, *, shard_size: str, dtype: tor
         if dtype is not None and t.is_floating_point():
             t = t.to(dtype)
         seen = seen or t.dtype
-        writer.add(name, t)
+        writer.add(rename(name), t)
     writer.close()
     return seen
 
@@ -471,7 +472,7 @@ def import_original(src: str | Path, out: str | Path, *, shard_size: str = "5GB"
     src, out = Path(src), Path(out)
     config, weights = load_original(src)
     out.mkdir(parents=True, exist_ok=True)
-    written = _write(weights, out, shard_size=shard_size, dtype=dtype)
+    written = _write(weights, out, shard_size=shard_size, dtype=dtype, rename=disk_name)
     config.dtype = written
     config.save_pretrained(out)
     _copy_tokenizer(src, out)

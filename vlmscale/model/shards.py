@@ -131,6 +131,15 @@ _HF_DISK_TO_MODULE = (("vision_tower.", "model.vision_tower."), ("multi_modal_pr
                       ("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."))
 
 
+def disk_name(name: str) -> str:
+    """A parameter name of ``InternVLForConditionalGeneration`` as transformers writes it to disk (the
+    layout of OpenGVLab's ``*-hf`` releases, which inference tooling reads)."""
+    for disk, module in _HF_DISK_TO_MODULE:
+        if name.startswith(module):
+            return disk + name[len(module):]
+    raise ValueError(f"{name}: not a parameter of an InternVL model")
+
+
 def hf_weights(path: str | Path) -> dict[str, LazyTensor]:
     """An HF-format InternVL checkpoint's tensors under the names of ``InternVLForConditionalGeneration``'s
     parameters (``model.vision_tower.*``, ``model.multi_modal_projector.*``, ``model.language_model.*``, ``lm_head.*``)."""

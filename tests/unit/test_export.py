@@ -90,3 +90,21 @@ def test_shard_writer_caps_and_sizes(tmp_path):
     assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30
     with pytest.raises(ValueError, match="not a size"):
         parse_size("five")
+
+
+def test_scalar_head_model_exports_vlm_and_head(tiny_export, tmp_path, process_group):
+    from vlmscale.engine.zero import frozen_engine, partitioned_init
+    from vlmscale.model.heads import load_scalar_head_model, ScalarHeadModel
+
+    cfg = load_config(SFTConfig, overrides=["train.bf16=false", "train.micro_batch_size=1"])
+    ds_config = build_ds_config(cfg, world_size=1)
+    with zero3_model_scope(ds_config):
+        vlm, assets = load_pretrained(str(tiny_export), max_tiles=None, dtype=torch.float32)
+    with partitioned_init(ds_config):
+        model = ScalarHeadModel(vlm)
+    engine = frozen_engine(model, ds_config)
+    full = gathered_state_dict(engine)
+    export_hf(engine, assets=assets, out_dir=tmp_path / "hf", meta={}, shard_size=SHARD)
+    loaded, _ = load_scalar_head_model(tmp_path / "hf", dtype=torch.float32)
+    for name, value in loaded.state_dict().items():
+        assert torch.equal(value, full[name].float()), name

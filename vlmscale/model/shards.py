@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -45,6 +44,29 @@ def release_freed_memory() -> None:
 
 def tensor_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
+
+
+_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+           torch.bool: "BOOL"}
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], *, metadata: dict[str, str]) -> None:
+    """The safetensors file format, written tensor by tensor from the tensors' own memory
+    (``safetensors.torch.save_file`` first copies them all into one buffer, doubling a shard)."""
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for name, t in tensors.items():
+        size = tensor_bytes(t)
+        header[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for t in tensors.values():
+            f.write(t.reshape(-1).view(torch.uint8).numpy().data)
 
 
 class ShardWriter:
@@ -77,7 +99,7 @@ class ShardWriter:
         if not self.buffer:
             return
         path = self.out / f"shard-{len(self.files):05d}.tmp"
-        save_file(self.buffer, str(path), metadata=self.metadata)
+        write_safetensors(path, self.buffer, metadata=self.metadata)
         self.files.append((path, list(self.buffer)))
         self.buffer, self.buffered = {}, 0
         release_freed_memory()

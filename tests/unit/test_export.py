@@ -10,6 +10,7 @@ from transformers import AutoModelForImageTextToText
 
 from vlmscale.config import SFTConfig, load_config
 from vlmscale.config.deepspeed import build_ds_config
+from vlmscale.config.schema import ModelConfig
 from vlmscale.engine.trainer import create_engine, export_hf
 from vlmscale.engine.zero import gathered_state_dict, zero3_model_scope
 from vlmscale.model.build import load_pretrained
@@ -30,7 +31,7 @@ def _engine(model_dir, *, lora: bool):
     ds_config = build_ds_config(cfg, world_size=1)
     with zero3_model_scope(ds_config):
         model, assets = load_pretrained(str(model_dir), max_tiles=None, dtype=torch.float32,
-                                        cfg=cfg.model.__class__(attn_implementation="eager"))
+                                        cfg=ModelConfig(attn_implementation="eager"))
     if lora:
         add_lora(model, cfg.lora)
         torch.manual_seed(1)

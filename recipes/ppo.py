@@ -108,7 +108,8 @@ def train_ppo(cfg: PPOConfig) -> int:
     # ---------------------------------------------------------------- export + final eval
     if cfg.checkpoint.export:
         export_hf(engines.actor, assets=assets, out_dir=out / "hf",
-                  meta={"stage": "ppo", "steps": cfg.train.max_steps, "reward_model": cfg.ppo.reward_model})
+                  meta={"stage": "ppo", "steps": cfg.train.max_steps, "reward_model": cfg.ppo.reward_model},
+                  shard_size=cfg.checkpoint.export_shard_size)
     if cfg.eval.at_end:
         record = evaluator.run(engines.actor.module, step=cfg.train.max_steps, final=True)
         metrics.log(record)

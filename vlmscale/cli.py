@@ -1,7 +1,9 @@
 """The ``vlmscale`` command: data generation and conversion, evaluation.
 
     vlmscale data demo --out DIR
-    vlmscale model init --preset demo --out DIR
+    vlmscale model init --preset demo --out DIR   (or --spec internvl2-1b: a published shape, random weights)
+    vlmscale model convert --from internvl-chat SRC --out DST   (original InternVLChatModel release -> HF)
+    vlmscale model convert --to internvl-chat SRC --out DST [--llm internlm2]   (HF -> original format)
     vlmscale data convert llava|sharegpt|openai|preference --json FILE --media-root DIR --out DIR [--workers N]
     vlmscale data convert internvl --json META.json --out DIR      (shard dirs + sources.yaml)
     vlmscale data convert hf --data DIR_OR_FILES --out DIR          (parquet / arrow / save_to_disk)
@@ -54,15 +56,42 @@ def _model_init(args) -> int:
     import torch
 
     from vlmscale.config.schema import ModelConfig
-    from vlmscale.model.build import build_model, load_weights_plain
+    from vlmscale.model.build import build_model, load_weights_plain, spec_model
 
     torch.manual_seed(args.seed)
-    model, assets = build_model(ModelConfig(preset=args.preset), max_tiles=args.max_tiles, dtype=_dtype(args.dtype),
-                                load_weights=load_weights_plain)
+    dtype = _dtype(args.dtype)
+    if args.spec:
+        model, assets = spec_model(args.spec, dtype=dtype, max_tiles=args.max_tiles)
+    else:
+        model, assets = build_model(ModelConfig(preset=args.preset), max_tiles=args.max_tiles, dtype=dtype,
+                                    load_weights=load_weights_plain)
     out = Path(args.out)
-    model.save_pretrained(out)
+    model.save_pretrained(out, max_shard_size=args.shard_size)
     assets.save(out)
-    print(f"wrote an untrained '{args.preset}' model ({sum(p.numel() for p in model.parameters()):,} parameters) to {out}")
+    print(f"wrote an untrained '{args.spec or args.preset}' model ({sum(p.numel() for p in model.parameters()):,} "
+          f"parameters) to {out}")
+    return 0
+
+
+def _model_convert(args) -> int:
+    from vlmscale.model.internvl_chat import REMOTE_CODE_FILES, INTERNLM2_CODE_FILES, export_original, import_original
+
+    if (args.from_format is None) == (args.to_format is None):
+        print("error: give exactly one of --from internvl-chat (import) or --to internvl-chat (export)", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        print(f"error: {out} is not empty; choose a new --out directory", file=sys.stderr)
+        return 2
+    if args.from_format:
+        import_original(args.src, out, shard_size=args.shard_size)
+        print(f"wrote the HF-format model to {out}")
+    else:
+        export_original(args.src, out, llm=args.llm, shard_size=args.shard_size)
+        llm = json.loads((out / "config.json").read_text())["llm_config"]["architectures"][0]
+        files = REMOTE_CODE_FILES + (INTERNLM2_CODE_FILES if llm == "InternLM2ForCausalLM" else [])
+        print(f"wrote the original-format model ({llm}) to {out}; to load it with the original code, copy these "
+              f"files from the matching OpenGVLab release into it: {', '.join(files)}")
     return 0
 
 
@@ -317,11 +346,26 @@ def build_parser() -> argparse.ArgumentParser:
     model = sub.add_parser("model", help="model utilities").add_subparsers(dest="model_command", required=True)
     init = model.add_parser("init", help="export an untrained preset model in HF format")
     init.add_argument("--preset", default="demo", choices=["tiny", "demo"])
+    init.add_argument("--spec", help="instead of a preset: a published InternVL shape from vlmscale/plan/specs.py "
+                                     "(e.g. internvl2-1b), random weights, the demo tokenizer")
+    init.add_argument("--shard-size", default="5GB", help="largest safetensors shard (e.g. 5GB, 500MB)")
     init.add_argument("--out", required=True)
     init.add_argument("--seed", type=int, default=1234)
-    init.add_argument("--max-tiles", type=int, default=4)
+    init.add_argument("--max-tiles", type=int, default=None, help="max_patches of the image processor (default: presets 4, a --spec 12)")
     init.add_argument("--dtype", default="bfloat16", choices=DTYPE_CHOICES, help="storage dtype of the weights")
     init.set_defaults(func=_model_init)
+    convert = model.add_parser("convert", help="InternVL's original format (InternVLChatModel) to / from HF",
+                               description="Import an original-format InternVL release (config.json + safetensors; "
+                                           "no remote code is run) to the HF layout, or export an HF-format model "
+                                           "to the original layout. See docs/checkpoints.md.")
+    convert.add_argument("src", help="the checkpoint directory to convert")
+    convert.add_argument("--from", dest="from_format", choices=["internvl-chat"], help="import SRC from this format")
+    convert.add_argument("--to", dest="to_format", choices=["internvl-chat"], help="export SRC (HF) to this format")
+    convert.add_argument("--out", required=True, help="a new directory")
+    convert.add_argument("--llm", choices=["qwen2", "llama", "internlm2"],
+                         help="export: the original LLM class (default: what the model was imported from, else by its text config)")
+    convert.add_argument("--shard-size", default="5GB", help="largest safetensors shard (e.g. 5GB, 500MB)")
+    convert.set_defaults(func=_model_convert)
 
     ev = sub.add_parser("eval", help="score a model on held-out data, or compare two results")
     ev.add_argument("suite", help="vqa, grounding, pope, text, drift (comma-separated), or 'compare A.json B.json'")

@@ -118,9 +118,23 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def _leaf_keys(tree: Any, prefix: str) -> set[str]:
+    if not isinstance(tree, dict):
+        return {prefix}
+    out = {prefix} if prefix else set()
+    for key, value in tree.items():
+        out |= _leaf_keys(value, f"{prefix}.{key}" if prefix else str(key))
+    return out
+
+
 def load_config(cls: type[T], *, path: str | Path | None = None, overrides: list[str] = ()) -> T:
-    """Defaults <- YAML file <- ``key=value`` overrides, then ``validate()``."""
+    """Defaults <- YAML file <- ``key=value`` overrides, then ``validate()``.
+
+    The dotted keys the file and the overrides set are recorded as ``cfg.explicit_keys`` (e.g.
+    ``data.max_tiles``): some defaults yield to a checkpoint's own setting unless set explicitly.
+    """
     tree: dict[str, Any] = to_dict(cls())
+    explicit: set[str] = set()
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -129,12 +143,16 @@ def load_config(cls: type[T], *, path: str | Path | None = None, overrides: list
         if not isinstance(loaded, dict):
             raise ConfigError(f"--config {path}: the top level must be a mapping")
         _merge(tree, loaded)
+        explicit |= _leaf_keys(loaded, "")
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like key=value (e.g. train.max_steps=100)")
         key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw != "" else "")
+        value = yaml.safe_load(raw) if raw != "" else ""
+        _set_dotted(tree, key.strip(), value)
+        explicit |= _leaf_keys(value, key.strip())
     cfg = _build(cls, tree, "")
+    cfg.explicit_keys = frozenset(explicit)
     cfg.validate()
     return cfg
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from vlmscale.config.load import ConfigError
 
@@ -132,7 +132,9 @@ class DataConfig:
     demo_dir: str = "data/demo"  # where the built-in demo dataset lives (generated on first use)
     max_seq_len: int = 512  # samples longer than this are skipped (counted as too_long); packed rows hold at most this
     packing: bool = False  # pack each rank's micro-batch into rows of <= max_seq_len, attention kept per sample
-    max_tiles: int = 6  # dynamic tiling: at most this many tiles per image (+1 thumbnail)
+    # dynamic tiling: at most this many tiles per image (+1 thumbnail); with model.init_from the checkpoint's
+    # max_patches applies unless this is set explicitly (YAML or override)
+    max_tiles: int = 6
     split_tiles: bool = True  # a sample with n images gives each max(1, max_tiles // n) tiles (InternVL); false = max_tiles each
     num_workers: int = 1  # dataloader worker processes per rank
     max_bad_fraction: float = 0.1  # stop the run if more than this fraction of samples is unusable
@@ -266,8 +268,16 @@ class CheckpointConfig:
     # resuming on another world size converts the checkpoint inside the job only up to this size; larger ones
     # first: vlmscale ckpt convert OUTPUT_DIR --to universal --workers N (docs/cluster.md)
     auto_universal_max_gb: float = 4.0
+    export_shard_size: str = "5GB"  # largest safetensors shard of the export (e.g. 5GB, 500MB, 2GiB)
 
     def validate(self) -> None:
+        from vlmscale.model.shards import parse_size
+
+        try:
+            if parse_size(self.export_shard_size) < 1:
+                raise ValueError
+        except ValueError:
+            raise ConfigError(f"checkpoint.export_shard_size={self.export_shard_size!r}: write a size such as 5GB or 500MB") from None
         if self.every_steps < 1:
             raise ConfigError("checkpoint.every_steps must be >= 1")
         if self.keep_last < 0:
@@ -373,6 +383,15 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     lora: LoraSection = field(default_factory=LoraSection)
     regularizer: RegularizerConfig = field(default_factory=RegularizerConfig)
+    # dotted keys the YAML file and the overrides set (recorded by load_config); not a config field
+    explicit_keys: ClassVar[frozenset[str]] = frozenset()
+
+    def tile_limit(self) -> int | None:
+        """Tiles per image the run asks for: ``data.max_tiles``, or None (the checkpoint's ``max_patches``)
+        when starting from ``model.init_from`` without setting ``data.max_tiles`` explicitly."""
+        if self.model.init_from is not None and "data.max_tiles" not in self.explicit_keys:
+            return None
+        return self.data.max_tiles
 
     def validate(self) -> None:
         if self.lora.enabled and self.regularizer.ewc.weight > 0:

@@ -37,9 +37,10 @@ def resolve_path(path: str, data: DataConfig) -> Path:
     return Path(path)
 
 
-def image_options(data: DataConfig, *, raw: bool = False) -> list[ImageOptions]:
-    """Each source's tiling: its own ``max_tiles`` (else ``data.max_tiles``), ``data.split_tiles``."""
-    return [ImageOptions(max_tiles=s.max_tiles or data.max_tiles, split_tiles=data.split_tiles, raw=raw) for s in data.sources]
+def image_options(data: DataConfig, *, tile_limit: int | None, raw: bool = False) -> list[ImageOptions]:
+    """Each source's tiling: its own ``max_tiles``, else the run's ``tile_limit`` (``RunConfig.tile_limit()``:
+    ``data.max_tiles``, or None for the checkpoint's ``max_patches``); ``data.split_tiles``."""
+    return [ImageOptions(max_tiles=s.max_tiles or tile_limit, split_tiles=data.split_tiles, raw=raw) for s in data.sources]
 
 
 class NormalisingLoader:

@@ -64,7 +64,8 @@ def train_lm_stage(cfg: RunConfig) -> int:
         export_hf(engine, assets=run.assets, out_dir=out / "hf",
                   meta={"stage": cfg.stage, "steps": cfg.train.max_steps, "samples_seen": progress.samples,
                         "lora_merged": cfg.lora.enabled},
-                  lora_scaling=cfg.lora.alpha / cfg.lora.r if cfg.lora.enabled else None)
+                  lora_scaling=cfg.lora.alpha / cfg.lora.r if cfg.lora.enabled else None,
+                  shard_size=cfg.checkpoint.export_shard_size)
     if cfg.eval.at_end:
         record = evaluator.run(engine.module, step=cfg.train.max_steps, final=True)
         run.metrics.log(record)

@@ -51,7 +51,7 @@ class PPOEngines:
     reference: Any  # frozen copy of the actor's start
 
 
-def build_scalar_head(path: str, *, model_cfg: ModelConfig, ds_config: dict[str, Any], max_tiles: int,
+def build_scalar_head(path: str, *, model_cfg: ModelConfig, ds_config: dict[str, Any], max_tiles: int | None,
                       dtype: torch.dtype, name: str) -> ScalarHeadModel:
     """A reward-model export (HF InternVL dir + ``score_head.safetensors``) as a partitioned ScalarHeadModel.
 
@@ -68,7 +68,7 @@ def build_scalar_head(path: str, *, model_cfg: ModelConfig, ds_config: dict[str,
 
 def build_engines(cfg: PPOConfig, *, ds_config: dict[str, Any]) -> tuple[PPOEngines, ProcessorAssets]:
     dtype = torch_dtype(cfg.train.precision)
-    tiles = cfg.data.max_tiles
+    tiles = cfg.tile_limit()
     actor, assets = build_partitioned(cfg.model, ds_config=ds_config, max_tiles=tiles, dtype=dtype, name="actor")
     reference, _ = build_partitioned(cfg.model, ds_config=ds_config, max_tiles=tiles, dtype=dtype, name="reference")
     reward = build_scalar_head(cfg.ppo.reward_model, model_cfg=cfg.model, ds_config=ds_config, max_tiles=tiles,

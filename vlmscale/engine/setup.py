@@ -85,7 +85,7 @@ def log_precision(cfg: RunConfig) -> None:
                     "train.precision=auto would use fp32", decision.precision)
 
 
-def build_partitioned(model_cfg: ModelConfig, *, ds_config: dict[str, Any], max_tiles: int, dtype: torch.dtype,
+def build_partitioned(model_cfg: ModelConfig, *, ds_config: dict[str, Any], max_tiles: int | None, dtype: torch.dtype,
                       name: str = "model"):
     """``build_model`` inside the ZeRO-3 scope: no rank ever holds the whole model."""
     with zero3_model_scope(ds_config):
@@ -160,7 +160,7 @@ def setup_run(cfg: RunConfig, *, wrap: Callable[[torch.nn.Module], torch.nn.Modu
     """
     dist, ds_config = start_run(cfg)
     dtype = torch_dtype(cfg.train.precision)
-    model, assets = build_partitioned(cfg.model, ds_config=ds_config, max_tiles=cfg.data.max_tiles, dtype=dtype)
+    model, assets = build_partitioned(cfg.model, ds_config=ds_config, max_tiles=cfg.tile_limit(), dtype=dtype)
     ac = cfg.train.activation_checkpointing
     enable_activation_checkpointing(model, llm=ac.llm, vision=ac.vision)
     if cfg.lora.enabled:
@@ -196,7 +196,7 @@ def make_loader(run: Run, *, pairs: bool = False, start_step: int | None = None)
         max_seq_len=cfg.data.max_seq_len,
         seed=cfg.train.seed,
         video=cfg.data.video,
-        image_options=image_options(cfg.data, raw=True),  # uint8 across the worker boundary
+        image_options=image_options(cfg.data, tile_limit=cfg.tile_limit(), raw=True),  # uint8 across the worker boundary
     )
     sampler = StepBatchSampler(
         rank=run.dist.rank, world_size=run.dist.world_size, micro_batch_size=cfg.train.micro_batch_size,

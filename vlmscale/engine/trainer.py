@@ -16,10 +16,11 @@ import torch
 from vlmscale.config.schema import OptimConfig
 from vlmscale.engine.distributed import all_reduce_sum, barrier
 from vlmscale.engine.flops import FlopModel
-from vlmscale.engine.zero import gathered_state_dict, start_micro_batch
+from vlmscale.engine.zero import gathered_units, start_micro_batch
 from vlmscale.model.forward import num_supervised, supervised_loss_sum, vlm_hidden
 from vlmscale.model.heads import ScalarHeadModel, save_head, split_state
-from vlmscale.model.lora import merge_lora_state_dict
+from vlmscale.model.lora import export_units, merge_lora_state_dict
+from vlmscale.model.shards import ShardWriter, disk_name, parse_size
 from vlmscale.model.tokenizer import ProcessorAssets
 
 log = logging.getLogger(__name__)
@@ -170,37 +171,58 @@ def train_step(engine, micro_batches: list[dict], *, device: torch.device, poiso
 
 
 def export_hf(engine, *, assets: ProcessorAssets, out_dir: str | Path, meta: dict[str, Any],
-              lora_scaling: float | None = None) -> Path | None:
-    """Write safetensors weights, config, tokenizer and processor to ``out_dir`` (collective).
+              lora_scaling: float | None = None, shard_size: str = "5GB") -> Path:
+    """Write safetensors shards of at most ``shard_size`` (+ ``model.safetensors.index.json``), config,
+    tokenizer and processor to ``out_dir`` (collective).
 
-    With ``lora_scaling`` the adapters are merged into the base weights first. A
-    :class:`ScalarHeadModel` is written as its VLM's export plus ``score_head.safetensors``.
+    Parameters are gathered module by module (a LoRA-adapted layer with its adapters, which
+    ``lora_scaling`` merges into the base weight) and written by rank 0 as each shard fills, so rank 0
+    holds at most about one shard of gathered weights beyond its partition. A :class:`ScalarHeadModel`
+    is written as its VLM's export plus ``score_head.safetensors``. A failure while writing is raised on
+    every rank after the last collective, never leaving the others waiting in a gather.
     """
     t0 = time.time()
     out = Path(out_dir)
-    state = gathered_state_dict(engine)
-    if state is not None:
-        if lora_scaling is not None:
-            state = merge_lora_state_dict(state, scaling=lora_scaling)
-        out.mkdir(parents=True, exist_ok=True)
-        model = engine.module
-        if isinstance(model, ScalarHeadModel):
-            state, head = split_state(state)
-            save_head(head, out)
-            model = model.vlm
-        model.config.dtype = next(iter(state.values())).dtype
-        # transformers records the key renamings it applied when this model was loaded and
-        # re-applies them in reverse on save; with an explicit state_dict that doubles prefixes
-        # (``language_model.model.model.*``). Saving without the record gives the standard layout.
-        loaded_with = getattr(model, "_weight_conversions", None)
-        model._weight_conversions = None
+    model = engine.module
+    vlm = model.vlm if isinstance(model, ScalarHeadModel) else model
+    is_main = torch.distributed.get_rank() == 0
+    writer = ShardWriter(out, max_bytes=parse_size(shard_size)) if is_main else None
+    head: dict[str, torch.Tensor] = {}
+    dtype, failure = None, None
+    for unit in gathered_units(export_units(model)):
+        if unit is None or failure is not None:
+            continue
         try:
-            model.save_pretrained(out, state_dict=state)
-        finally:
-            model._weight_conversions = loaded_with
-        model.generation_config.save_pretrained(out)
-        assets.save(out)
-        (out / "vlmscale.json").write_text(json.dumps(meta, indent=2))
-        log.info("exported %s in %.1fs", out, time.time() - t0)
+            if lora_scaling is not None:
+                unit = merge_lora_state_dict(unit, scaling=lora_scaling)
+            if isinstance(model, ScalarHeadModel):
+                vlm_part, head_part = split_state(unit)
+                head |= {k: t.to("cpu", copy=True) for k, t in head_part.items()}
+                unit = vlm_part
+            for name, tensor in unit.items():
+                dtype = dtype or tensor.dtype
+                writer.add(disk_name(name), tensor)
+        except Exception as exc:  # re-raised below on every rank
+            failure = exc
+    if is_main and failure is None:
+        try:
+            writer.close()
+            if head:
+                save_head(head, out)
+            vlm.config.dtype = dtype
+            vlm.config.architectures = [type(vlm).__name__]
+            vlm.config.save_pretrained(out)
+            vlm.generation_config.save_pretrained(out)
+            assets.save(out)
+            (out / "vlmscale.json").write_text(json.dumps(meta, indent=2))
+            log.info("exported %s (%d shard(s), %.2f GB) in %.1fs", out, len(writer.files), writer.total / 1e9,
+                     time.time() - t0)
+        except Exception as exc:
+            failure = exc
+    (failed,) = all_reduce_sum([float(failure is not None)])
+    if failed:
+        if failure is not None:
+            raise failure
+        raise RuntimeError(f"export to {out} failed on rank 0 (see its log)")
     barrier()
     return out

@@ -97,8 +97,22 @@ def load_weights(model: torch.nn.Module, weights: dict[str, LazyTensor]) -> None
                 copy_into(p, value.load(), name=name)
 
 
+def gathered_units(units: Iterator[dict[str, torch.Tensor]]) -> Iterator[dict[str, torch.Tensor] | None]:
+    """Each group of tensors whole on rank 0, one group at a time (None elsewhere). Collective: every
+    rank iterates to the end. ZeRO-3 gathers a group's parameters (``GatheredParameters``) on entry and
+    frees them when the next group is asked for, so no rank holds more than one group beyond its
+    partition; the tensors yielded are valid until then (copy what you keep)."""
+    rank = torch.distributed.get_rank()
+    for unit in units:
+        partitioned = [t for t in unit.values() if is_partitioned(t)]
+        scope = deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None) if partitioned else contextlib.nullcontext()
+        with scope:
+            yield {k: t.detach() for k, t in unit.items()} if rank == 0 else None
+
+
 def gathered_state_dict(engine) -> dict[str, torch.Tensor] | None:
-    """Full 16-bit state dict on rank 0 (None elsewhere). Collective: call on every rank."""
+    """Full 16-bit state dict on rank 0 (None elsewhere), all at once: rank 0 holds the whole model
+    (``benchmarks/export_memory.py`` compares it with the streaming export). Collective."""
     if engine.zero_optimization_partition_weights():
         state = engine._zero3_consolidated_16bit_state_dict()
         return state if torch.distributed.get_rank() == 0 else None

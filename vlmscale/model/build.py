@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import safe_open
 from transformers import (
     AutoConfig,
     AutoModelForImageTextToText,
@@ -26,10 +25,13 @@ from transformers import (
 )
 
 from vlmscale.config.schema import ModelConfig
+from vlmscale.model.internvl_chat import image_processor_from_original, is_internvl_chat, load_original, read_original_config
 from vlmscale.model.presets import PRESETS, Preset
+from vlmscale.model.shards import LazyTensor, index_weights
 from vlmscale.model.tokenizer import (
     IMG_CONTEXT,
     ProcessorAssets,
+    load_image_processor,
     load_tokenizer,
     make_image_processor,
     train_bpe_tokenizer,
@@ -134,6 +136,31 @@ def preset_assets(name: str, *, max_tiles: int | None = None) -> ProcessorAssets
     )
 
 
+def spec_model(name: str, *, dtype: torch.dtype, max_tiles: int | None = None):
+    """A published InternVL shape (``vlmscale.plan.specs.SPECS``, e.g. ``internvl2-1b``) with random weights,
+    the demo tokenizer (its ids fit in the published vocabulary) and InternVL's preprocessing (ImageNet
+    statistics, 448-px tiles, up to 12)."""
+    from vlmscale.model.internvl_chat import IMAGENET_MEAN, IMAGENET_STD
+    from vlmscale.plan.specs import SPECS, spec_config
+
+    if name not in SPECS:
+        raise ValueError(f"--spec {name!r}: choose one of {', '.join(sorted(SPECS))}")
+    tokenizer = preset_tokenizer("demo")
+    config = spec_config(name)
+    config.image_token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT)
+    config._attn_implementation = resolve_attn_implementation("auto")
+    model = InternVLForConditionalGeneration._from_config(config, dtype=dtype)
+    size = config.vision_config.image_size[0]
+    assets = ProcessorAssets(
+        tokenizer=tokenizer,
+        image_processor=make_image_processor(image_size=size, max_tiles=max_tiles or 12, image_mean=IMAGENET_MEAN,
+                                             image_std=IMAGENET_STD),
+        image_seq_length=config.image_seq_length,
+    )
+    _finish(model, assets)
+    return model, assets
+
+
 def _finish(model: torch.nn.Module, assets: ProcessorAssets) -> None:
     cfg = model.config
     cfg.pad_token_id = assets.tokenizer.pad_token_id
@@ -148,12 +175,16 @@ def _finish(model: torch.nn.Module, assets: ProcessorAssets) -> None:
 def build_model(
     cfg: ModelConfig,
     *,
-    max_tiles: int,
+    max_tiles: int | None,
     dtype: torch.dtype,
     load_weights: LoadWeights,
 ) -> tuple[InternVLForConditionalGeneration, ProcessorAssets]:
-    """Return ``(model, assets)``; call inside the ZeRO-3 scope when training with ZeRO-3."""
+    """Return ``(model, assets)``; call inside the ZeRO-3 scope when training with ZeRO-3.
+
+    ``max_tiles`` None keeps a checkpoint's own ``max_patches`` (``RunConfig.tile_limit``)."""
     if cfg.init_from is not None:
+        if is_internvl_chat(cfg.init_from):
+            return load_internvl_chat(cfg.init_from, max_tiles=max_tiles, dtype=dtype, cfg=cfg, load_weights=load_weights)
         return load_pretrained(cfg.init_from, max_tiles=max_tiles, dtype=dtype, cfg=cfg)
     if cfg.vision is not None:
         return compose(cfg, max_tiles=max_tiles, dtype=dtype, load_weights=load_weights)
@@ -180,8 +211,11 @@ def build_model(
 
 
 def load_pretrained(path: str, *, max_tiles: int | None, dtype: torch.dtype, cfg: ModelConfig | None = None):
-    """Load a full InternVL checkpoint in HF format (our exports, or OpenGVLab ``*-hf`` models)."""
+    """Load a full InternVL checkpoint in HF format (our exports, or OpenGVLab ``*-hf`` models), or an
+    original-format release (converted as it loads; not partitioned: under ZeRO-3 use ``build_model``)."""
     p = Path(path)
+    if is_internvl_chat(p):
+        return load_internvl_chat(path, max_tiles=max_tiles, dtype=dtype, cfg=cfg, load_weights=load_weights_plain)
     if not (p / "config.json").is_file():
         raise ValueError(f"{path!r}: no config.json there; expected an HF-format InternVL export such as <output_dir>/hf")
     config = AutoConfig.from_pretrained(p, trust_remote_code=bool(cfg and cfg.trust_remote_code))
@@ -201,27 +235,21 @@ def load_pretrained(path: str, *, max_tiles: int | None, dtype: torch.dtype, cfg
     return model, assets
 
 
-class LazyTensor:
-    """One tensor of a safetensors file, read only when ``load()`` is called."""
-
-    def __init__(self, file: Path, key: str):
-        self.file, self.key = file, key
-
-    def load(self) -> torch.Tensor:
-        with safe_open(str(self.file), framework="pt") as f:
-            return f.get_tensor(self.key)
-
-
-def _index_weights(path: Path) -> dict[str, LazyTensor]:
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise ValueError(f"{path}: no *.safetensors weights found (only safetensors are loaded)")
-    out: dict[str, LazyTensor] = {}
-    for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                out[key] = LazyTensor(file, key)
-    return out
+def load_internvl_chat(path: str, *, max_tiles: int | None, dtype: torch.dtype, cfg: ModelConfig | None,
+                       load_weights: LoadWeights):
+    """An original-format release (``InternVLChatModel``) built as the HF model from its config and loaded
+    tensor by tensor through ``load_weights`` (partitioned under ZeRO-3), converted on the fly."""
+    config, weights = load_original(path)
+    config._attn_implementation = resolve_attn_implementation(cfg.attn_implementation if cfg else "auto")
+    model = InternVLForConditionalGeneration._from_config(config, dtype=dtype)
+    load_weights(model, weights)
+    assets = ProcessorAssets(
+        tokenizer=load_tokenizer(path, trust_remote_code=bool(cfg and cfg.trust_remote_code)),
+        image_processor=image_processor_from_original(path, read_original_config(path), max_tiles=max_tiles),
+        image_seq_length=config.image_seq_length,
+    )
+    _finish(model, assets)
+    return model, assets
 
 
 # InternVL checkpoints store the vision encoder under one of these prefixes (the original HF
@@ -231,7 +259,7 @@ _VISION_PREFIXES = ("vision_tower.", "model.vision_tower.")
 
 def _vision_config_and_weights(path: Path) -> tuple[InternVLVisionConfig, dict[str, LazyTensor]]:
     config = AutoConfig.from_pretrained(path)
-    weights = _index_weights(path)
+    weights = index_weights(path)
     if isinstance(config, InternVLConfig):
         out = {}
         for key, value in weights.items():
@@ -244,7 +272,7 @@ def _vision_config_and_weights(path: Path) -> tuple[InternVLVisionConfig, dict[s
     raise ValueError(f"model.vision={str(path)!r}: expected an InternVL or InternVL vision checkpoint, got {type(config).__name__}")
 
 
-def compose(cfg: ModelConfig, *, max_tiles: int, dtype: torch.dtype, load_weights: LoadWeights):
+def compose(cfg: ModelConfig, *, max_tiles: int | None, dtype: torch.dtype, load_weights: LoadWeights):
     """A vision encoder and an LLM joined by a freshly initialised pixel-shuffle + MLP projector."""
     vision_path, llm_path = Path(cfg.vision), Path(cfg.llm)
     vision_config, vision_weights = _vision_config_and_weights(vision_path)
@@ -253,7 +281,7 @@ def compose(cfg: ModelConfig, *, max_tiles: int, dtype: torch.dtype, load_weight
     image_size = vision_config.image_size[0]
     patch = vision_config.patch_size[0]
     seq_len = (image_size // patch) ** 2 // 4
-    llm_weights = _index_weights(llm_path)
+    llm_weights = index_weights(llm_path)
     text_config.vocab_size = max(text_config.vocab_size, len(tokenizer))
     config = InternVLConfig(
         vision_config=vision_config.to_dict(),
@@ -271,11 +299,11 @@ def compose(cfg: ModelConfig, *, max_tiles: int, dtype: torch.dtype, load_weight
         elif key.startswith("lm_head."):
             mapped[key] = value
     load_weights(model, mapped)
-    assets = ProcessorAssets(
-        tokenizer=tokenizer,
-        image_processor=make_image_processor(image_size=image_size, max_tiles=max_tiles),
-        image_seq_length=seq_len,
-    )
+    if (vision_path / "preprocessor_config.json").is_file():  # the encoder's own statistics and tiling
+        image_processor = load_image_processor(vision_path, max_tiles=max_tiles)
+    else:
+        image_processor = make_image_processor(image_size=image_size, max_tiles=max_tiles or 12)
+    assets = ProcessorAssets(tokenizer=tokenizer, image_processor=image_processor, image_seq_length=seq_len)
     _finish(model, assets)
     return model, assets
 

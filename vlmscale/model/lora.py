@@ -11,9 +11,11 @@ InternVL checkpoint that stock transformers loads.
 from __future__ import annotations
 
 import re
+from typing import Iterator
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.lora import LoraLayer
 
 from vlmscale.config.schema import LoraSection
 
@@ -42,3 +44,30 @@ def merge_lora_state_dict(state: dict[str, torch.Tensor], *, scaling: float) -> 
         delta = (ab["B"].float() @ ab["A"].float()) * scaling
         merged[weight_key] = (base.float() + delta).to(base.dtype)
     return merged
+
+
+def export_units(model: torch.nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+    """The model's parameters and persistent buffers, by full name, in the groups an export gathers and
+    writes together: a LoRA-adapted layer whole (its adapters fold into its base weight with
+    :func:`merge_lora_state_dict`), else one module's own tensors. Each tensor comes once: a tied
+    weight under its first name (transformers re-ties it on load)."""
+    seen: set[int] = set()
+    whole: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(w + ".") for w in whole):
+            continue
+        prefix = f"{name}." if name else ""
+        if isinstance(module, LoraLayer):
+            whole.append(name)
+            tensors = dict(module.named_parameters(prefix=name))
+        else:
+            tensors = {prefix + k: p for k, p in module.named_parameters(recurse=False)}
+        tensors |= {prefix + k: b for k, b in module.named_buffers(recurse=False)
+                    if k not in module._non_persistent_buffers_set}
+        unit = {}
+        for key, t in tensors.items():
+            if id(t) not in seen:
+                seen.add(id(t))
+                unit[key] = t
+        if unit:
+            yield unit

@@ -68,11 +68,12 @@ def train_bpe_tokenizer(corpus: list[str], *, vocab_size: int) -> PreTrainedToke
     )
 
 
-def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """An LLM's or VLM's own tokenizer, with InternVL's image tokens and a ChatML template ensured."""
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if getattr(tokenizer, "context_image_token", None) is None:
-        tokenizer = AutoTokenizer.from_pretrained(path, extra_special_tokens=dict(MULTIMODAL_TOKENS))
+        tokenizer = AutoTokenizer.from_pretrained(path, extra_special_tokens=dict(MULTIMODAL_TOKENS),
+                                                  trust_remote_code=trust_remote_code)
     if tokenizer.chat_template is None:
         tokenizer.chat_template = CHAT_TEMPLATE
     if tokenizer.pad_token is None:
@@ -80,15 +81,62 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def make_image_processor(*, image_size: int, max_tiles: int) -> GotOcr2ImageProcessorPil:
+def make_image_processor(*, image_size: int, max_tiles: int, image_mean: list[float] = CLIP_MEAN,
+                         image_std: list[float] = CLIP_STD) -> GotOcr2ImageProcessorPil:
+    """InternVL's dynamic tiling (GotOcr2's processor, PIL backend: no torchvision needed); presets
+    and fresh compositions normalise with CLIP statistics unless told otherwise."""
     return GotOcr2ImageProcessorPil(
         size={"height": image_size, "width": image_size},
         crop_to_patches=True,
         min_patches=1,
         max_patches=max_tiles,
-        image_mean=CLIP_MEAN,
-        image_std=CLIP_STD,
+        image_mean=list(image_mean),
+        image_std=list(image_std),
     )
+
+
+def load_image_processor(path: str | Path, *, max_tiles: int | None) -> GotOcr2ImageProcessorPil:
+    """A checkpoint's own image processor, every setting as its ``preprocessor_config.json`` says
+    (mean/std, size, min/max patches, crop-to-patches, resampling); ``max_tiles`` replaces
+    ``max_patches`` when given (an explicit ``data.max_tiles``)."""
+    pre_file = Path(path) / "preprocessor_config.json"
+    if not pre_file.is_file():
+        raise ValueError(f"{pre_file}: not found; the checkpoint's image statistics and tiling are unknown. "
+                         "Copy the release's preprocessor_config.json next to its config.json")
+    kind = json.loads(pre_file.read_text()).get("image_processor_type", "")
+    if not kind.startswith("GotOcr2ImageProcessor"):
+        raise ValueError(f"{pre_file}: image_processor_type {kind!r} is not InternVL's GotOcr2ImageProcessor; an "
+                         "original-format InternVL release is imported with `vlmscale model convert --from internvl-chat`")
+    processor = GotOcr2ImageProcessorPil.from_pretrained(path)
+    if max_tiles is not None:
+        processor.max_patches = max_tiles
+    return processor
+
+
+def save_processor_configs(out: Path, *, image_processor: GotOcr2ImageProcessorPil, image_seq_length: int) -> None:
+    """The image, video and processor configs of an HF InternVL export (everything but the tokenizer)."""
+    image_processor.save_pretrained(out)
+    pre = json.loads((out / "preprocessor_config.json").read_text())
+    pre["image_processor_type"] = "GotOcr2ImageProcessor"
+    pre["processor_class"] = "InternVLProcessor"
+    (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
+    video = {
+        "video_processor_type": "InternVLVideoProcessor",
+        "processor_class": "InternVLProcessor",
+        "size": dict(image_processor.size),
+        "image_mean": list(image_processor.image_mean),
+        "image_std": list(image_processor.image_std),
+        "do_convert_rgb": True,
+        "do_normalize": True,
+        "do_rescale": True,
+        "do_resize": True,
+        "rescale_factor": 1 / 255,
+        "resample": int(image_processor.resample),
+        "initial_shift": True,
+    }
+    (out / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2))
+    proc = {"processor_class": "InternVLProcessor", "image_seq_length": image_seq_length}
+    (out / "processor_config.json").write_text(json.dumps(proc, indent=2))
 
 
 @dataclass
@@ -113,45 +161,19 @@ class ProcessorAssets:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save_pretrained(out)
-        self.image_processor.save_pretrained(out)
-        pre = json.loads((out / "preprocessor_config.json").read_text())
-        pre["image_processor_type"] = "GotOcr2ImageProcessor"
-        pre["processor_class"] = "InternVLProcessor"
-        (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
-        video = {
-            "video_processor_type": "InternVLVideoProcessor",
-            "processor_class": "InternVLProcessor",
-            "size": dict(self.image_processor.size),
-            "image_mean": CLIP_MEAN,
-            "image_std": CLIP_STD,
-            "do_convert_rgb": True,
-            "do_normalize": True,
-            "do_rescale": True,
-            "do_resize": True,
-            "rescale_factor": 1 / 255,
-            "resample": 3,
-            "initial_shift": True,
-        }
-        (out / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2))
-        proc = {"processor_class": "InternVLProcessor", "image_seq_length": self.image_seq_length}
-        (out / "processor_config.json").write_text(json.dumps(proc, indent=2))
+        save_processor_configs(out, image_processor=self.image_processor, image_seq_length=self.image_seq_length)
         (out / "chat_template.jinja").write_text(self.tokenizer.chat_template or CHAT_TEMPLATE)
 
     @classmethod
     def load(cls, path: str | Path, *, image_seq_length: int, max_tiles: int | None = None) -> "ProcessorAssets":
+        """The tokenizer and image processor saved with a checkpoint; ``max_tiles`` (when given)
+        replaces its ``max_patches``, every other image setting is the checkpoint's."""
         path = Path(path)
-        tokenizer = load_tokenizer(path)
-        pre_file = path / "preprocessor_config.json"
-        size, tiles = 448, 12
-        if pre_file.is_file():
-            pre = json.loads(pre_file.read_text())
-            size = int(pre.get("size", {}).get("height", size))
-            tiles = int(pre.get("max_patches", tiles))
         proc_file = path / "processor_config.json"
         if proc_file.is_file():
             image_seq_length = int(json.loads(proc_file.read_text()).get("image_seq_length", image_seq_length))
         return cls(
-            tokenizer=tokenizer,
-            image_processor=make_image_processor(image_size=size, max_tiles=max_tiles or tiles),
+            tokenizer=load_tokenizer(path),
+            image_processor=load_image_processor(path, max_tiles=max_tiles),
             image_seq_length=image_seq_length,
         )

@@ -24,6 +24,7 @@ from transformers import (
 )
 
 from vlmscale.config.schema import PRESETS, ModelConfig
+from vlmscale.model.internvl_chat import hf_config_from_original, is_internvl_chat, read_original_config
 
 VISION_PARTS = {
     # InternViT-6B-448px-V1-5 / V2_5: the 48-layer InternViT-6B without its last 3 layers
@@ -41,6 +42,9 @@ LLM_PARTS = {
                                      intermediate_size=14336, vocab_size=92553, tie_word_embeddings=False)),
     "internlm2-1.8b": ("llama", dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=8,
                                      intermediate_size=8192, vocab_size=92553, tie_word_embeddings=False)),
+    # Qwen2-0.5B-Instruct as InternVL2-1B holds it (InternVLChatConfig never ties the LM head)
+    "qwen2-0.5b": ("qwen2", dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                                 intermediate_size=4864, vocab_size=151655, tie_word_embeddings=False)),
     "qwen2.5-7b": ("qwen2", dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
                                  intermediate_size=18944, vocab_size=151674, tie_word_embeddings=False)),
 }
@@ -52,6 +56,7 @@ SPECS = {
     "internvl2.5-8b": ("internvit-300m", "internlm2.5-7b", 8.1),
     "internvl3-8b": ("internvit-300m", "qwen2.5-7b", 7.9),
     "internvl2-2b": ("internvit-300m", "internlm2-1.8b", 2.2),
+    "internvl2-1b": ("internvit-300m", "qwen2-0.5b", 0.94),
 }
 
 
@@ -103,6 +108,8 @@ def model_config(cfg: ModelConfig) -> InternVLConfig:
     if cfg.init_from is not None:
         if cfg.init_from in SPECS:
             return spec_config(cfg.init_from)
+        if is_internvl_chat(cfg.init_from):  # the image token's id does not change any size
+            return hf_config_from_original(read_original_config(cfg.init_from), image_token_id=0)
         if not (Path(cfg.init_from) / "config.json").is_file():
             raise ValueError(f"--model {cfg.init_from!r}: not a preset ({', '.join(PRESETS)}), a named size "
                              f"({', '.join(SPECS)}) or a directory with an HF config.json")

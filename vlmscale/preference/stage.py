@@ -44,7 +44,8 @@ def _export(run: Run, progress: Progress, *, steps: int) -> None:
     if cfg.checkpoint.export:
         export_hf(run.engine, assets=run.assets, out_dir=Path(cfg.output_dir) / "hf",
                   meta={"stage": cfg.stage, "steps": steps, "pairs_seen": progress.samples, "lora_merged": cfg.lora.enabled},
-                  lora_scaling=cfg.lora.alpha / cfg.lora.r if cfg.lora.enabled else None)
+                  lora_scaling=cfg.lora.alpha / cfg.lora.r if cfg.lora.enabled else None,
+                  shard_size=cfg.checkpoint.export_shard_size)
 
 
 # ---------------------------------------------------------------- reward

@@ -93,7 +93,8 @@ class SourceConfig:
 
 def _demo_sft_sources() -> list[SourceConfig]:
     return [
-        SourceConfig(name="vqa", path="demo:train/vqa", weight=5.0),
+        SourceConfig(name="vqa", path="demo:train/vqa", weight=4.5),
+        SourceConfig(name="spatial", path="demo:train/spatial", weight=1.5),
         SourceConfig(name="grounding", path="demo:train/grounding", weight=1.5),
         SourceConfig(name="multi", path="demo:train/multi", weight=1.0),
         SourceConfig(name="captions", path="demo:train/captions", weight=2.0),
@@ -256,7 +257,7 @@ class DeepSpeedSection:
 
 
 # generative (vqa, video, grounding, pope), held-out loss (text, caption), encoder drift; see docs/evaluation.md
-EVAL_SUITES = ("vqa", "video", "grounding", "pope", "text", "caption", "drift")
+EVAL_SUITES = ("vqa", "spatial", "video", "grounding", "pope", "text", "caption", "drift")
 
 
 @dataclass
@@ -264,7 +265,7 @@ class EvalConfig:
     every_steps: int = 0  # run the suites every N steps during training (0 = only at the end)
     at_end: bool = True  # run the suites on the final model
     at_start: bool = False  # also score the starting model (step 0) over the same samples as at_end
-    suites: list[str] = field(default_factory=lambda: ["vqa", "grounding", "pope", "text", "drift"])
+    suites: list[str] = field(default_factory=lambda: ["vqa", "spatial", "grounding", "pope", "text", "drift"])
     max_samples: int = 64  # samples per suite in periodic evaluations (0 = all)
     final_max_samples: int = 0  # samples per suite in the final evaluation (0 = all)
     max_new_tokens: int = 24  # generation length limit

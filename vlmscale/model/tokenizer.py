@@ -1,9 +1,7 @@
 """Tokenizer, chat template and image processor for InternVL-style models.
 
 Presets get a byte-level BPE tokenizer trained here, deterministically, on text our demo
-generator produces (no download). Numbers are split into single digits before BPE, as Qwen2's and
-Llama 3's tokenizers do (in fixed groups), so a box coordinate such as ``562`` is always ``5 6 2``
-rather than whatever merge the corpus happened to favour (``5 62``, ``56 2``). Checkpoints loaded by path keep their own tokenizer; the
+generator produces (no download). Checkpoints loaded by path keep their own tokenizer; the
 image special tokens are added when missing.
 """
 
@@ -50,8 +48,7 @@ CHAT_TEMPLATE = (
 def train_bpe_tokenizer(corpus: list[str], *, vocab_size: int) -> PreTrainedTokenizerFast:
     """A byte-level BPE over ``corpus`` with our special tokens; deterministic for a given corpus."""
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

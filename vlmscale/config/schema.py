@@ -93,8 +93,7 @@ class SourceConfig:
 
 def _demo_sft_sources() -> list[SourceConfig]:
     return [
-        SourceConfig(name="vqa", path="demo:train/vqa", weight=4.5),
-        SourceConfig(name="spatial", path="demo:train/spatial", weight=1.5),
+        SourceConfig(name="vqa", path="demo:train/vqa", weight=5.0),
         SourceConfig(name="grounding", path="demo:train/grounding", weight=1.5),
         SourceConfig(name="multi", path="demo:train/multi", weight=1.0),
         SourceConfig(name="captions", path="demo:train/captions", weight=2.0),
@@ -256,7 +255,7 @@ class DeepSpeedSection:
             raise ConfigError(f"deepspeed.config={self.config!r}: expected a .json file (e.g. ds_configs/zero3.json)")
 
 
-# generative (vqa, video, grounding, pope), held-out loss (text, caption), encoder drift; see docs/evaluation.md
+# generative (vqa, spatial, video, grounding, pope), held-out loss (text, caption), encoder drift; see docs/evaluation.md
 EVAL_SUITES = ("vqa", "spatial", "video", "grounding", "pope", "text", "caption", "drift")
 
 

@@ -528,7 +528,7 @@ def tokenizer_corpus() -> list[str]:
     for _ in range(600):
         objs = _sample_scene(rng)
         lines.append(caption(objs))
-        for _, q, a in vqa_questions(objs, rng) + spatial_questions(objs, rng):
+        for _, q, a in vqa_questions(objs, rng):
             lines.append(f"{q}\n{a}")
         for o in objs:
             q, a = grounding_question(o)

@@ -16,7 +16,12 @@ supervised tokens of each step are those of the step's samples, identical on bot
 
     PYTHONPATH=. nice -n 10 python benchmarks/sft_throughput.py --steps 40
 
-Prints a table and writes ``benchmarks/results/sft_throughput.json``. Needs the ``bench`` extra (trl).
+``--eval vqa,spatial`` also scores each side's final model on the held-out suites (the same
+``vlmscale.eval`` code on both sides, ZeRO-3 partitioned as trained), so the plain HF loop's
+held-out accuracy is on record next to vlmscale's (docs/stages.md, "Spatial understanding").
+
+Prints a table and writes ``benchmarks/results/sft_throughput.json`` (``sft_reference_loop.json``
+with ``--eval``). Needs the ``bench`` extra (trl). ``MASTER_PORT`` moves the two launches' ports.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 RESULTS = REPO / "benchmarks" / "results"
 MICRO, WORLD, LR, WARMUP, MIN_LR_RATIO, SEED = 16, 2, 6e-4, 5, 0.05, 1234
+PORT = int(os.environ.get("MASTER_PORT", 29721))  # vlmscale's run; TRL's takes the next one
 
 
 def _env() -> dict:
@@ -51,27 +57,29 @@ def _deepspeed(script: str, args: list[str], *, port: int, log: Path) -> float:
 
 
 # ---------------------------------------------------------------------- vlmscale side
-def run_vlmscale(model_dir: Path, work: Path, steps: int) -> dict:
+def run_vlmscale(model_dir: Path, work: Path, steps: int, suites: list[str]) -> dict:
     out = work / "vlmscale"
+    ev = [f"eval.suites=[{','.join(suites)}]"] if suites else ["eval.at_end=false"]
     overrides = [f"output_dir={out}", f"model.init_from={model_dir}", f"train.max_steps={steps}",
                  f"train.micro_batch_size={MICRO}", "train.log_every_steps=1", "checkpoint.every_steps=100000",
-                 "checkpoint.export=false", "eval.at_end=false", "eval.at_start=false", f"optim.lr={LR}",
+                 "checkpoint.export=false", *ev, "eval.at_start=false", f"optim.lr={LR}",
                  f"policy.projector.lr={LR}", f"optim.warmup_steps={WARMUP}", f"optim.min_lr_ratio={MIN_LR_RATIO}",
                  f"train.seed={SEED}", "policy.vision.trainable=false", "resume=never"]
-    wall = _deepspeed(str(REPO / "recipes" / "sft.py"), overrides, port=29721, log=work / "vlmscale.log")
+    wall = _deepspeed(str(REPO / "recipes" / "sft.py"), overrides, port=PORT, log=work / "vlmscale.log")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     rows = [r for r in rows if "loss" in r and "tokens_per_s" in r]
     times, prev = [], 0
     for r in rows:  # one row per step: the window's tokens over its tokens/s is the step's wall time
         times.append((r["tokens"] - prev) / r["tokens_per_s"])
         prev = r["tokens"]
+    evals = json.loads((out / "eval" / "final.json").read_text()) if suites else {}
     return {"step_s": times, "loss": [r["loss"] for r in rows], "supervised": [r["supervised_tokens"] for r in rows],
             "mfu": [r.get("mfu") for r in rows], "tflops": [r.get("tflops") for r in rows],
-            "data_wait_fraction": [r["data_wait_fraction"] for r in rows], "wall_s": wall}
+            "data_wait_fraction": [r["data_wait_fraction"] for r in rows], "wall_s": wall, "eval": evals}
 
 
 # ---------------------------------------------------------------------- TRL side (runs under deepspeed)
-def trl_worker(model_dir: Path, work: Path, steps: int, attn: str) -> None:
+def trl_worker(model_dir: Path, work: Path, steps: int, attn: str, suites: list[str]) -> None:
     import datasets
     import torch
     from transformers import AutoModelForImageTextToText, TrainerCallback
@@ -79,8 +87,9 @@ def trl_worker(model_dir: Path, work: Path, steps: int, attn: str) -> None:
 
     from vlmscale.config import SFTConfig, load_config
     from vlmscale.config.deepspeed import build_ds_config
-    from vlmscale.data.dataset import TrainDataset, collate, open_sources
+    from vlmscale.data.dataset import TrainDataset, collate, open_sources, resolve_path
     from vlmscale.engine.distributed import all_reduce_sum, init_distributed
+    from vlmscale.eval.suites import run_suites
     from vlmscale.model.forward import num_supervised
     from vlmscale.model.tokenizer import ProcessorAssets
 
@@ -147,6 +156,8 @@ def trl_worker(model_dir: Path, work: Path, steps: int, attn: str) -> None:
         first = step * MICRO * dist.world_size + dist.rank * MICRO
         local.append(num_supervised(collate([stream[i] for i in range(first, first + MICRO)], pad_id=pad)["labels"]))
     supervised = all_reduce_sum(local)
+    evals = run_suites(trainer.model, assets, resolve_path(cfg.data.heldout, cfg.data), suites, rank=dist.rank,
+                       world_size=dist.world_size, max_new_tokens=cfg.eval.max_new_tokens, video=cfg.data.video)
     if dist.rank == 0:
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         step_s = [b - a for a, b in zip(clock.marks, clock.marks[1:])]
@@ -156,21 +167,21 @@ def trl_worker(model_dir: Path, work: Path, steps: int, attn: str) -> None:
                  "param_dtype": str(next(trainer.model.parameters()).dtype),
                  "partitioned": hasattr(next(trainer.model.parameters()), "ds_id")}
         (work / f"trl-{attn}.json").write_text(json.dumps({"step_s": step_s, "loss": losses, "supervised": supervised,
-                                                   "setup": setup}))
+                                                   "setup": setup, "eval": evals}))
     from vlmscale.engine.distributed import shutdown
 
     shutdown()
 
 
-def run_trl(model_dir: Path, work: Path, steps: int, attn: str = "sdpa") -> dict:
+def run_trl(model_dir: Path, work: Path, steps: int, suites: list[str], attn: str = "sdpa") -> dict:
     """TRL with transformers' default attention (sdpa), or ``attn`` (vlmscale picks eager on CPU: the same choice for TRL)."""
     wall = _deepspeed(__file__, ["--worker", "trl", "--model", str(model_dir), "--work", str(work), "--steps", str(steps),
-                                 "--trl-attn", attn], port=29722, log=work / f"trl-{attn}.log")
+                                 "--trl-attn", attn, "--eval", ",".join(suites)], port=PORT + 1, log=work / f"trl-{attn}.log")
     return {**json.loads((work / f"trl-{attn}.json").read_text()), "wall_s": wall, "attn_implementation": attn}
 
 
-def run_trl_eager(model_dir: Path, work: Path, steps: int) -> dict:
-    return run_trl(model_dir, work, steps, attn="eager")
+def run_trl_eager(model_dir: Path, work: Path, steps: int, suites: list[str]) -> dict:
+    return run_trl(model_dir, work, steps, suites, attn="eager")
 
 
 # ---------------------------------------------------------------------- compare
@@ -191,13 +202,15 @@ def main() -> int:
     ap.add_argument("--work", default="/tmp/vlmscale-bench-sft")
     ap.add_argument("--model", default=None, help="HF export to train (default: a fresh demo preset export)")
     ap.add_argument("--only", choices=["vlmscale", "trl", "trl_eager"], default=None)
+    ap.add_argument("--eval", default="", help="held-out suites scored on each side's final model, e.g. vqa,spatial")
     ap.add_argument("--trl-attn", default="sdpa", help=argparse.SUPPRESS)
     ap.add_argument("--worker", choices=["trl"], default=None, help=argparse.SUPPRESS)
     ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # from the deepspeed launcher
     args = ap.parse_args()
     work = Path(args.work)
+    suites = [s for s in args.eval.split(",") if s]
     if args.worker == "trl":
-        trl_worker(Path(args.model), work, args.steps, args.trl_attn)
+        trl_worker(Path(args.model), work, args.steps, args.trl_attn, suites)
         return 0
     work.mkdir(parents=True, exist_ok=True)
     model_dir = Path(args.model) if args.model else work / "model"
@@ -208,7 +221,7 @@ def main() -> int:
     for name, fn in (("vlmscale", run_vlmscale), ("trl", run_trl), ("trl_eager", run_trl_eager)):
         saved = work / f"{name}.result.json"
         if args.only in (None, name):
-            runs[name] = fn(model_dir, work, args.steps)
+            runs[name] = fn(model_dir, work, args.steps, suites)
             saved.write_text(json.dumps(runs[name]))
         elif saved.exists():  # --only the other side: reuse this side's last run
             runs[name] = json.loads(saved.read_text())
@@ -224,6 +237,11 @@ def main() -> int:
         result["summary"][name] = s
         print(f"{name:<10} {s['s_per_step']:>8.3f} {s['median_s_per_step']:>8.3f} {s['supervised_tokens_per_s']:>10.1f} "
               f"{s['supervised_tokens_per_s_at_median_step']:>10.1f} {s['loss_last']:>14.4f} {run['wall_s']:>8.1f}")
+    for name, run in runs.items():
+        if run.get("eval"):
+            from vlmscale.eval.suites import format_table
+
+            print(f"held-out, {name}:\n{format_table(run['eval'])}")
     if "vlmscale" in runs and "trl" in runs:
         ours, theirs = result["summary"]["vlmscale"], result["summary"]["trl"]
         ratio = ours["supervised_tokens_per_s"] / theirs["supervised_tokens_per_s"]
@@ -246,7 +264,8 @@ def main() -> int:
                   f"{result['summary']['ratio_vs_trl_eager']:.2f}x, at the median step "
                   f"{result['summary']['ratio_vs_trl_eager_at_median_step']:.2f}x")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "sft_throughput.json").write_text(json.dumps(result, indent=2))
+    name = "sft_reference_loop.json" if suites else "sft_throughput.json"  # --eval runs are a different measurement
+    (RESULTS / name).write_text(json.dumps(result, indent=2))
     return 0
 
 

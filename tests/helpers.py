@@ -97,3 +97,17 @@ def launch_ranks(recipe: str, per_rank: list[list[str]], *, timeout: int = 240, 
         results.append({"code": p.returncode if rank in finished else None, "log": logs[rank].read(),
                         "seconds": finished.get(rank)})
     return results
+
+
+def template_ids(assets, record: dict, tiles_per_image: list[int]) -> list[int]:
+    """What the exported chat template + the stock InternVL processor expansion give: the k-th image's
+    ``<IMG_CONTEXT>`` becomes ``<img>`` + ``<IMG_CONTEXT>`` x (its tiles x image_seq_length) + ``</img>``."""
+    from vlmscale.model.tokenizer import IMG_CONTEXT
+
+    tok = assets.tokenizer
+    pieces = tok.apply_chat_template(record["messages"], tokenize=False).split(IMG_CONTEXT)
+    assert len(pieces) == len(tiles_per_image) + 1, (len(pieces) - 1, tiles_per_image)
+    text = pieces[0]
+    for n_tiles, piece in zip(tiles_per_image, pieces[1:]):
+        text += "<img>" + IMG_CONTEXT * (n_tiles * assets.image_seq_length) + "</img>" + piece
+    return tok(text, add_special_tokens=False)["input_ids"]

@@ -127,7 +127,7 @@ def test_periodic_and_final_eval_under_zero3(sft_run):
     evals = [r for r in metrics(out) if "eval/vqa/overall/accuracy" in r]
     assert [r["step"] for r in evals] == [4, 8]
     final = json.loads((out / "eval.json").read_text())
-    for key in ("eval/vqa/overall/accuracy", "eval/grounding/acc@0.5", "eval/pope/adversarial/f1",
+    for key in ("eval/vqa/overall/accuracy", "eval/spatial/overall/accuracy", "eval/grounding/acc@0.5", "eval/pope/adversarial/f1",
                 "eval/text/loss", "eval/drift/cosine"):
         assert key in final, key
     assert final["eval/drift/cosine"] < 1.0  # the encoder trained (default policy), so it drifted

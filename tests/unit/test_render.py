@@ -3,6 +3,7 @@ import io
 import pytest
 from PIL import Image
 
+from tests.helpers import template_ids
 from vlmscale.data.render import IGNORE, BadSample, render_prompt, render_sample
 from vlmscale.model.tokenizer import IM_END, IMG_CONTEXT
 
@@ -22,20 +23,11 @@ def _conv(*turns, image="img0.png"):
     return {"messages": msgs}
 
 
-def _template_ids(assets, record, n_tiles):
-    """What the exported chat template + the stock InternVL processor expansion give."""
-    tok = assets.tokenizer
-    text = tok.apply_chat_template(record["messages"], tokenize=False)
-    block = "<img>" + IMG_CONTEXT * (n_tiles * assets.image_seq_length) + "</img>"
-    text = text.replace(IMG_CONTEXT, block)
-    return tok(text, add_special_tokens=False)["input_ids"]
-
-
 @pytest.mark.parametrize("answer", ["red", " two words", "yes\nand more", "<box>[1, 2, 3, 4]</box>"])
 def test_render_matches_chat_template_and_processor(demo_assets, answer):
     rec = _conv(("What colour is the circle?", answer), ("And the square?", "blue"))
     r = render_sample(rec, {"img0.png": _png()}, demo_assets, max_seq_len=4096)
-    assert r.input_ids == _template_ids(demo_assets, rec, n_tiles=1)
+    assert r.input_ids == template_ids(demo_assets, rec, [1])
 
 
 def test_labels_only_on_assistant_content_and_end(demo_assets):

@@ -297,8 +297,8 @@ class DeepSpeedSection:
             raise ConfigError(f"deepspeed.config={self.config!r}: expected a .json file (e.g. ds_configs/zero3.json)")
 
 
-# generative (vqa, video, grounding, pope), held-out loss (text, caption), encoder drift; see docs/evaluation.md
-EVAL_SUITES = ("vqa", "video", "grounding", "pope", "text", "caption", "drift")
+# generative (vqa, spatial, video, grounding, pope), held-out loss (text, caption), encoder drift; see docs/evaluation.md
+EVAL_SUITES = ("vqa", "spatial", "video", "grounding", "pope", "text", "caption", "drift")
 
 
 @dataclass
@@ -306,7 +306,7 @@ class EvalConfig:
     every_steps: int = 0  # run the suites every N steps during training (0 = only at the end)
     at_end: bool = True  # run the suites on the final model
     at_start: bool = False  # also score the starting model (step 0) over the same samples as at_end
-    suites: list[str] = field(default_factory=lambda: ["vqa", "grounding", "pope", "text", "drift"])
+    suites: list[str] = field(default_factory=lambda: ["vqa", "spatial", "grounding", "pope", "text", "drift"])
     max_samples: int = 64  # samples per suite in periodic evaluations (0 = all)
     final_max_samples: int = 0  # samples per suite in the final evaluation (0 = all)
     max_new_tokens: int = 24  # generation length limit

@@ -1,7 +1,8 @@
 """The built-in demo dataset: rendered scenes of coloured shapes.
 
 Every task family the product trains on is represented: captions, multi-turn VQA (colour, shape,
-count, position, yes/no object probes), grounding boxes, multi-image comparison, video clips of a
+count, position, yes/no object probes), layout questions (objects read left to right, one object left
+or right of another), grounding boxes, multi-image comparison, video clips of a
 moving object, interleaved documents, text-only QA and preference pairs. Objects co-occur with fixed partners, so POPE's
 adversarial negatives (a present object's usual partner, absent) mean something.
 
@@ -27,7 +28,7 @@ from vlmscale.data.shards import ShardWriter
 
 log = logging.getLogger(__name__)
 
-DEMO_VERSION = 8
+DEMO_VERSION = 9
 # 48-px scenes on a 3x3 grid of 16-px cells: with 8-px patches and InternVL's 2x2 pixel shuffle
 # each cell is exactly one image token, so an object's colour and shape meet in one token.
 IMAGE_SIZE = 48
@@ -160,6 +161,24 @@ def vqa_questions(objs: list[Obj], rng: random.Random) -> list[tuple[str, str, s
     neg = absent_object(objs, rng, rng.choice(["random", "popular", "adversarial"]))
     if neg is not None:
         qs.append(("probe", f"Is there a {neg[0]} {neg[1]} in the image?", "no"))
+    return qs
+
+
+def spatial_questions(objs: list[Obj], rng: random.Random) -> list[tuple[str, str, str]]:
+    """Layout questions (question type, question, answer): reading order and relative position.
+
+    ``order``: name every object from left to right, asked when no two share a column (so the order is
+    unambiguous). ``relative``: is one object left or right of another, for a pair in different columns.
+    """
+    qs: list[tuple[str, str, str]] = []
+    if len(objs) > 1 and len({o.col for o in objs}) == len(objs):
+        names = ", ".join(o.name for o in sorted(objs, key=lambda o: o.col))
+        qs.append(("order", "Name the objects from left to right.", names))
+    pairs = [(a, b) for a in objs for b in objs if a.col != b.col]
+    if pairs:
+        a, b = rng.choice(pairs)
+        side = "left" if a.col < b.col else "right"
+        qs.append(("relative", f"Is the {a.colour} object to the left or to the right of the {b.colour} object?", side))
     return qs
 
 
@@ -376,6 +395,32 @@ def scene_text(objs: list[Obj], rng: random.Random) -> str:
     return "; ".join(f"{o.name} at the {['top', 'centre', 'bottom'][o.row]} {COLUMNS[o.col]}" for o in listed)
 
 
+def generate_spatial(root: Path, split: str, *, num_scenes: int, seed: int) -> dict[str, int]:
+    """Layout questions (:func:`spatial_questions`) on scenes of their own seed, so the other sources stay unchanged.
+
+    Train: conversations of the scene's layout questions (and its column question when there is one);
+    held-out: one record per question, ``qtype`` ``order`` or ``relative`` (the ``spatial`` eval suite).
+    """
+    g = _Gen(root, split, seed)
+    rng = g.rng
+    for _ in range(num_scenes):
+        objs, png = g.scene(min_objects=2)
+        qs = spatial_questions(objs, rng)
+        if split == "heldout":
+            for qtype, q, a in qs:
+                g.add("spatial", {"task": "vqa", "qtype": qtype, "answer": a, "messages": [_user(_img(), _txt(q))]}, [png])
+            continue
+        qs += [item for item in vqa_questions(objs, rng) if item[0] == "position"]
+        if not qs:  # every object in one column: nothing to ask about the layout
+            continue
+        qs = rng.sample(qs, len(qs))
+        msgs = []
+        for i, (_, q, a) in enumerate(qs):
+            msgs += [_user(_img(), _txt(q)) if i == 0 else _user(_txt(q)), _assistant(a)]
+        g.add("spatial", {"task": "vqa", "messages": msgs}, [png])
+    return g.close()
+
+
 def generate_corpus(root: Path, split: str, *, num_docs: int, seed: int) -> dict[str, int]:
     """Text-only conversations for warm-starting the demo's from-scratch LLM (``recipes/configs/demo_llm.yaml``).
 
@@ -448,6 +493,8 @@ def generate_demo(out: Path, *, num_train_scenes: int = 6000, num_heldout_scenes
     counts["train"].update(generate_video(out, "train", num_clips=max(8, num_train_scenes // 10), seed=seed + 2))
     counts["heldout"].update(generate_video(out, "heldout", num_clips=max(8, num_heldout_scenes // 2), seed=seed + 3))
     counts["train"].update(generate_corpus(out, "train", num_docs=num_train_scenes * 2, seed=seed + 4))
+    counts["train"].update(generate_spatial(out, "train", num_scenes=num_train_scenes, seed=seed + 5))
+    counts["heldout"].update(generate_spatial(out, "heldout", num_scenes=num_heldout_scenes, seed=seed + 6))
     meta = {"version": DEMO_VERSION, "seed": seed, "counts": counts}
     (out / "demo.json").write_text(json.dumps(meta, indent=2))
     return meta

@@ -1,6 +1,7 @@
 """Evaluation suites over a held-out directory in the vlmscale schema.
 
-Suites: ``vqa`` (exact match per question type), ``grounding`` (box IoU), ``pope`` (yes/no object
+Suites: ``vqa`` (exact match per question type), ``spatial`` (the same, on layout questions: objects
+read left to right, relative position), ``grounding`` (box IoU), ``pope`` (yes/no object
 probes per negative type), ``text`` (text-only loss and perplexity), ``drift`` (vision-encoder
 feature cosine to a reference). Work is dealt to ranks in world-size-independent batches and
 results are combined in sample order, so 1 and N ranks give identical metrics; every function
@@ -28,7 +29,7 @@ from vlmscale.model.forward import token_losses, vlm_logits
 from vlmscale.model.tokenizer import ProcessorAssets
 
 log = logging.getLogger(__name__)
-GENERATIVE = ("vqa", "video", "grounding", "pope")
+GENERATIVE = ("vqa", "spatial", "video", "grounding", "pope")
 LOSS_SUITES = ("text", "caption")  # held-out supervised-token loss: text-only / image captions
 SUITES = EVAL_SUITES
 assert set(SUITES) == set(GENERATIVE + LOSS_SUITES + ("drift",))
@@ -101,7 +102,7 @@ def score_pope(rows: list[tuple[dict, str]]) -> dict:
     return {split: pope_scores(pairs) for split, pairs in sorted(splits.items())}
 
 
-SCORERS = {"vqa": score_vqa, "video": score_vqa, "grounding": score_grounding, "pope": score_pope}
+SCORERS = {"vqa": score_vqa, "spatial": score_vqa, "video": score_vqa, "grounding": score_grounding, "pope": score_pope}
 
 
 # ------------------------------------------------------------------ text retention
@@ -242,7 +243,7 @@ def flatten(results: dict, prefix: str = "eval") -> dict[str, float]:
 
 def format_table(results: dict) -> str:
     lines = []
-    for suite in ("vqa", "video"):
+    for suite in ("vqa", "spatial", "video"):
         if suite not in results:
             continue
         lines.append(f"{suite + ' type':<12}{'n':>6}{'accuracy':>10}{'chance':>9}{'majority':>10}")

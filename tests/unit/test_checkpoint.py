@@ -33,6 +33,12 @@ class FakeEngine:
     def train_batch_size(self) -> int:
         return 16  # SFT defaults: micro 16 x accum 1 x 1 rank
 
+    def bfloat16_enabled(self) -> bool:
+        return True
+
+    def fp16_enabled(self) -> bool:
+        return False
+
 
 def _save(manager: CheckpointManager, step: int, branch: str) -> None:
     manager.save(FakeEngine(branch), step=step, client_state={"step": step})

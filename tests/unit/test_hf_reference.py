@@ -99,11 +99,13 @@ def _samples() -> dict[str, tuple[dict, dict[str, bytes]]]:
 def _reference_inputs(record: dict, members: dict[str, bytes], assets) -> tuple[list[int], torch.Tensor | None]:
     """Token ids and tiles the way stock InternVL builds them, from the record alone."""
     tiles, counts, video_frames = [], [], None
+    n_images = sum(part["type"] == "image" for msg in record["messages"] for part in msg["content"])
+    max_num = max(1, MAX_TILES // max(n_images, 1))  # InternVL's multi-image rule: the tile budget is shared
     for msg in record["messages"]:
         for part in msg["content"]:
             if part["type"] == "image":
                 img = Image.open(io.BytesIO(members[part["image"]])).convert("RGB")
-                cut = dynamic_preprocess(img, max_num=MAX_TILES, image_size=assets.image_size)
+                cut = dynamic_preprocess(img, max_num=max_num, image_size=assets.image_size)
                 tiles += cut
                 counts.append(len(cut))
             elif part["type"] == "video":
@@ -157,7 +159,9 @@ def test_reference_inputs_match_render(tiny_fp32):
             assert item.rendered.pixel_values is None
         else:
             torch.testing.assert_close(item.rendered.pixel_values, pixels, atol=1e-5, rtol=0, msg=item.sample_id)
-    assert [it.rendered.tiles_per_image for it in _ours(assets, ["multi_tile", "multi_image"])] == [[3], [4, 3]]  # 2x1, 3x1 and 1x2 grids, each + thumbnail
+    # a 2x1 grid + thumbnail; two images share the tile budget (data.split_tiles: max(1, 4 // 2) each), so
+    # the wide one is cut 2x1 and the tall one 1x2, each + thumbnail
+    assert [it.rendered.tiles_per_image for it in _ours(assets, ["multi_tile", "multi_image"])] == [[3], [3, 3]]
 
 
 def test_padded_batch_matches_hf_forward(tiny_fp32):

@@ -1,0 +1,1 @@
+"""The process group, device-aware collectives, the launcher's environment, ZeRO-3 helpers."""

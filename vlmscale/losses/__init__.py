@@ -1,0 +1,1 @@
+"""Losses as pure tensor functions (preference pairs, PPO), unit-tested by hand."""

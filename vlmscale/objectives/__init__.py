@@ -1,1 +1,0 @@
-"""Training objectives as pure tensor functions (no DeepSpeed, no model code)."""

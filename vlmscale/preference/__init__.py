@@ -1,1 +1,0 @@
-"""Preference alignment: pair losses, the reward and DPO objectives, the DPO reference cache."""

@@ -32,12 +32,12 @@ def main() -> int:
     args, overrides = ap.parse_known_args()
 
     from vlmscale.config import DPOConfig, load_config
-    from vlmscale.engine.distributed import barrier, device, shutdown
-    from vlmscale.engine.setup import make_loader, setup_run
-    from vlmscale.engine.trainer import train_step
-    from vlmscale.preference.objectives import DPOObjective
-    from vlmscale.preference.reference import ReferenceCache, fingerprint
-    from vlmscale.preference.stage import live_reference
+    from vlmscale.distributed.group import barrier, device, shutdown
+    from vlmscale.train.setup import make_loader, setup_run
+    from vlmscale.train.step import train_step
+    from vlmscale.stages.objectives import DPOObjective
+    from vlmscale.stages.dpo_reference import ReferenceCache, fingerprint
+    from vlmscale.stages.preference import live_reference
 
     shutil.rmtree(args.out, ignore_errors=True)
     total = 2 * (args.warmup + args.steps)

@@ -3,7 +3,7 @@
 Builds an InternVL model from config (random weights, already partitioned; default about 150 MB in
 bf16) on 2 CPU ranks, then exports it twice:
 
-- ``streaming``: ``vlmscale.engine.trainer.export_hf`` (gathers module by module, writes shards of at
+- ``streaming``: ``vlmscale.train.step.export_hf`` (gathers module by module, writes shards of at
   most ``--shard-size``);
 - ``baseline``: the previous path, the consolidated 16-bit state dict on rank 0
   (``engine._zero3_consolidated_16bit_state_dict``) then ``save_pretrained``.
@@ -66,10 +66,10 @@ def main() -> int:
     from vlmscale.config import SFTConfig, load_config
     from vlmscale.config.deepspeed import build_ds_config
     from vlmscale.config.schema import ModelConfig
-    from vlmscale.engine.distributed import all_reduce_sum, barrier, init_distributed, shutdown
-    from vlmscale.engine.setup import build_partitioned
-    from vlmscale.engine.trainer import export_hf
-    from vlmscale.engine.zero import frozen_engine, gathered_state_dict, zero3_model_scope
+    from vlmscale.distributed.group import all_reduce_sum, barrier, init_distributed, shutdown
+    from vlmscale.train.setup import build_partitioned
+    from vlmscale.train.step import export_hf
+    from vlmscale.distributed.zero import frozen_engine, gathered_state_dict, zero3_model_scope
     from vlmscale.model.build import preset_assets, preset_config
     from vlmscale.model.shards import hf_weights, parse_size
 

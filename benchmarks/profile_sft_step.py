@@ -54,9 +54,9 @@ def main() -> int:
     args, overrides = ap.parse_known_args()
 
     from vlmscale.config import SFTConfig, load_config
-    from vlmscale.engine import trainer as trainer_mod
-    from vlmscale.engine.distributed import device, shutdown
-    from vlmscale.engine.setup import make_loader, setup_run
+    from vlmscale.train import step as trainer_mod
+    from vlmscale.distributed.group import device, shutdown
+    from vlmscale.train.setup import make_loader, setup_run
 
     shutil.rmtree(args.out, ignore_errors=True)
     total = args.steps + args.profile_steps

@@ -88,7 +88,7 @@ def trl_worker(model_dir: Path, work: Path, steps: int, attn: str, suites: list[
     from vlmscale.config import SFTConfig, load_config
     from vlmscale.config.deepspeed import build_ds_config
     from vlmscale.data.dataset import TrainDataset, collate, open_sources, resolve_path
-    from vlmscale.engine.distributed import all_reduce_sum, init_distributed
+    from vlmscale.distributed.group import all_reduce_sum, init_distributed
     from vlmscale.eval.suites import run_suites
     from vlmscale.model.forward import num_supervised
     from vlmscale.model.tokenizer import ProcessorAssets
@@ -168,7 +168,7 @@ def trl_worker(model_dir: Path, work: Path, steps: int, attn: str, suites: list[
                  "partitioned": hasattr(next(trainer.model.parameters()), "ds_id")}
         (work / f"trl-{attn}.json").write_text(json.dumps({"step_s": step_s, "loss": losses, "supervised": supervised,
                                                    "setup": setup, "eval": evals}))
-    from vlmscale.engine.distributed import shutdown
+    from vlmscale.distributed.group import shutdown
 
     shutdown()
 

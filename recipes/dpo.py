@@ -17,8 +17,8 @@ eval/final.json and eval.json. Re-running resumes from the newest complete check
 import sys
 
 from vlmscale.config import DPOConfig
-from vlmscale.engine.launch import recipe_main
-from vlmscale.preference.stage import train_dpo_stage
+from vlmscale.stages.preference import train_dpo_stage
+from vlmscale.train.launch import recipe_main
 
 if __name__ == "__main__":
     sys.exit(recipe_main(DPOConfig, train_dpo_stage, sys.argv[1:]))

@@ -27,18 +27,27 @@ from tqdm import tqdm
 
 from vlmscale.config import PPOConfig
 from vlmscale.data.dataset import resolve_path
-from vlmscale.engine import faults, safe_load
-from vlmscale.engine.distributed import device
-from vlmscale.engine.launch import recipe_main
-from vlmscale.engine.metrics import MetricsLogger
-from vlmscale.engine.ppo import (PromptStream, advantages, banned_tokens, build_engines, chosen_matches, make_rollout,
-                                 ppo_update, rollout_generator, step_metrics)
-from vlmscale.engine.preemption import Preempted, StopFlag
-from vlmscale.engine.setup import open_checkpoints, resume, start_run
-from vlmscale.engine.trainer import export_hf
-from vlmscale.engine.watchdog import Watchdog
+from vlmscale.distributed.group import device
 from vlmscale.eval.periodic import PeriodicEval
-from vlmscale.objectives.ppo import KLController
+from vlmscale.losses.ppo import KLController
+from vlmscale.stages.ppo import (
+    PromptStream,
+    advantages,
+    banned_tokens,
+    build_engines,
+    chosen_matches,
+    make_rollout,
+    ppo_update,
+    rollout_generator,
+    step_metrics,
+)
+from vlmscale.train import faults, safe_load
+from vlmscale.train.launch import recipe_main
+from vlmscale.train.metrics import MetricsLogger
+from vlmscale.train.preemption import Preempted, StopFlag
+from vlmscale.train.setup import open_checkpoints, resume, start_run
+from vlmscale.train.step import export_hf
+from vlmscale.train.watchdog import Watchdog
 
 
 def train_ppo(cfg: PPOConfig) -> int:

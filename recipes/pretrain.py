@@ -14,8 +14,8 @@ Outputs as every stage; the next stage starts with ``model.init_from=<output_dir
 import sys
 
 from vlmscale.config import PretrainConfig
-from vlmscale.engine.launch import recipe_main
-from vlmscale.engine.lm_stage import train_lm_stage
+from vlmscale.stages.lm import train_lm_stage
+from vlmscale.train.launch import recipe_main
 
 if __name__ == "__main__":
     sys.exit(recipe_main(PretrainConfig, train_lm_stage, sys.argv[1:]))

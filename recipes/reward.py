@@ -16,8 +16,8 @@ hf/, eval.json (``eval/pairs/accuracy``). Re-running resumes from the newest com
 import sys
 
 from vlmscale.config import RewardConfig
-from vlmscale.engine.launch import recipe_main
-from vlmscale.preference.stage import train_reward_stage
+from vlmscale.stages.preference import train_reward_stage
+from vlmscale.train.launch import recipe_main
 
 if __name__ == "__main__":
     sys.exit(recipe_main(RewardConfig, train_reward_stage, sys.argv[1:]))

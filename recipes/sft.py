@@ -17,8 +17,8 @@ model). Re-running the same command resumes from the newest complete checkpoint 
 import sys
 
 from vlmscale.config import SFTConfig
-from vlmscale.engine.launch import recipe_main
-from vlmscale.engine.lm_stage import train_lm_stage
+from vlmscale.stages.lm import train_lm_stage
+from vlmscale.train.launch import recipe_main
 
 if __name__ == "__main__":
     sys.exit(recipe_main(SFTConfig, train_lm_stage, sys.argv[1:]))

@@ -28,7 +28,7 @@ def port(base: int, span: int) -> int:
 
 def remove_shm_buffers() -> None:
     """DeepSpeed's CPU allreduce leaves a /dev/shm buffer per rank and port when a rank is killed
-    (clean exits remove theirs, see ``vlmscale.engine.distributed.shutdown``)."""
+    (clean exits remove theirs, see ``vlmscale.distributed.group.shutdown``)."""
     for p in USED_PORTS:
         for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{p}_*"):
             f.unlink(missing_ok=True)

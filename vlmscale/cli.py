@@ -137,8 +137,8 @@ def _yes_no_pairs(args) -> int:
 
 
 def _eval(args) -> int:
-    from vlmscale.engine.distributed import env_dist_info, init_distributed, shutdown
-    from vlmscale.engine.zero import frozen_engine, zero3_config, zero3_model_scope
+    from vlmscale.distributed.group import env_dist_info, init_distributed, shutdown
+    from vlmscale.distributed.zero import frozen_engine, zero3_config, zero3_model_scope
     from vlmscale.eval.generate import VCDConfig
     from vlmscale.eval.suites import drift_reference, format_table, run_suites
     from vlmscale.model.build import load_pretrained
@@ -206,8 +206,8 @@ def _eval_dispatch(args) -> int:
 def _ewc_fisher(args) -> int:
     import torch
 
-    from vlmscale.engine.distributed import env_dist_info, init_distributed, shutdown
-    from vlmscale.engine.zero import zero3_config
+    from vlmscale.distributed.group import env_dist_info, init_distributed, shutdown
+    from vlmscale.distributed.zero import zero3_config
     from vlmscale.regularize.fisher import estimate_fisher
 
     out = Path(args.out)
@@ -272,8 +272,8 @@ def _plan(args) -> int:
 
 def _ckpt_convert(args) -> int:
     """Offline universal conversion of a run's checkpoint (default: the one resume=auto would load)."""
-    from vlmscale.engine.checkpoint import CheckpointManager, committed_tags
-    from vlmscale.engine.distributed import DistInfo
+    from vlmscale.train.checkpoint import CheckpointManager, committed_tags
+    from vlmscale.distributed.group import DistInfo
 
     checkpoints = CheckpointManager(args.run_dir, dist=DistInfo(0, 1, 0), keep_last=0)
     tag = args.tag or checkpoints.newest()

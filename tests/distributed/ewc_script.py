@@ -16,12 +16,12 @@ from vlmscale.config.deepspeed import build_ds_config
 from vlmscale.data.dataset import Item, collate
 from vlmscale.data.render import render_sample
 from vlmscale.data.shards import ShardDataset
-from vlmscale.engine.distributed import device, init_distributed, shutdown
-from vlmscale.engine.trainer import create_engine, train_step
-from vlmscale.engine.zero import local_fp32_param, local_grad, local_range, zero3_model_scope
+from vlmscale.distributed.group import device, init_distributed, shutdown
+from vlmscale.distributed.zero import local_fp32_param, local_grad, local_range, zero3_model_scope
 from vlmscale.model.build import load_pretrained
 from vlmscale.model.policy import apply_policy
 from vlmscale.regularize.ewc import EWC
+from vlmscale.train.step import create_engine, train_step
 
 WEIGHT = 2.0
 model_dir, ewc_dir, demo_dir, out_file = sys.argv[1:5]

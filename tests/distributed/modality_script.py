@@ -17,11 +17,11 @@ from vlmscale.config.deepspeed import build_ds_config
 from vlmscale.data.dataset import Item, collate
 from vlmscale.data.render import render_sample
 from vlmscale.data.shards import ShardDataset
-from vlmscale.engine.distributed import device, init_distributed, shutdown
-from vlmscale.engine.trainer import train_step
-from vlmscale.engine.watchdog import Watchdog
-from vlmscale.engine.zero import load_weights, zero3_model_scope
+from vlmscale.distributed.group import device, init_distributed, shutdown
+from vlmscale.distributed.zero import load_weights, zero3_model_scope
 from vlmscale.model.build import build_model
+from vlmscale.train.step import train_step
+from vlmscale.train.watchdog import Watchdog
 
 demo_dir, mode, out_file = sys.argv[1], sys.argv[2], sys.argv[3]
 if "--no-guard" in sys.argv:

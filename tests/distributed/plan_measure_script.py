@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 
 from vlmscale.config import SFTConfig, load_config
-from vlmscale.engine.distributed import device, shutdown
-from vlmscale.engine.setup import make_loader, setup_run
-from vlmscale.engine.trainer import train_step
+from vlmscale.distributed.group import device, shutdown
 from vlmscale.model.forward import num_supervised
 from vlmscale.plan.measure import TensorMemory, phase
+from vlmscale.train.setup import make_loader, setup_run
+from vlmscale.train.step import train_step
 
 
 def _bytes(tensors) -> int:

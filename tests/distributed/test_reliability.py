@@ -122,7 +122,7 @@ def test_explicit_resume_with_nothing_loadable_fails(tmp_path, demo_dir, start_m
 
 
 def _fp32_partition(ckpt: Path, rank: int) -> torch.Tensor:
-    from vlmscale.engine.safe_load import safe_torch_load
+    from vlmscale.train.safe_load import safe_torch_load
 
     (path,) = ckpt.glob(f"*zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")  # bf16_ prefix when trained in bf16
     state = safe_torch_load(str(path))

@@ -15,8 +15,8 @@ from vlmscale.config import SFTConfig, load_config
 from vlmscale.config.deepspeed import build_ds_config
 from vlmscale.data.render import render_prompt
 from vlmscale.data.shards import ShardDataset
-from vlmscale.engine.distributed import init_distributed, shutdown
-from vlmscale.engine.zero import load_weights, zero3_model_scope
+from vlmscale.distributed.group import init_distributed, shutdown
+from vlmscale.distributed.zero import load_weights, zero3_model_scope
 from vlmscale.eval.generate import _Branch, generate, plan_batches
 from vlmscale.model.build import build_model
 

@@ -16,7 +16,7 @@ def process_group():
     tests launch as subprocesses start their own group instead of joining this one (DeepSpeed's
     engine still reads LOCAL_RANK).
     """
-    from vlmscale.engine.distributed import init_distributed, shutdown
+    from vlmscale.distributed.group import init_distributed, shutdown
 
     saved = dict(os.environ)
     info = init_distributed()

@@ -12,10 +12,10 @@ from vlmscale.config.deepspeed import build_ds_config
 from vlmscale.data.dataset import Item, collate
 from vlmscale.data.render import render_sample
 from vlmscale.data.shards import ShardDataset
-from vlmscale.engine.trainer import create_engine
-from vlmscale.engine.zero import zero3_model_scope
+from vlmscale.distributed.zero import zero3_model_scope
 from vlmscale.model.build import load_pretrained
 from vlmscale.model.policy import apply_policy
+from vlmscale.train.step import create_engine
 
 
 def zero3_engine(model_dir, *, optimizer=None, policy: list[str] = (), grad_accum_steps: int = 1,

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from vlmscale.config import ConfigError, SFTConfig, load_config
-from vlmscale.engine import faults
-from vlmscale.engine.checkpoint import CheckpointManager, tag_for
-from vlmscale.engine.distributed import DistInfo
+from vlmscale.distributed.group import DistInfo
+from vlmscale.train import faults
+from vlmscale.train.checkpoint import CheckpointManager, tag_for
 
 ONE = DistInfo(0, 1, 0)
 
@@ -116,8 +116,8 @@ def _cfg(out: Path, *extra: str):
 
 
 def test_resume_never_over_an_old_history_is_refused_unless_overwrite_moves_it_aside(tmp_path):
-    from vlmscale.engine.launch import check_paths
-    from vlmscale.engine.setup import open_checkpoints
+    from vlmscale.train.launch import check_paths
+    from vlmscale.train.setup import open_checkpoints
 
     _save(CheckpointManager(tmp_path, dist=ONE, keep_last=2), 5, "old run")
     with pytest.raises(ConfigError, match=r"resume=never .*new output_dir.*checkpoint\.overwrite=true"):
@@ -134,7 +134,7 @@ def test_resume_never_over_an_old_history_is_refused_unless_overwrite_moves_it_a
 
 
 def test_a_large_checkpoint_from_another_world_size_must_be_converted_offline(tmp_path):
-    from vlmscale.engine.launch import check_universal_size
+    from vlmscale.train.launch import check_universal_size
 
     manager = CheckpointManager(tmp_path, dist=ONE, keep_last=0)
     _save(manager, 5, "a")  # saved by 1 rank

@@ -113,7 +113,7 @@ def test_align_with_frozen_projector_is_rejected():
 
 
 def test_missing_inputs_are_config_errors_before_launch(tmp_path):
-    from vlmscale.engine.launch import check_paths
+    from vlmscale.train.launch import check_paths
 
     cfg = load_config(SFTConfig, overrides=[f"data.sources=[{{name: x, path: '{tmp_path / 'nope'}', weight: 1}}]"])
     with pytest.raises(ConfigError, match="does not exist"):
@@ -163,7 +163,7 @@ def test_ppo_config_errors_name_the_field(override, needle):
 
 def test_ppo_reward_model_without_head_is_a_config_error(tmp_path):
     from vlmscale.config import PPOConfig
-    from vlmscale.engine.launch import check_paths
+    from vlmscale.train.launch import check_paths
 
     (tmp_path / "rm").mkdir()
     (tmp_path / "rm" / "config.json").write_text("{}")

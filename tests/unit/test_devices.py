@@ -117,8 +117,7 @@ class FakeCuda(TorchFunctionMode):
 def fake_gpu(monkeypatch, tiny_export):
     """``(model, assets, mode, handed)``: the tiny model "on cuda:0" in fp32, collectives of a 2-rank NCCL
     group recording the devices of what they are handed."""
-    from vlmscale.engine import distributed
-
+    from vlmscale.distributed import group as distributed
     model, assets = load_pretrained(str(tiny_export), max_tiles=None, dtype=torch.float32)
     for t in [*model.parameters(), *model.buffers()]:
         t._fake_cuda = True
@@ -183,7 +182,7 @@ class _Engine:
 
 def test_train_step_keeps_tensors_on_the_device(fake_gpu, demo_dir):
     from tests.unit.engines import batches
-    from vlmscale.engine.trainer import train_step
+    from vlmscale.train.step import train_step
 
     model, assets, mode, handed = fake_gpu
     micro = batches(demo_dir / "train" / "vqa", assets, [[0, 1]]) + batches(demo_dir / "train" / "text", assets, [[0]])

@@ -10,11 +10,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from tests.unit.engines import batches, zero3_engine
-from vlmscale.engine.trainer import train_step
-from vlmscale.engine.zero import local_fp32_param, local_grad
+from vlmscale.distributed.zero import local_fp32_param, local_grad
 from vlmscale.model.build import load_pretrained
 from vlmscale.regularize import ewc as ewc_mod
 from vlmscale.regularize.ewc import EWC, ewc_penalty, missing_files, protects, read_flat_range, read_meta, write_files
+from vlmscale.train.step import train_step
 
 CPU = torch.device("cpu")
 
@@ -103,7 +103,7 @@ def test_bad_ewc_config_names_the_field(overrides, needle):
 
 def test_ewc_inputs_are_checked_before_launch(tmp_path):
     from vlmscale.config import ConfigError, SFTConfig, load_config
-    from vlmscale.engine.launch import check_paths
+    from vlmscale.train.launch import check_paths
 
     with pytest.raises(ConfigError, match="lacks ewc.json"):
         check_paths(load_config(SFTConfig, overrides=["regularizer.ewc.weight=1", f"regularizer.ewc.path={tmp_path}"]))

@@ -11,14 +11,14 @@ from transformers import AutoModelForImageTextToText
 from vlmscale.config import SFTConfig, load_config
 from vlmscale.config.deepspeed import build_ds_config
 from vlmscale.config.schema import ModelConfig
-from vlmscale.engine.trainer import create_engine, export_hf
-from vlmscale.engine.zero import gathered_state_dict, zero3_model_scope
+from vlmscale.distributed.zero import gathered_state_dict, zero3_model_scope
 from vlmscale.model.build import load_pretrained
 from vlmscale.model.forward import vlm_logits
 from vlmscale.model.lora import add_lora
 from vlmscale.model.policy import apply_policy
 from vlmscale.model.shards import INDEX_NAME, ShardWriter, index_weights, parse_size
 from vlmscale.model.tokenizer import IMG_CONTEXT
+from vlmscale.train.step import create_engine, export_hf
 
 SHARD = "40KB"  # the tiny preset in fp32 is ~290 KB: 7+ shards
 
@@ -94,7 +94,7 @@ def test_shard_writer_caps_and_sizes(tmp_path):
 
 
 def test_scalar_head_model_exports_vlm_and_head(tiny_export, tmp_path, process_group):
-    from vlmscale.engine.zero import frozen_engine, partitioned_init
+    from vlmscale.distributed.zero import frozen_engine, partitioned_init
     from vlmscale.model.heads import load_scalar_head_model, ScalarHeadModel
 
     cfg = load_config(SFTConfig, overrides=["train.precision=fp32", "train.micro_batch_size=1"])

@@ -8,12 +8,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from vlmscale.config import SFTConfig, load_config
-from vlmscale.engine.flops import FlopModel, device_peak_tflops, sequence_lengths
-from vlmscale.engine.progress import Progress
-from vlmscale.engine.distributed import DistInfo
-from vlmscale.engine.trainer import StepStats
+from vlmscale.distributed.group import DistInfo
 from vlmscale.model.build import build_model, load_weights_plain
 from vlmscale.model.forward import token_losses, vlm_logits
+from vlmscale.train.flops import FlopModel, device_peak_tflops, sequence_lengths
+from vlmscale.train.progress import Progress
+from vlmscale.train.step import StepStats
 
 
 def _model(attn="eager"):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from vlmscale.data.dataset import StepBatchSampler
-from vlmscale.engine import distributed
-from vlmscale.engine.distributed import DistInfo, env_dist_info, launcher
+from vlmscale.distributed import group as distributed
+from vlmscale.distributed.group import DistInfo, env_dist_info, launcher
 
 
 @pytest.mark.parametrize("env,kind,info", [

@@ -12,10 +12,10 @@ from vlmscale.data.dataset import Item, collate, pack_collate
 from vlmscale.data.packing import first_fit_decreasing, plan_rows
 from vlmscale.data.render import IGNORE, render_sample
 from vlmscale.data.shards import ShardDataset
-from vlmscale.engine.setup import make_loader
 from vlmscale.model import forward
 from vlmscale.model.build import build_model, load_weights_plain
 from vlmscale.model.forward import num_supervised, token_losses, vlm_logits
+from vlmscale.train.setup import make_loader
 
 # sources with one image (vqa, captions), two images (multi), pooled video frames, no image (text), and
 # documents, whose first token is supervised (so a boundary label leaking across samples would count)

@@ -17,7 +17,7 @@ from tests.helpers import port
 def _prepare_on_rank(rank: int, out: str, fresh: bool, master_port: int) -> None:
     import vlmscale.eval.periodic as periodic
     from vlmscale.config.schema import EvalConfig
-    from vlmscale.engine.distributed import DistInfo
+    from vlmscale.distributed.group import DistInfo
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(master_port))
     dist.init_process_group("gloo", rank=rank, world_size=2)

@@ -1,12 +1,20 @@
-"""PPO's maths against hand-computed numbers (vlmscale.objectives.ppo)."""
+"""PPO's maths against hand-computed numbers (vlmscale.losses.ppo)."""
 
 import math
 
 import pytest
 import torch
 
-from vlmscale.objectives.ppo import (KLController, entropy, gae, policy_loss, token_logprobs, token_rewards,
-                                     value_loss, whiten)
+from vlmscale.losses.ppo import (
+    KLController,
+    entropy,
+    gae,
+    policy_loss,
+    token_logprobs,
+    token_rewards,
+    value_loss,
+    whiten,
+)
 
 
 def t(rows):

@@ -125,7 +125,7 @@ def test_reference_cache_fingerprint_changes_with_weights_data_and_layout(tmp_pa
     import os
 
     from vlmscale.config import DPOConfig, load_config
-    from vlmscale.preference.reference import fingerprint
+    from vlmscale.stages.dpo_reference import fingerprint
 
     (tmp_path / "model.safetensors").write_bytes(b"weights")
     base = [f"model.init_from={tmp_path}", f"data.demo_dir={demo_dir}"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from vlmscale.data.render import IGNORE
-from vlmscale.preference.losses import bradley_terry_loss, dpo_loss, sequence_logps, sft_loss, token_logps
+from vlmscale.losses.preference import bradley_terry_loss, dpo_loss, sequence_logps, sft_loss, token_logps
 
 
 def test_bradley_terry_matches_hand_computation():

@@ -77,7 +77,7 @@ def test_explicit_keys_come_from_yaml_and_overrides(tmp_path):
 
 def test_export_keeps_checkpoint_preprocessing(imagenet_export, tmp_path, process_group):
     from tests.unit.engines import zero3_engine
-    from vlmscale.engine.trainer import export_hf
+    from vlmscale.train.step import export_hf
 
     engine, assets = zero3_engine(imagenet_export)
     export_hf(engine, assets=assets, out_dir=tmp_path / "hf", meta={})

@@ -6,9 +6,9 @@ import torch
 from deepspeed.utils import safe_get_local_grad
 
 from tests.unit.engines import batches, zero3_engine
-from vlmscale.engine.trainer import train_step
 from vlmscale.model.build import load_pretrained
 from vlmscale.model.forward import num_supervised, token_losses, vlm_logits
+from vlmscale.train.step import train_step
 
 
 def test_accumulated_gradient_is_the_whole_windows_gradient(process_group, tiny_export, demo_dir):

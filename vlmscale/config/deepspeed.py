@@ -80,7 +80,7 @@ def build_ds_config(cfg: RunConfig, *, world_size: int) -> dict[str, Any]:
         raise ConfigError(f"{path}: zero_optimization.stage must be 0-3")
     ds.setdefault("steps_per_print", 10**9)
     ds.setdefault("wall_clock_breakdown", False)
-    # vlmscale normalises the loss over the whole accumulation window itself (see vlmscale.engine.trainer.train_step).
+    # vlmscale normalises the loss over the whole accumulation window itself (see vlmscale.train.step.train_step).
     ds["zero_allow_untested_optimizer"] = True
     return ds
 

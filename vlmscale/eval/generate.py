@@ -31,7 +31,7 @@ import torch
 from transformers import DynamicCache
 
 from vlmscale.data.render import Rendered
-from vlmscale.engine.distributed import all_reduce_max, any_rank, model_device
+from vlmscale.distributed.group import all_reduce_max, any_rank, model_device
 from vlmscale.model.forward import merge_image_features
 from vlmscale.model.tokenizer import ProcessorAssets
 

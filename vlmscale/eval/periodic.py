@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 
 from vlmscale.config.schema import EvalConfig, VideoConfig
-from vlmscale.engine.checkpoint import atomic_write
-from vlmscale.engine.distributed import DistInfo, all_reduce_sum, barrier
+from vlmscale.distributed.group import DistInfo, all_reduce_sum, barrier
 from vlmscale.eval.generate import VCDConfig
 from vlmscale.eval.suites import drift_reference, flatten, format_table, run_suites
 from vlmscale.model.tokenizer import ProcessorAssets
+from vlmscale.train.checkpoint import atomic_write
 
 log = logging.getLogger(__name__)
 

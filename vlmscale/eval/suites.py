@@ -22,7 +22,7 @@ from vlmscale.config.schema import EVAL_SUITES, VideoConfig
 from vlmscale.data.dataset import Item, collate
 from vlmscale.data.render import Rendered, render_prompt, render_sample
 from vlmscale.data.shards import ShardDataset
-from vlmscale.engine.distributed import all_gather_objects, model_device
+from vlmscale.distributed.group import all_gather_objects, model_device
 from vlmscale.eval.generate import VCDConfig, generate
 from vlmscale.eval.metrics import exact_match, iou, parse_box, pope_scores, yes_no
 from vlmscale.model.forward import token_losses, vlm_logits

@@ -1,7 +1,7 @@
 """Build an InternVL model three ways: a preset, an HF-format checkpoint, or vision + LLM composition.
 
 Model code is plain transformers: it never imports DeepSpeed. Under ZeRO-3 the caller keeps an
-``HfDeepSpeedConfig`` alive around these calls (see ``vlmscale.engine.zero.zero3_model_scope``),
+``HfDeepSpeedConfig`` alive around these calls (see ``vlmscale.distributed.zero.zero3_model_scope``),
 so ``from_config``/``from_pretrained`` create parameters already partitioned. Composition copies
 sub-model weights through the caller's ``load_weights`` hook, which gathers shards as needed.
 """
@@ -25,7 +25,12 @@ from transformers import (
 )
 
 from vlmscale.config.schema import ModelConfig
-from vlmscale.model.internvl_chat import image_processor_from_original, is_internvl_chat, load_original, read_original_config
+from vlmscale.model.internvl_chat import (
+    image_processor_from_original,
+    is_internvl_chat,
+    load_original,
+    read_original_config,
+)
 from vlmscale.model.presets import PRESETS, Preset
 from vlmscale.model.shards import LazyTensor, index_weights
 from vlmscale.model.tokenizer import (

@@ -76,7 +76,7 @@ def save_head(head: dict[str, torch.Tensor], export_dir: str | Path) -> Path:
 
 def head_weights(export_dir: str | Path) -> dict[str, LazyTensor]:
     """The saved head as named tensors of a :class:`ScalarHeadModel` (``score.weight``, ``score.bias``),
-    for ``vlmscale.engine.zero.load_weights`` (partition-aware) or ``load_weights_plain``."""
+    for ``vlmscale.distributed.zero.load_weights`` (partition-aware) or ``load_weights_plain``."""
     path = head_path(export_dir)
     if not path.is_file():
         raise ValueError(f"{export_dir}: no {HEAD_FILE}; expected a reward-model export (recipes/reward.py writes <output_dir>/hf)")
@@ -87,7 +87,7 @@ def load_scalar_head_model(export_dir: str | Path, *, dtype: torch.dtype, max_ti
                            load_weights=None):
     """``(ScalarHeadModel, assets)`` from a reward-model export: the HF InternVL dir plus its head.
 
-    Call inside ``vlmscale.engine.zero.zero3_model_scope`` with ``load_weights=vlmscale.engine.zero.load_weights``
+    Call inside ``vlmscale.distributed.zero.zero3_model_scope`` with ``load_weights=vlmscale.distributed.zero.load_weights``
     to get the VLM partitioned under ZeRO-3 (the head, one small Linear, is partitioned by
     ``deepspeed.initialize``); without them everything loads whole on this process.
     """

@@ -1,7 +1,7 @@
 """Safetensors weights written tensor by tensor into size-capped shards, as transformers lays them out.
 
 One shard is buffered at a time, so whoever writes holds at most about ``max_bytes`` of weights: the
-streaming export (``vlmscale.engine.trainer.export_hf``) and the InternVL format conversion
+streaming export (``vlmscale.train.step.export_hf``) and the InternVL format conversion
 (``vlmscale.model.internvl_chat``) both write through :class:`ShardWriter`. Reading goes through
 :func:`hf_weights`, which names tensors as the in-memory InternVL model does whichever layout a
 checkpoint was saved in.

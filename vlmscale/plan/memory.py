@@ -91,7 +91,7 @@ class ModelFacts:
     @classmethod
     def from_model(cls, model: torch.nn.Module, *, param_groups: list[dict]) -> "ModelFacts":
         """Facts of an InternVL model (meta device is fine) after the parameter policy is applied."""
-        from vlmscale.engine.flops import FlopModel
+        from vlmscale.train.flops import FlopModel
 
         inner = model.model
         units = {u.name: u for u in FlopModel.from_model(model).units}

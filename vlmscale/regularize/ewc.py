@@ -12,7 +12,7 @@ checkpoint layout the model was loaded from. Full tensors make the files indepen
 size that wrote them.
 
 Under ZeRO-3 every rank reads only its own slice of each tensor (the slice the optimizer holds for
-that parameter, :func:`vlmscale.engine.zero.local_range`), so F and theta_star cost each rank
+that parameter, :func:`vlmscale.distributed.zero.local_range`), so F and theta_star cost each rank
 1 / world of their total, like the fp32 master weights. Between the last backward of a step and
 the optimizer update, :meth:`EWC.apply` adds the penalty's gradient to that rank's slice of the
 reduced gradient, so gradient clipping and the optimizer see the sum.
@@ -30,7 +30,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from vlmscale.engine.zero import is_partitioned, local_fp32_param, local_grad, local_range, set_local_grad
+from vlmscale.distributed.zero import is_partitioned, local_fp32_param, local_grad, local_range, set_local_grad
 from vlmscale.model.policy import module_of
 
 log = logging.getLogger(__name__)

@@ -30,16 +30,23 @@ import time
 import deepspeed
 import torch
 
-from vlmscale.precision import torch_dtype
 from vlmscale.config.schema import VideoConfig
 from vlmscale.data.dataset import Item, collate
 from vlmscale.data.render import IGNORE, BadSample, Rendered, render_sample
 from vlmscale.data.shards import ShardDataset
-from vlmscale.engine.distributed import DistInfo, all_reduce_sum, barrier, gather_to_main, model_device, sum_counts
-from vlmscale.engine.zero import zero3_config, local_fp32_param, local_grad, local_range, set_local_grad, zero3_model_scope
+from vlmscale.distributed.group import DistInfo, all_reduce_sum, barrier, gather_to_main, model_device, sum_counts
+from vlmscale.distributed.zero import (
+    zero3_config,
+    local_fp32_param,
+    local_grad,
+    local_range,
+    set_local_grad,
+    zero3_model_scope,
+)
 from vlmscale.model.build import load_pretrained
 from vlmscale.model.forward import token_losses, vlm_logits
 from vlmscale.model.policy import module_of
+from vlmscale.precision import torch_dtype
 from vlmscale.regularize.ewc import PARAM_SETS, protects, write_files
 
 log = logging.getLogger(__name__)

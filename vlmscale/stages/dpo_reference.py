@@ -27,11 +27,11 @@ import torch
 from vlmscale.config.schema import DPOConfig
 from vlmscale.data.dataset import resolve_path
 from vlmscale.data.shards import list_shards
-from vlmscale.engine import faults
-from vlmscale.engine.checkpoint import ResumeError
-from vlmscale.engine.distributed import DistInfo, all_gather_objects
-from vlmscale.engine.zero import start_micro_batch
-from vlmscale.preference.objectives import answer_logps
+from vlmscale.distributed.group import DistInfo, all_gather_objects
+from vlmscale.distributed.zero import start_micro_batch
+from vlmscale.stages.objectives import answer_logps
+from vlmscale.train import faults
+from vlmscale.train.checkpoint import ResumeError
 
 log = logging.getLogger(__name__)
 CACHE_DIR = "ref_cache"

@@ -17,17 +17,17 @@ from tqdm import tqdm
 
 from vlmscale.config.schema import RunConfig
 from vlmscale.data.dataset import resolve_path
-from vlmscale.engine import faults
-from vlmscale.engine.distributed import all_reduce_sum, device
-from vlmscale.engine.flops import FlopModel, device_peak_tflops
-from vlmscale.engine.metrics import SampleLog
-from vlmscale.engine.preemption import Preempted, StopFlag
-from vlmscale.engine.progress import Progress
-from vlmscale.engine.setup import Run, make_loader, setup_run
-from vlmscale.engine.trainer import Objective, StepStats, export_hf, train_step
-from vlmscale.engine.watchdog import Watchdog
+from vlmscale.distributed.group import all_reduce_sum, device
 from vlmscale.eval.periodic import PeriodicEval
 from vlmscale.regularize.ewc import EWC
+from vlmscale.train import faults
+from vlmscale.train.flops import FlopModel, device_peak_tflops
+from vlmscale.train.metrics import SampleLog
+from vlmscale.train.preemption import Preempted, StopFlag
+from vlmscale.train.progress import Progress
+from vlmscale.train.setup import Run, make_loader, setup_run
+from vlmscale.train.step import Objective, StepStats, export_hf, train_step
+from vlmscale.train.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The reward and DPO objectives for ``vlmscale.engine.trainer.train_step``, and held-out pair accuracy.
+"""The reward and DPO objectives for ``vlmscale.train.step.train_step``, and held-out pair accuracy.
 
 A pair micro-batch (``vlmscale.data.preference.pair_collate``) holds ``n`` chosen rows then ``n``
 rejected rows; one forward scores both, so under ZeRO-3 every parameter is gathered once per
@@ -18,11 +18,11 @@ from vlmscale.data.dataset import Item
 from vlmscale.data.preference import pair_collate, render_pair
 from vlmscale.data.render import BadSample
 from vlmscale.data.shards import ShardDataset
-from vlmscale.engine.distributed import all_reduce_sum
+from vlmscale.distributed.group import all_reduce_sum
+from vlmscale.losses.preference import bradley_terry_loss, dpo_loss, sequence_logps, sft_loss, token_logps
 from vlmscale.model.forward import vlm_logits
 from vlmscale.model.heads import last_token_scores, token_values
 from vlmscale.model.tokenizer import ProcessorAssets
-from vlmscale.preference.losses import bradley_terry_loss, dpo_loss, sequence_logps, sft_loss, token_logps
 
 
 def model_inputs(batch: dict, device: torch.device) -> dict:

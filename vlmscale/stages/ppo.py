@@ -5,7 +5,7 @@ are frozen engines without one. All four are built partitioned (``build_partitio
 holds any of them whole. Every rank runs the same forwards in the same order: each has the same
 number of rollouts, generation agrees the number of decode steps over ranks
 (:func:`vlmscale.eval.generate.generate` with ``local=True``), and the update walks the same number
-of minibatches everywhere. The objective's maths lives in :mod:`vlmscale.objectives.ppo`.
+of minibatches everywhere. The objective's maths lives in :mod:`vlmscale.losses.ppo`.
 """
 
 from __future__ import annotations
@@ -24,18 +24,18 @@ import torch
 from vlmscale.config.schema import ModelConfig, PPOConfig
 from vlmscale.data.render import Rendered, render_prompt
 from vlmscale.data.shards import ShardDataset
-from vlmscale.engine.distributed import DistInfo, all_reduce_sum
-from vlmscale.engine.progress import NonFiniteTraining
-from vlmscale.engine.setup import build_partitioned
-from vlmscale.engine.trainer import create_engine
-from vlmscale.engine.zero import frozen_engine, load_weights, partitioned_init, start_micro_batch
+from vlmscale.distributed.group import DistInfo, all_reduce_sum
+from vlmscale.distributed.zero import frozen_engine, load_weights, partitioned_init, start_micro_batch
 from vlmscale.eval.generate import generate
+from vlmscale.losses import ppo as objective
 from vlmscale.model.forward import vlm_logits
 from vlmscale.model.heads import ScalarHeadModel, head_weights, last_token_scores, token_values
 from vlmscale.model.policy import apply_policy
 from vlmscale.model.tokenizer import IM_END, IMG_CONTEXT, IMG_END, IMG_START, PAD, VIDEO, ProcessorAssets
-from vlmscale.objectives import ppo as objective
 from vlmscale.precision import torch_dtype
+from vlmscale.train.progress import NonFiniteTraining
+from vlmscale.train.setup import build_partitioned
+from vlmscale.train.step import create_engine
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
 """The reward and DPO stages: build -> (reference) -> train -> export -> evaluate.
 
-Both train on preference pairs with the shared loop (``vlmscale.engine.lm_stage.train_loop``:
+Both train on preference pairs with the shared loop (``vlmscale.stages.lm.train_loop``:
 checkpoints, resume, faults, preemption, metrics) and an objective from
-``vlmscale.preference.objectives``; each micro-batch holds the chosen and the rejected answers
+``vlmscale.stages.objectives``; each micro-batch holds the chosen and the rejected answers
 of its pairs, so under ZeRO-3 both sides go through one forward and one gather of every layer.
 """
 
@@ -16,21 +16,20 @@ import torch
 
 from vlmscale.config.schema import DPOConfig, RewardConfig
 from vlmscale.data.dataset import resolve_path
-from vlmscale.engine.distributed import device
-from vlmscale.engine.flops import FlopModel
-from vlmscale.engine.lm_stage import total_peak_tflops, train_loop
-from vlmscale.engine.preemption import StopFlag
-from vlmscale.engine.progress import Progress
-from vlmscale.precision import torch_dtype
-from vlmscale.engine.setup import Run, make_loader, seed_everything, setup_run
-from vlmscale.engine.trainer import StepStats, export_hf
-from vlmscale.engine.zero import frozen_engine, load_weights, start_micro_batch, zero3_model_scope
+from vlmscale.distributed.group import device
+from vlmscale.distributed.zero import frozen_engine, load_weights, start_micro_batch, zero3_model_scope
 from vlmscale.eval.periodic import PeriodicEval
 from vlmscale.model.build import build_model
 from vlmscale.model.heads import ScalarHeadModel, head_path, head_weights
-from vlmscale.preference.objectives import (BradleyTerryObjective, DPOObjective, heldout_pairs, pair_metrics,
-                                            reward_accuracy)
-from vlmscale.preference.reference import LiveReference, ReferenceCache, fingerprint
+from vlmscale.precision import torch_dtype
+from vlmscale.stages.dpo_reference import LiveReference, ReferenceCache, fingerprint
+from vlmscale.stages.lm import total_peak_tflops, train_loop
+from vlmscale.stages.objectives import BradleyTerryObjective, DPOObjective, heldout_pairs, pair_metrics, reward_accuracy
+from vlmscale.train.flops import FlopModel
+from vlmscale.train.preemption import StopFlag
+from vlmscale.train.progress import Progress
+from vlmscale.train.setup import Run, make_loader, seed_everything, setup_run
+from vlmscale.train.step import StepStats, export_hf
 
 log = logging.getLogger(__name__)
 

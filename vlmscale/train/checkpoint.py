@@ -37,8 +37,8 @@ from typing import Any
 
 import torch
 
-from vlmscale.engine import faults
-from vlmscale.engine.distributed import DistInfo, all_gather_objects, barrier
+from vlmscale.distributed.group import DistInfo, all_gather_objects, barrier
+from vlmscale.train import faults
 
 log = logging.getLogger(__name__)
 COMMIT = "COMMITTED"
@@ -277,7 +277,7 @@ class CheckpointManager:
         """
         from deepspeed.checkpoint import ds_to_universal
 
-        from vlmscale.engine.safe_load import safe_torch_load
+        from vlmscale.train.safe_load import safe_torch_load
 
         src, dst = self.root / tag, self.root / tag / UNIVERSAL
         if dst.is_dir():
@@ -312,7 +312,7 @@ class CheckpointManager:
         if universal:
             groups = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
             if self.dist.is_main:  # the universal files are unpickled unrestricted by DeepSpeed: check them first
-                from vlmscale.engine.safe_load import safe_torch_load
+                from vlmscale.train.safe_load import safe_torch_load
 
                 for f in sorted((load_dir / load_tag).rglob("*.pt")):
                     safe_torch_load(str(f), map_location="cpu")

@@ -54,7 +54,7 @@ def parse(spec: str) -> tuple[Fault, ...]:
     for part in filter(None, (p.strip() for p in spec.split(";"))):
         m = _SPEC.match(part)
         if m is None:
-            raise ValueError(f"{ENV}={spec!r}: cannot parse {part!r} (e.g. kill@step=7,rank=1; see vlmscale/engine/faults.py)")
+            raise ValueError(f"{ENV}={spec!r}: cannot parse {part!r} (e.g. kill@step=7,rank=1; see vlmscale/train/faults.py)")
         action, point, op, n, rank = m.groups()
         faults.append(Fault(action, point, op == ">=", int(n), None if rank is None else int(rank)))
     return tuple(faults)

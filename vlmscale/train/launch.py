@@ -8,7 +8,7 @@ Exit codes: 0 done; 2 configuration error (before training starts); 3 too much b
 A failure on one rank is every rank's: pre-launch checks that read the filesystem (which can differ
 between nodes) are agreed in one collective, so every rank exits 2 and the failing rank's message
 is printed (with its rank and host) by every rank; an exception in training is posted to the other
-ranks (``vlmscale.engine.watchdog.PeerFailures``), which stop within seconds with the failing
+ranks (``vlmscale.train.watchdog.PeerFailures``), which stop within seconds with the failing
 rank's exit code.
 """
 
@@ -21,7 +21,7 @@ from typing import Callable, TypeVar
 
 from vlmscale.config import ConfigError, load_config, parse_cli
 from vlmscale.data.dataset import TooManyBadSamples
-from vlmscale.engine.distributed import all_gather_objects, barrier, env_dist_info, init_distributed, shutdown
+from vlmscale.distributed.group import all_gather_objects, barrier, env_dist_info, init_distributed, shutdown
 
 log = logging.getLogger(__name__)
 C = TypeVar("C")
@@ -47,8 +47,8 @@ def check_paths(cfg) -> None:
     from pathlib import Path
 
     from vlmscale.config.deepspeed import build_ds_config, zero_stage
-    from vlmscale.engine.checkpoint import CheckpointManager
-    from vlmscale.engine.distributed import DistInfo
+    from vlmscale.train.checkpoint import CheckpointManager
+    from vlmscale.distributed.group import DistInfo
 
     ds = build_ds_config(cfg, world_size=env_dist_info().world_size)
     checkpoints = CheckpointManager(cfg.output_dir, dist=DistInfo(0, 1, 0), keep_last=0)
@@ -92,7 +92,7 @@ def check_paths(cfg) -> None:
 def settle_precision(cfg, checkpoints) -> None:
     """Resolve ``train.precision`` (``auto`` by hardware and by the checkpoint to resume) into the run
     config, before any process group starts; the run logs the decision (:func:`precision_decision`)."""
-    from vlmscale.engine.checkpoint import ResumeError
+    from vlmscale.train.checkpoint import ResumeError
     from vlmscale.precision import PrecisionError, checkpoint_precision, resolve
 
     saved = tag = None
@@ -126,7 +126,7 @@ def check_resume_batch(cfg, checkpoints, *, world_size: int) -> None:
     order; with it kept, any world size continues the same sequence (``grad_accum_steps`` takes up the
     difference: 16 ranks x accum 1 -> 8 ranks x accum 2).
     """
-    from vlmscale.engine.checkpoint import ResumeError
+    from vlmscale.train.checkpoint import ResumeError
 
     try:
         tag = checkpoints.find(cfg.resume)
@@ -152,7 +152,7 @@ def check_resume_batch(cfg, checkpoints, *, world_size: int) -> None:
 def check_resume_mixture(cfg, checkpoints) -> None:
     """The checkpoint to resume must have been trained on this launch's data mixture (``vlmscale.data.fingerprint``)."""
     from vlmscale.data.fingerprint import check_resume_data
-    from vlmscale.engine.checkpoint import ResumeError
+    from vlmscale.train.checkpoint import ResumeError
 
     try:
         tag = checkpoints.find(cfg.resume)
@@ -165,7 +165,7 @@ def check_resume_mixture(cfg, checkpoints) -> None:
 def check_universal_size(cfg, checkpoints, tag: str, *, world_size: int) -> None:
     """A checkpoint saved by another number of ranks is converted inside the job only when it is small;
     a large one would hold every rank at a barrier for the conversion (an hour at 76B)."""
-    from vlmscale.engine.checkpoint import UNIVERSAL
+    from vlmscale.train.checkpoint import UNIVERSAL
 
     if checkpoints.meta(tag)["world_size"] == world_size or (checkpoints.root / tag / UNIVERSAL).is_dir():
         return
@@ -210,10 +210,10 @@ def _agree_on_checks(cfg) -> bool:
 
 def exit_code(exc: BaseException) -> int:
     """The exit code of a run that raised ``exc`` (see the module doc)."""
-    from vlmscale.engine.checkpoint import ResumeError
-    from vlmscale.engine.preemption import EXIT_PREEMPTED, Preempted
-    from vlmscale.engine.progress import NonFiniteTraining
-    from vlmscale.engine.safe_load import UnsafeCheckpoint
+    from vlmscale.train.checkpoint import ResumeError
+    from vlmscale.train.preemption import EXIT_PREEMPTED, Preempted
+    from vlmscale.train.progress import NonFiniteTraining
+    from vlmscale.train.safe_load import UnsafeCheckpoint
 
     if isinstance(exc, TooManyBadSamples):
         return EXIT_BAD_DATA
@@ -241,8 +241,8 @@ def recipe_main(config_cls: type[C], train: Callable[[C], int], argv: list[str])
             print(f"warning: {notice}", file=sys.stderr)
     if not _agree_on_checks(cfg):
         return EXIT_CONFIG
-    from vlmscale.engine.preemption import Preempted
-    from vlmscale.engine.watchdog import PeerFailures, kill_children
+    from vlmscale.train.preemption import Preempted
+    from vlmscale.train.watchdog import PeerFailures, kill_children
 
     info = init_distributed()
     failures = PeerFailures(cfg.output_dir, rank=info.rank, world_size=info.world_size)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import signal
 
-from vlmscale.engine.distributed import all_reduce_sum
+from vlmscale.distributed.group import all_reduce_sum
 
 log = logging.getLogger(__name__)
 EXIT_PREEMPTED = 6

@@ -12,8 +12,8 @@ from typing import Any
 
 from vlmscale.config.schema import DataConfig
 from vlmscale.data.dataset import check_bad_fraction
-from vlmscale.engine.distributed import DistInfo, sum_counts
-from vlmscale.engine.trainer import StepStats
+from vlmscale.distributed.group import DistInfo, sum_counts
+from vlmscale.train.step import StepStats
 
 log = logging.getLogger(__name__)
 

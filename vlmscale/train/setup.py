@@ -17,23 +17,30 @@ import yaml
 from vlmscale.config.deepspeed import build_ds_config
 from vlmscale.config.load import to_dict
 from vlmscale.config.schema import ModelConfig, RunConfig
-from vlmscale.data.dataset import (NormalisingLoader, StepBatchSampler, TrainDataset, collate, image_options,
-                                   open_sources, pack_collate)
+from vlmscale.data.dataset import (
+    NormalisingLoader,
+    StepBatchSampler,
+    TrainDataset,
+    collate,
+    image_options,
+    open_sources,
+    pack_collate,
+)
 from vlmscale.data.fingerprint import FINGERPRINT, data_fingerprint
 from vlmscale.data.preference import PairDataset, pair_collate
-from vlmscale.engine.checkpoint import CheckpointManager, ResumeError
-from vlmscale.engine import safe_load
-from vlmscale.engine.distributed import DistInfo, barrier, init_distributed
-from vlmscale.engine.metrics import MetricsLogger, SampleLog, setup_logging
-from vlmscale.engine.preemption import ignore_stop_signals
-from vlmscale.engine.trainer import create_engine
-from vlmscale.engine.zero import load_weights, local_param_share, zero3_model_scope
+from vlmscale.distributed.group import DistInfo, barrier, init_distributed
+from vlmscale.distributed.zero import load_weights, local_param_share, zero3_model_scope
 from vlmscale.model.build import build_model
 from vlmscale.model.checkpointing import enable_activation_checkpointing
 from vlmscale.model.lora import add_lora
 from vlmscale.model.policy import apply_policy
 from vlmscale.model.tokenizer import ProcessorAssets
 from vlmscale.precision import resolve, torch_dtype
+from vlmscale.train import safe_load
+from vlmscale.train.checkpoint import CheckpointManager, ResumeError
+from vlmscale.train.metrics import MetricsLogger, SampleLog, setup_logging
+from vlmscale.train.preemption import ignore_stop_signals
+from vlmscale.train.step import create_engine
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +80,7 @@ def start_run(cfg: RunConfig) -> tuple[DistInfo, dict[str, Any]]:
 
 def log_precision(cfg: RunConfig) -> None:
     """Say which precision the run uses and why (``recipe_main`` resolved it before any process group)."""
-    from vlmscale.engine.launch import precision_decision
+    from vlmscale.train.launch import precision_decision
 
     decision = precision_decision()
     if decision is None:  # not started through recipe_main (tests, scripts): resolve by hardware now
@@ -99,7 +106,7 @@ def build_partitioned(model_cfg: ModelConfig, *, ds_config: dict[str, Any], max_
 def open_checkpoints(cfg: RunConfig, dist: DistInfo) -> CheckpointManager:
     """The run's checkpoint manager, torn saves removed (collective). A fresh run (``resume=never``) over
     an earlier one's history moves it aside with ``checkpoint.overwrite=true`` (without it, the launch
-    stopped before: ``vlmscale.engine.launch.check_paths``)."""
+    stopped before: ``vlmscale.train.launch.check_paths``)."""
     checkpoints = CheckpointManager(Path(cfg.output_dir), dist=dist, keep_last=cfg.checkpoint.keep_last)
     checkpoints.extra_files[FINGERPRINT] = json.dumps(data_fingerprint(cfg.data, seed=cfg.train.seed), indent=1)
     if dist.is_main:

@@ -14,14 +14,14 @@ import deepspeed
 import torch
 
 from vlmscale.config.schema import OptimConfig
-from vlmscale.engine.distributed import all_reduce_sum, barrier
-from vlmscale.engine.flops import FlopModel
-from vlmscale.engine.zero import gathered_units, start_micro_batch
+from vlmscale.distributed.group import all_reduce_sum, barrier
+from vlmscale.distributed.zero import gathered_units, start_micro_batch
 from vlmscale.model.forward import num_supervised, supervised_loss_sum, vlm_hidden
 from vlmscale.model.heads import ScalarHeadModel, save_head, split_state
 from vlmscale.model.lora import export_units, merge_lora_state_dict
 from vlmscale.model.shards import ShardWriter, disk_name, parse_size
 from vlmscale.model.tokenizer import ProcessorAssets
+from vlmscale.train.flops import FlopModel
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def create_engine(model: torch.nn.Module, *, param_groups: list[dict], ds_config
 
 
 class Objective(Protocol):
-    """A training loss other than next-token prediction (e.g. ``vlmscale.preference.objectives``)."""
+    """A training loss other than next-token prediction (e.g. ``vlmscale.stages.objectives``)."""
 
     def count(self, batch: dict) -> float:
         """Units of this micro-batch the loss is averaged over (pairs, tokens, ...)."""
@@ -75,7 +75,7 @@ class StepStats:
     update_skipped: bool = False  # non-finite loss or gradient on some rank: no rank applied the update
     sample_ids: list[str] = field(default_factory=list)  # this rank's samples in this step
     penalty: float = 0.0  # value of the ``before_step`` regularizer (e.g. EWC), all ranks
-    flops: float = 0.0  # model FLOPs of this step (forward + backward), all ranks; see vlmscale.engine.flops
+    flops: float = 0.0  # model FLOPs of this step (forward + backward), all ranks; see vlmscale.train.flops
     units: int = 0  # what the loss is averaged over: supervised tokens, or the objective's count (e.g. pairs)
     extra: dict[str, float] = field(default_factory=dict)  # the objective's statistics, summed over the window and ranks
 

@@ -81,7 +81,7 @@ class Watchdog:
 
 def kill_children() -> None:
     """SIGKILL this rank's worker processes on a failure exit: DataLoader workers ignore SIGTERM (see
-    ``vlmscale.engine.preemption.ignore_stop_signals``), so interpreter exit would wait on them forever
+    ``vlmscale.train.preemption.ignore_stop_signals``), so interpreter exit would wait on them forever
     while an iterator is still alive, and after ``os._exit`` they would linger for seconds."""
     for child in multiprocessing.active_children():
         child.kill()

@@ -102,7 +102,7 @@ def launch_ranks(recipe: str, per_rank: list[list[str]], *, timeout: int = 240, 
 def template_ids(assets, record: dict, tiles_per_image: list[int]) -> list[int]:
     """What the exported chat template + the stock InternVL processor expansion give: the k-th image's
     ``<IMG_CONTEXT>`` becomes ``<img>`` + ``<IMG_CONTEXT>`` x (its tiles x image_seq_length) + ``</img>``."""
-    from vlmscale.model.tokenizer import IMG_CONTEXT
+    from vlmscale.constants import IMG_CONTEXT
 
     tok = assets.tokenizer
     pieces = tok.apply_chat_template(record["messages"], tokenize=False).split(IMG_CONTEXT)

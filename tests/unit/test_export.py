@@ -11,13 +11,13 @@ from transformers import AutoModelForImageTextToText
 from vlmscale.config import SFTConfig, load_config
 from vlmscale.config.deepspeed import build_ds_config
 from vlmscale.config.schema import ModelConfig
+from vlmscale.constants import IMG_CONTEXT
 from vlmscale.distributed.zero import gathered_state_dict, zero3_model_scope
 from vlmscale.model.build import load_pretrained
 from vlmscale.model.forward import vlm_logits
 from vlmscale.model.lora import add_lora
 from vlmscale.model.policy import apply_policy
 from vlmscale.model.shards import INDEX_NAME, ShardWriter, index_weights, parse_size
-from vlmscale.model.tokenizer import IMG_CONTEXT
 from vlmscale.train.step import create_engine, export_hf
 
 SHARD = "40KB"  # the tiny preset in fp32 is ~290 KB: 7+ shards

@@ -19,11 +19,11 @@ from PIL import Image
 from tests.helpers import template_ids
 from vlmscale.config import SFTConfig, load_config
 from vlmscale.config.schema import VideoConfig
+from vlmscale.constants import IMG_CONTEXT
 from vlmscale.data.dataset import Item, collate, pack_collate
 from vlmscale.data.render import render_sample
 from vlmscale.model.build import build_model, load_weights_plain
 from vlmscale.model.forward import vlm_logits
-from vlmscale.model.tokenizer import IMG_CONTEXT
 
 VIDEO = VideoConfig(max_frames=4, pool=1, token_budget=256)  # stock InternVL does not pool frame grids
 MAX_TILES = 4

@@ -11,6 +11,7 @@ from transformers import InternVLConfig, InternVLForConditionalGeneration, Inter
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
 from vlmscale.config.schema import ModelConfig
+from vlmscale.constants import IMG_CONTEXT
 from vlmscale.model.build import build_model, load_pretrained, load_weights_plain
 from vlmscale.model.forward import vlm_logits
 from vlmscale.model.internvl_chat import (
@@ -23,7 +24,7 @@ from vlmscale.model.internvl_chat import (
     split_wqkv,
 )
 from vlmscale.model.shards import hf_weights, index_weights
-from vlmscale.model.tokenizer import IMG_CONTEXT, ProcessorAssets
+from vlmscale.model.tokenizer import ProcessorAssets
 
 VISION = {  # the two InternViT layouts, at toy sizes
     "300m": dict(norm_type="layer_norm", attention_bias=True, use_qk_norm=False),

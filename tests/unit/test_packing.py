@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from vlmscale.config import SFTConfig, load_config
+from vlmscale.constants import IGNORE
 from vlmscale.data.dataset import Item, collate, pack_collate
 from vlmscale.data.packing import first_fit_decreasing, plan_rows
-from vlmscale.data.render import IGNORE, render_sample
+from vlmscale.data.render import render_sample
 from vlmscale.data.shards import ShardDataset
 from vlmscale.model import forward
 from vlmscale.model.build import build_model, load_weights_plain

@@ -9,10 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
+from vlmscale.constants import IGNORE
 from vlmscale.data.convert import convert_preference
 from vlmscale.data.dataset import Item
 from vlmscale.data.preference import changed_tokens, pair_collate, render_pair
-from vlmscale.data.render import IGNORE, BadSample, render_sample
+from vlmscale.data.render import BadSample, render_sample
 from vlmscale.data.shards import ShardDataset
 
 

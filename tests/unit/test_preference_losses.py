@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from vlmscale.data.render import IGNORE
+from vlmscale.constants import IGNORE
 from vlmscale.losses.preference import bradley_terry_loss, dpo_loss, sequence_logps, sft_loss, token_logps
 
 

@@ -4,8 +4,8 @@ import pytest
 from PIL import Image
 
 from tests.helpers import template_ids
-from vlmscale.data.render import IGNORE, BadSample, render_prompt, render_sample
-from vlmscale.model.tokenizer import IM_END, IMG_CONTEXT
+from vlmscale.constants import IGNORE, IM_END, IMG_CONTEXT
+from vlmscale.data.render import BadSample, render_prompt, render_sample
 
 
 def _png(w=64, h=64, colour=(200, 30, 30)) -> bytes:

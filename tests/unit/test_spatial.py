@@ -3,8 +3,9 @@
 import json
 import random
 
-from vlmscale.data.demo import Obj, spatial_questions
+from vlmscale.data.demo import spatial_questions
 from vlmscale.data.shards import ShardDataset
+from vlmscale.demo_vocab import Obj
 from vlmscale.eval.suites import format_table, run_suites
 
 

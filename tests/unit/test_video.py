@@ -8,11 +8,11 @@ from PIL import Image
 
 from vlmscale.config import SFTConfig, load_config
 from vlmscale.config.schema import VideoConfig
+from vlmscale.constants import IMG_CONTEXT, IMG_END, IMG_START
 from vlmscale.data.dataset import Item, collate
 from vlmscale.data.render import BadSample, plan_video, render_sample
 from vlmscale.model.build import build_model, load_weights_plain
 from vlmscale.model.forward import image_features, token_losses, vlm_logits
-from vlmscale.model.tokenizer import IMG_CONTEXT, IMG_END, IMG_START
 
 
 @pytest.fixture

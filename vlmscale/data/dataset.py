@@ -17,10 +17,11 @@ from pathlib import Path
 import torch
 
 from vlmscale.config.schema import DataConfig, VideoConfig
+from vlmscale.constants import IGNORE
 from vlmscale.data.demo import ensure_demo
 from vlmscale.data.mixture import Mixture
 from vlmscale.data.packing import packed_tensors, plan_rows
-from vlmscale.data.render import IGNORE, BadSample, ImageOptions, Rendered, normalise_tiles, render_sample
+from vlmscale.data.render import BadSample, ImageOptions, Rendered, normalise_tiles, render_sample
 from vlmscale.data.shards import ShardDataset
 from vlmscale.model.tokenizer import ProcessorAssets
 

@@ -19,72 +19,29 @@ import logging
 import os
 import random
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
 from vlmscale.data.shards import ShardWriter
+from vlmscale.demo_vocab import (
+    IMAGE_SIZE,
+    COLOURS,
+    COLUMNS,
+    OBJECTS,
+    POPULARITY,
+    Obj,
+    sample_scene,
+    caption,
+    absent_object,
+    vqa_questions,
+    grounding_question,
+    text_task,
+)
 
 log = logging.getLogger(__name__)
 
 DEMO_VERSION = 9
-# 48-px scenes on a 3x3 grid of 16-px cells: with 8-px patches and InternVL's 2x2 pixel shuffle
-# each cell is exactly one image token, so an object's colour and shape meet in one token.
-IMAGE_SIZE = 48
-COLOURS = {
-    "red": (220, 40, 40),
-    "green": (40, 160, 60),
-    "blue": (40, 80, 230),
-    "yellow": (235, 205, 30),
-    "purple": (150, 60, 190),
-    "orange": (245, 135, 25),
-}
-SHAPES = ("circle", "square", "triangle")
-COLUMNS = ("left", "middle", "right")
-NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
-OBJECTS = [(c, s) for c in COLOURS for s in SHAPES]
-# popularity: a few objects appear far more often (POPE "popular" negatives)
-POPULARITY = [6.0 if i % 5 == 0 else 1.0 for i in range(len(OBJECTS))]
-# each object's usual companion (POPE "adversarial" negatives)
-PARTNER = {OBJECTS[i]: OBJECTS[(i * 7 + 4) % len(OBJECTS)] for i in range(len(OBJECTS))}
-WORDS = ["cat", "dog", "sun", "tree", "book", "river", "apple", "stone", "cloud", "green", "paper", "music",
-         "table", "light", "water", "house", "bread", "chair", "plant", "bird", "snow", "road", "glass", "field"]
-DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
-
-
-@dataclass
-class Obj:
-    colour: str
-    shape: str
-    row: int
-    col: int
-    box: tuple[int, int, int, int]  # pixels x1, y1, x2, y2
-
-    @property
-    def name(self) -> str:
-        return f"{self.colour} {self.shape}"
-
-
-def _sample_scene(rng: random.Random, *, min_objects: int = 1) -> list[Obj]:
-    n = rng.choice([k for k in (1, 2, 3, 4) if k >= min_objects])
-    chosen: list[tuple[str, str]] = []
-    while len(chosen) < n:
-        if chosen and rng.random() < 0.6:
-            cand = PARTNER[rng.choice(chosen)]
-        else:
-            cand = rng.choices(OBJECTS, weights=POPULARITY)[0]
-        if all(cand[0] != c for c, _ in chosen):  # colours are unique within a scene
-            chosen.append(cand)
-    cells = rng.sample([(r, c) for r in range(3) for c in range(3)], n)
-    cell = IMAGE_SIZE // 3
-    objs = []
-    for (colour, shape), (row, col) in zip(chosen, cells):
-        size = rng.randint(10, 14)
-        x1 = col * cell + rng.randint(1, cell - size - 1)
-        y1 = row * cell + rng.randint(1, cell - size - 1)
-        objs.append(Obj(colour, shape, row, col, (x1, y1, x1 + size, y1 + size)))
-    return objs
 
 
 def render_scene(objs: list[Obj], rng: random.Random) -> bytes:
@@ -105,63 +62,7 @@ def render_scene(objs: list[Obj], rng: random.Random) -> bytes:
     return buf.getvalue()
 
 
-def box_text(box: tuple[int, int, int, int]) -> str:
-    """Normalised 0-999 integer coordinates, InternVL style."""
-    coords = [min(999, max(0, round(v * 1000 / IMAGE_SIZE))) for v in box]
-    return f"<box>[{coords[0]}, {coords[1]}, {coords[2]}, {coords[3]}]</box>"
-
-
-def caption(objs: list[Obj]) -> str:
-    parts = []
-    for o in sorted(objs, key=lambda o: (o.row, o.col)):
-        where = {0: "top", 1: "centre", 2: "bottom"}[o.row] + " " + COLUMNS[o.col]
-        article = "an" if o.colour[0] in "aeiou" else "a"
-        parts.append(f"{article} {o.name} at the {where}")
-    count = NUMBER_WORDS[len(objs)]
-    noun = "object" if len(objs) == 1 else "objects"
-    return f"{count.capitalize()} {noun}: " + ", ".join(parts) + "."
-
-
 # ---------------------------------------------------------------- questions
-
-
-def _unique_shape_objs(objs: list[Obj]) -> list[Obj]:
-    return [o for o in objs if sum(p.shape == o.shape for p in objs) == 1]
-
-
-def _alone_in_column(objs: list[Obj]) -> list[Obj]:
-    return [o for o in objs if sum(p.col == o.col for p in objs) == 1]
-
-
-def absent_object(objs: list[Obj], rng: random.Random, kind: str) -> tuple[str, str] | None:
-    present = {(o.colour, o.shape) for o in objs}
-    absent = [ob for ob in OBJECTS if ob not in present]
-    if kind == "adversarial":
-        cands = [PARTNER[p] for p in sorted(present) if PARTNER[p] not in present]  # sorted: independent of PYTHONHASHSEED
-        return rng.choice(cands) if cands else None
-    if kind == "popular":
-        ranked = sorted(absent, key=lambda ob: -POPULARITY[OBJECTS.index(ob)])
-        top = [ob for ob in ranked if POPULARITY[OBJECTS.index(ob)] == POPULARITY[OBJECTS.index(ranked[0])]]
-        return rng.choice(top)
-    return rng.choice(absent)
-
-
-def vqa_questions(objs: list[Obj], rng: random.Random) -> list[tuple[str, str, str]]:
-    """(question type, question, answer) candidates for a scene."""
-    qs: list[tuple[str, str, str]] = []
-    for o in _unique_shape_objs(objs):
-        qs.append(("colour", f"What colour is the {o.shape}?", o.colour))
-    for o in objs:
-        qs.append(("shape", f"What shape is the {o.colour} object?", o.shape))
-    qs.append(("count", "How many objects are there?", str(len(objs))))
-    for o in _alone_in_column(objs):  # colours are unique in a scene, so the colour names the object
-        qs.append(("position", f"Is the {o.colour} object on the left, in the middle or on the right?", COLUMNS[o.col]))
-    o = rng.choice(objs)
-    qs.append(("probe", f"Is there a {o.name} in the image?", "yes"))
-    neg = absent_object(objs, rng, rng.choice(["random", "popular", "adversarial"]))
-    if neg is not None:
-        qs.append(("probe", f"Is there a {neg[0]} {neg[1]} in the image?", "no"))
-    return qs
 
 
 def spatial_questions(objs: list[Obj], rng: random.Random) -> list[tuple[str, str, str]]:
@@ -180,32 +81,6 @@ def spatial_questions(objs: list[Obj], rng: random.Random) -> list[tuple[str, st
         side = "left" if a.col < b.col else "right"
         qs.append(("relative", f"Is the {a.colour} object to the left or to the right of the {b.colour} object?", side))
     return qs
-
-
-def grounding_question(o: Obj) -> tuple[str, str]:
-    return f"Where is the {o.name}? Answer with a bounding box.", box_text(o.box)
-
-
-def text_task(rng: random.Random) -> tuple[str, str, str]:
-    kind = rng.choice(["add", "sub", "max", "reverse", "length", "day"])
-    if kind == "add":
-        a, b = rng.randint(0, 50), rng.randint(0, 50)
-        return kind, f"What is {a} plus {b}?", str(a + b)
-    if kind == "sub":
-        a = rng.randint(0, 60)
-        b = rng.randint(0, a)
-        return kind, f"What is {a} minus {b}?", str(a - b)
-    if kind == "max":
-        a, b = rng.sample(range(100), 2)
-        return kind, f"Which number is larger, {a} or {b}?", str(max(a, b))
-    if kind == "reverse":
-        w = rng.choice(WORDS)
-        return kind, f"Write the word '{w}' backwards.", w[::-1]
-    if kind == "length":
-        w = rng.choice(WORDS)
-        return kind, f"How many letters are in the word '{w}'?", str(len(w))
-    i = rng.randrange(7)
-    return kind, f"Which day comes after {DAYS[i]}?", DAYS[(i + 1) % 7]
 
 
 # ---------------------------------------------------------------- samples
@@ -277,7 +152,7 @@ class _Gen:
         self.counts[source] += 1
 
     def scene(self, min_objects: int = 1):
-        objs = _sample_scene(self.rng, min_objects=min_objects)
+        objs = sample_scene(self.rng, min_objects=min_objects)
         return objs, render_scene(objs, self.rng)
 
     def close(self) -> dict[str, int]:
@@ -432,7 +307,7 @@ def generate_corpus(root: Path, split: str, *, num_docs: int, seed: int) -> dict
     g = _Gen(root, split, seed)
     rng = g.rng
     for _ in range(num_docs):
-        objs = _sample_scene(rng)
+        objs = sample_scene(rng)
         scene = f"Objects: {scene_text(objs, rng)}."
         kind = rng.random()
         if kind < 0.5:
@@ -519,26 +394,3 @@ def ensure_demo(out: str | Path, **kwargs) -> Path:
             shutil.rmtree(out)
         os.replace(tmp, out)
     return out
-
-
-def tokenizer_corpus() -> list[str]:
-    """Text the preset tokenizers are trained on: demo-like text plus generic English."""
-    rng = random.Random(12345)
-    lines = []
-    for _ in range(600):
-        objs = _sample_scene(rng)
-        lines.append(caption(objs))
-        for _, q, a in vqa_questions(objs, rng):
-            lines.append(f"{q}\n{a}")
-        for o in objs:
-            q, a = grounding_question(o)
-            lines.append(f"{q}\n{a}")
-        _, q, a = text_task(rng)
-        lines.append(f"{q}\n{a}")
-    lines += [
-        "A page from a picture book. Picture 1. First image: Second image: Which image has more objects, "
-        "the first or the second? Do both images contain a red object? user assistant system",
-        "The quick brown fox jumps over the lazy dog. Hello, world! This is a simple sentence about images, "
-        "questions and answers. What is in this picture? Please describe it in detail.",
-    ] + [" ".join(WORDS), " ".join(DAYS), " ".join(str(i) for i in range(1000))]
-    return lines

@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from vlmscale.data.render import IGNORE
+from vlmscale.constants import IGNORE
 
 
 def first_fit_decreasing(lengths: list[int], *, capacity: int) -> list[list[int]]:

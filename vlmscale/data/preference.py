@@ -21,8 +21,9 @@ from dataclasses import dataclass
 import torch
 
 from vlmscale.config.schema import VideoConfig
+from vlmscale.constants import IGNORE
 from vlmscale.data.dataset import Item, TrainDataset, collate
-from vlmscale.data.render import IGNORE, BadSample, ImageOptions, Rendered, render_sample
+from vlmscale.data.render import BadSample, ImageOptions, Rendered, render_sample
 from vlmscale.model.tokenizer import ProcessorAssets
 
 

@@ -24,9 +24,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
 
 from vlmscale.config.schema import VideoConfig
-from vlmscale.model.tokenizer import IM_END, IM_START, IMG_CONTEXT, IMG_END, IMG_START, ProcessorAssets
+from vlmscale.constants import IGNORE, IM_END, IM_START, IMG_CONTEXT, IMG_END, IMG_START
+from vlmscale.model.tokenizer import ProcessorAssets
 
-IGNORE = -100
 ROLES = ("system", "user", "assistant")
 PLACEHOLDER = "<image>"
 

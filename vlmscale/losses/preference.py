@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vlmscale.data.render import IGNORE
+from vlmscale.constants import IGNORE
 from vlmscale.model.forward import token_losses
 
 

@@ -25,6 +25,7 @@ from transformers import (
 )
 
 from vlmscale.config.schema import ModelConfig
+from vlmscale.constants import IMG_CONTEXT
 from vlmscale.model.internvl_chat import (
     image_processor_from_original,
     is_internvl_chat,
@@ -34,7 +35,6 @@ from vlmscale.model.internvl_chat import (
 from vlmscale.model.presets import PRESETS, Preset
 from vlmscale.model.shards import LazyTensor, index_weights
 from vlmscale.model.tokenizer import (
-    IMG_CONTEXT,
     ProcessorAssets,
     load_image_processor,
     load_tokenizer,
@@ -64,7 +64,7 @@ def resolve_attn_implementation(name: str) -> str:
 
 @functools.lru_cache(maxsize=4)
 def preset_tokenizer(name: str):
-    from vlmscale.data.demo import tokenizer_corpus
+    from vlmscale.demo_vocab import tokenizer_corpus
 
     return train_bpe_tokenizer(tokenizer_corpus(), vocab_size=PRESETS[name].vocab_size)
 

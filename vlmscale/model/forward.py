@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from vlmscale.data.render import IGNORE
+from vlmscale.constants import IGNORE
 
 
 def _dummy_tile(model: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -121,7 +121,7 @@ def model_config(cfg: ModelConfig) -> InternVLConfig:
     if cfg.vision is not None:
         return _join(_part_or_path(cfg.vision, vision=True), _part_or_path(cfg.llm, vision=False))
     from vlmscale.model.build import preset_assets, preset_config
-    from vlmscale.model.tokenizer import IMG_CONTEXT
+    from vlmscale.constants import IMG_CONTEXT
 
     assets = preset_assets(cfg.preset)
     tok = assets.tokenizer

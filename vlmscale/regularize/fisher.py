@@ -31,8 +31,9 @@ import deepspeed
 import torch
 
 from vlmscale.config.schema import VideoConfig
+from vlmscale.constants import IGNORE
 from vlmscale.data.dataset import Item, collate
-from vlmscale.data.render import IGNORE, BadSample, Rendered, render_sample
+from vlmscale.data.render import BadSample, Rendered, render_sample
 from vlmscale.data.shards import ShardDataset
 from vlmscale.distributed.group import DistInfo, all_reduce_sum, barrier, gather_to_main, model_device, sum_counts
 from vlmscale.distributed.zero import (

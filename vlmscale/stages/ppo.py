@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from vlmscale.config.schema import ModelConfig, PPOConfig
+from vlmscale.constants import IM_END, IMG_CONTEXT, IMG_END, IMG_START, PAD, VIDEO
 from vlmscale.data.render import Rendered, render_prompt
 from vlmscale.data.shards import ShardDataset
 from vlmscale.distributed.group import DistInfo, all_reduce_sum
@@ -31,7 +32,7 @@ from vlmscale.losses import ppo as objective
 from vlmscale.model.forward import vlm_logits
 from vlmscale.model.heads import ScalarHeadModel, head_weights, last_token_scores, token_values
 from vlmscale.model.policy import apply_policy
-from vlmscale.model.tokenizer import IM_END, IMG_CONTEXT, IMG_END, IMG_START, PAD, VIDEO, ProcessorAssets
+from vlmscale.model.tokenizer import ProcessorAssets
 from vlmscale.precision import torch_dtype
 from vlmscale.train.progress import NonFiniteTraining
 from vlmscale.train.setup import build_partitioned

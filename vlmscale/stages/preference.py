@@ -1,6 +1,6 @@
 """The reward and DPO stages: build -> (reference) -> train -> export -> evaluate.
 
-Both train on preference pairs with the shared loop (``vlmscale.stages.lm.train_loop``:
+Both train on preference pairs with the shared loop (``vlmscale.train.loop.train_loop``:
 checkpoints, resume, faults, preemption, metrics) and an objective from
 ``vlmscale.stages.objectives``; each micro-batch holds the chosen and the rejected answers
 of its pairs, so under ZeRO-3 both sides go through one forward and one gather of every layer.
@@ -23,9 +23,9 @@ from vlmscale.model.build import build_model
 from vlmscale.model.heads import ScalarHeadModel, head_path, head_weights
 from vlmscale.precision import torch_dtype
 from vlmscale.stages.dpo_reference import LiveReference, ReferenceCache, fingerprint
-from vlmscale.stages.lm import total_peak_tflops, train_loop
 from vlmscale.stages.objectives import BradleyTerryObjective, DPOObjective, heldout_pairs, pair_metrics, reward_accuracy
 from vlmscale.train.flops import FlopModel
+from vlmscale.train.loop import total_peak_tflops, train_loop
 from vlmscale.train.preemption import StopFlag
 from vlmscale.train.progress import Progress
 from vlmscale.train.setup import Run, make_loader, seed_everything, setup_run

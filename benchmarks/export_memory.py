@@ -71,7 +71,8 @@ def main() -> int:
     from vlmscale.train.step import export_hf
     from vlmscale.distributed.zero import frozen_engine, gathered_state_dict, zero3_model_scope
     from vlmscale.model.build import preset_assets, preset_config
-    from vlmscale.model.shards import hf_weights, parse_size
+    from vlmscale.model.shards import hf_weights
+    from vlmscale.config.load import parse_size
 
     dist = init_distributed()
     out = Path(args.out)

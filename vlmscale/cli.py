@@ -346,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     model = sub.add_parser("model", help="model utilities").add_subparsers(dest="model_command", required=True)
     init = model.add_parser("init", help="export an untrained preset model in HF format")
     init.add_argument("--preset", default="demo", choices=["tiny", "demo"])
-    init.add_argument("--spec", help="instead of a preset: a published InternVL shape from vlmscale/plan/specs.py "
+    init.add_argument("--spec", help="instead of a preset: a published InternVL shape from vlmscale/model/specs.py "
                                      "(e.g. internvl2-1b), random weights, the demo tokenizer")
     init.add_argument("--shard-size", default="5GB", help="largest safetensors shard (e.g. 5GB, 500MB)")
     init.add_argument("--out", required=True)

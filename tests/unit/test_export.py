@@ -17,7 +17,8 @@ from vlmscale.model.build import load_pretrained
 from vlmscale.model.forward import vlm_logits
 from vlmscale.model.lora import add_lora
 from vlmscale.model.policy import apply_policy
-from vlmscale.model.shards import INDEX_NAME, ShardWriter, index_weights, parse_size
+from vlmscale.model.shards import INDEX_NAME, ShardWriter, index_weights
+from vlmscale.config.load import parse_size
 from vlmscale.train.step import create_engine, export_hf
 
 SHARD = "40KB"  # the tiny preset in fp32 is ~290 KB: 7+ shards

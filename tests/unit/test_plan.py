@@ -29,7 +29,7 @@ from vlmscale.plan.memory import (
     plan,
     vision_layer_bytes_per_token,
 )
-from vlmscale.plan.specs import SPECS, meta_model, spec_config
+from vlmscale.model.specs import SPECS, meta_model, spec_config
 
 
 @pytest.fixture(autouse=True)

@@ -271,7 +271,7 @@ class CheckpointConfig:
     export_shard_size: str = "5GB"  # largest safetensors shard of the export (e.g. 5GB, 500MB, 2GiB)
 
     def validate(self) -> None:
-        from vlmscale.model.shards import parse_size
+        from vlmscale.config.load import parse_size
 
         try:
             if parse_size(self.export_shard_size) < 1:

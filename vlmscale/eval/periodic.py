@@ -21,7 +21,7 @@ from vlmscale.distributed.group import DistInfo, all_reduce_sum, barrier
 from vlmscale.eval.generate import VCDConfig
 from vlmscale.eval.suites import drift_reference, flatten, format_table, run_suites
 from vlmscale.model.tokenizer import ProcessorAssets
-from vlmscale.train.checkpoint import atomic_write
+from vlmscale.files import atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -142,11 +142,11 @@ def preset_assets(name: str, *, max_tiles: int | None = None) -> ProcessorAssets
 
 
 def spec_model(name: str, *, dtype: torch.dtype, max_tiles: int | None = None):
-    """A published InternVL shape (``vlmscale.plan.specs.SPECS``, e.g. ``internvl2-1b``) with random weights,
+    """A published InternVL shape (``vlmscale.model.specs.SPECS``, e.g. ``internvl2-1b``) with random weights,
     the demo tokenizer (its ids fit in the published vocabulary) and InternVL's preprocessing (ImageNet
     statistics, 448-px tiles, up to 12)."""
     from vlmscale.model.internvl_chat import IMAGENET_MEAN, IMAGENET_STD
-    from vlmscale.plan.specs import SPECS, spec_config
+    from vlmscale.model.specs import SPECS, spec_config
 
     if name not in SPECS:
         raise ValueError(f"--spec {name!r}: choose one of {', '.join(sorted(SPECS))}")

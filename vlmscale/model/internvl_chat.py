@@ -30,7 +30,8 @@ import torch
 from transformers import InternVLConfig, InternVLVisionConfig, LlamaConfig, PretrainedConfig, Qwen2Config
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
-from vlmscale.model.shards import ShardWriter, disk_name, hf_weights, index_weights, parse_size
+from vlmscale.model.shards import ShardWriter, disk_name, hf_weights, index_weights
+from vlmscale.config.load import parse_size
 
 log = logging.getLogger(__name__)
 
@@ -447,7 +448,7 @@ def _write(weights: dict[str, Source], out: Path, *, shard_size: str, dtype: tor
 
 
 def _expected_shapes(config: InternVLConfig) -> dict[str, tuple]:
-    from vlmscale.plan.specs import meta_model
+    from vlmscale.model.specs import meta_model
 
     return {k: tuple(v.shape) for k, v in meta_model(config).state_dict().items()}
 

@@ -10,7 +10,7 @@ from vlmscale.config.schema import RunConfig
 from vlmscale.model.lora import add_lora
 from vlmscale.model.policy import apply_policy
 from vlmscale.plan.memory import ModelFacts
-from vlmscale.plan.specs import meta_model, model_config
+from vlmscale.model.specs import meta_model, model_config
 
 
 def planned_attention(name: str, *, device: str) -> str:

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from vlmscale.distributed.group import DistInfo, all_gather_objects, barrier
+from vlmscale.files import atomic_write, fsync_dir, fsync_tree  # noqa: F401 - fsync_tree: re-used by callers
 from vlmscale.train import faults
 
 log = logging.getLogger(__name__)
@@ -46,45 +47,6 @@ PREFIX = "step-"
 SAVING = ".saving-"
 DELETING = ".deleting-"
 UNIVERSAL = "universal"
-
-
-def fsync_dir(path: Path) -> None:
-    dir_fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def fsync_tree(root: Path) -> None:
-    """fsync every file under ``root``, then every directory (deepest first), so names and data are durable."""
-    dirs = [root]
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirs.extend(Path(dirpath) / d for d in dirnames)
-        for name in filenames:
-            fd = os.open(Path(dirpath) / name, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    for d in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
-        fsync_dir(d)
-
-
-def atomic_write(path: Path, data: str | bytes | Any) -> None:
-    """Write ``data`` (text, bytes, or an object for ``torch.save``) to ``path`` via temp file + fsync + rename."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    if isinstance(data, (str, bytes)):
-        with open(tmp, "w" if isinstance(data, str) else "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    else:
-        torch.save(data, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def bytes_read() -> int:

@@ -19,7 +19,8 @@ from vlmscale.distributed.zero import gathered_units, start_micro_batch
 from vlmscale.model.forward import num_supervised, supervised_loss_sum, vlm_hidden
 from vlmscale.model.heads import ScalarHeadModel, save_head, split_state
 from vlmscale.model.lora import export_units, merge_lora_state_dict
-from vlmscale.model.shards import ShardWriter, disk_name, parse_size
+from vlmscale.model.shards import ShardWriter, disk_name
+from vlmscale.config.load import parse_size
 from vlmscale.model.tokenizer import ProcessorAssets
 from vlmscale.train.flops import FlopModel
 

@@ -10,8 +10,8 @@
 
 On resume the checkpoint's precision is what its optimizer state was saved in. ``auto`` keeps it where
 the hardware can run it (a warning says when that is slow); an explicit ``train.precision`` that
-contradicts it, or hardware that cannot run it, is a configuration error (exit 2) raised before any
-process group starts, since DeepSpeed names its ZeRO optimizer files by precision and cannot load one
+contradicts it, or hardware that cannot run it, is a configuration error (exit 2) raised in the
+pre-launch checks, before any model is built, since DeepSpeed names its ZeRO optimizer files by precision and cannot load one
 precision's files into another's engine.
 
 Every place that picks a dtype (training, eval, generation, the Fisher estimate, the DPO reference

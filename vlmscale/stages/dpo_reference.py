@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Callable
 
@@ -29,6 +28,7 @@ from vlmscale.data.dataset import resolve_path
 from vlmscale.data.shards import list_shards
 from vlmscale.distributed.group import DistInfo, all_gather_objects
 from vlmscale.distributed.zero import start_micro_batch
+from vlmscale.files import atomic_write
 from vlmscale.stages.objectives import answer_logps
 from vlmscale.train import faults
 from vlmscale.train.checkpoint import ResumeError
@@ -58,14 +58,6 @@ def fingerprint(cfg: DPOConfig, *, world_size: int) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 class ReferenceCache:
     def __init__(self, output_dir: str | Path, *, dist: DistInfo, fingerprint: str):
         self.dir = Path(output_dir) / CACHE_DIR
@@ -87,7 +79,7 @@ class ReferenceCache:
     def _commit(self) -> None:
         state = {"fingerprint": self.fingerprint, "steps_done": self.steps_done, "complete": self.complete,
                  "logps": {k: list(v) for k, v in self.logps.items()}}
-        _atomic_save(state, self.path)
+        atomic_write(self.path, state)
 
     def prepare(self, engine, *, loader_from: Callable[[int], object], max_steps: int, grad_accum_steps: int,
                 start_step: int, segment_weight: float, flush_steps: int, device: torch.device) -> None:

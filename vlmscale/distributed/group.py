@@ -119,6 +119,15 @@ def _multi_rank() -> bool:
     return dist.is_initialized() and dist.get_world_size() > 1
 
 
+def dealt_rounds(num_items: int, *, rank: int, world_size: int) -> list[int | None]:
+    """The items dealt to ``rank`` round by round: item ``r * world_size + rank`` in round ``r``, or
+    None in the last round when the items have run out for this rank. Every rank gets the same number
+    of rounds, so a collective loop over them (a ZeRO-3 forward gathers every layer) stays in lock step;
+    a rank runs a placeholder in its None rounds and does not count it. Pure: no collective."""
+    rounds = -(-num_items // world_size)
+    return [i if (i := r * world_size + rank) < num_items else None for r in range(rounds)]
+
+
 def comm_device() -> torch.device:
     """Where tensors handed to the default process group's collectives must live: the current CUDA
     device under NCCL, the CPU under gloo and MPI (and without a process group)."""

@@ -22,7 +22,7 @@ from vlmscale.config.schema import EVAL_SUITES, VideoConfig
 from vlmscale.data.dataset import Item, collate
 from vlmscale.data.render import Rendered, render_prompt, render_sample
 from vlmscale.data.shards import ShardDataset
-from vlmscale.distributed.group import all_gather_objects, model_device
+from vlmscale.distributed.group import all_gather_objects, dealt_rounds, model_device
 from vlmscale.eval.generate import VCDConfig, generate
 from vlmscale.eval.metrics import exact_match, iou, parse_box, pope_scores, yes_no
 from vlmscale.model.forward import token_losses, vlm_logits
@@ -115,19 +115,17 @@ def text_loss(model, assets, records, *, rank: int, world_size: int, batch_size:
     model.eval()
     rendered = [render_sample(rec, members, assets, max_seq_len=1 << 20) for rec, members in records]
     batches = [list(range(i, min(i + batch_size, len(rendered)))) for i in range(0, len(rendered), batch_size)]
-    rounds = -(-len(batches) // world_size)
     pad = assets.tokenizer.pad_token_id
     dev = model_device(model)
     mine: dict[int, tuple[float, int]] = {}
-    for r in range(rounds):
-        b = r * world_size + rank
-        idx = batches[b] if b < len(batches) else [0]  # placeholder keeps collectives in step
+    for b in dealt_rounds(len(batches), rank=rank, world_size=world_size):
+        idx = batches[b] if b is not None else [0]  # placeholder keeps collectives in step
         batch = collate([Item(rendered[i], str(i), 0, []) for i in idx], pad_id=pad)
         pixels = batch["pixel_values"]
         logits = vlm_logits(model, input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev),
                             pixel_values=None if pixels is None else pixels.to(dev), tile_pool=batch["tile_pool"])
         losses = token_losses(logits, batch["labels"].to(dev)).double()
-        if b < len(batches):
+        if b is not None:
             mine[b] = (float(losses.sum()), int((batch["labels"][:, 1:] != -100).sum()))
     merged = _merge(mine)
     total = sum(merged[b][0] for b in range(len(batches)))
@@ -151,20 +149,18 @@ def encoder_features(model, assets, records, *, rank: int, world_size: int, batc
                      if p.get("type") == "image")
         images.append(render_prompt([{"role": "user", "content": [first]}], members, assets))
     batches = [list(range(i, min(i + batch_size, len(images)))) for i in range(0, len(images), batch_size)]
-    rounds = -(-len(batches) // world_size)
     tower = model.model.vision_tower
     dtype = next(model.model.multi_modal_projector.parameters()).dtype
     size = model.config.vision_config.image_size
     dev = model_device(model)
     feats: dict[int, torch.Tensor] = {}
-    for r in range(rounds):
-        b = r * world_size + rank
-        if b < len(batches):
+    for b in dealt_rounds(len(batches), rank=rank, world_size=world_size):
+        if b is not None:
             pixels = torch.cat([images[i].pixel_values[-1:] for i in batches[b]])  # whole-image tile (thumbnail if tiled)
-        else:
+        else:  # placeholder keeps collectives in step
             pixels = torch.zeros(1, 3, size[0], size[1])
         hidden = tower(pixel_values=pixels.to(device=dev, dtype=dtype), return_dict=True).last_hidden_state[:, 1:].float()
-        if b < len(batches):
+        if b is not None:
             for row, i in enumerate(batches[b]):
                 feats[i] = hidden[row].to(device="cpu", dtype=torch.bfloat16)  # kept (and saved) on the CPU
     model.train(was_training)

@@ -35,7 +35,15 @@ from vlmscale.constants import IGNORE
 from vlmscale.data.dataset import Item, collate
 from vlmscale.data.render import BadSample, Rendered, render_sample
 from vlmscale.data.shards import ShardDataset
-from vlmscale.distributed.group import DistInfo, all_reduce_sum, barrier, gather_to_main, model_device, sum_counts
+from vlmscale.distributed.group import (
+    DistInfo,
+    all_reduce_sum,
+    barrier,
+    dealt_rounds,
+    gather_to_main,
+    model_device,
+    sum_counts,
+)
 from vlmscale.distributed.zero import (
     zero3_config,
     local_fp32_param,
@@ -107,10 +115,10 @@ def estimate_fisher(*, model_dir: str, data_dir: str, out_dir: str, dist: DistIn
     chosen = sample_indices(len(data), num_samples, seed=seed)
     pad = assets.tokenizer.pad_token_id
     used, skipped = 0, {}
-    rounds = -(-len(chosen) // dist.world_size)
-    for r in range(rounds):
-        i = r * dist.world_size + dist.rank
-        rendered, reason = _render(data, chosen[i], assets, max_seq_len=max_seq_len) if i < len(chosen) else (None, None)
+    dealt = dealt_rounds(len(chosen), rank=dist.rank, world_size=dist.world_size)
+    rounds = len(dealt)
+    for r, i in enumerate(dealt):
+        rendered, reason = _render(data, chosen[i], assets, max_seq_len=max_seq_len) if i is not None else (None, None)
         if reason is not None:
             skipped[reason] = skipped.get(reason, 0) + 1
         batch = collate([Item(rendered or _placeholder(assets), str(i), 0, [])], pad_id=pad)

@@ -18,7 +18,7 @@ from vlmscale.data.dataset import Item
 from vlmscale.data.preference import pair_collate, render_pair
 from vlmscale.data.render import BadSample
 from vlmscale.data.shards import ShardDataset
-from vlmscale.distributed.group import all_reduce_sum
+from vlmscale.distributed.group import all_reduce_sum, dealt_rounds
 from vlmscale.losses.preference import bradley_terry_loss, dpo_loss, sequence_logps, sft_loss, token_logps
 from vlmscale.model.forward import vlm_logits
 from vlmscale.model.heads import last_token_scores, token_values
@@ -123,10 +123,10 @@ def reward_accuracy(model, items: list[Item], *, rank: int, world_size: int, bat
     ``start`` runs before each forward (``start_micro_batch`` for a ZeRO-3 engine)."""
     if not items:
         return {"pairs": 0.0}
-    mine = items[rank::world_size]
-    per_rank = -(-len(items) // world_size)
-    counted = [True] * len(mine) + [False] * (per_rank - len(mine))
-    mine = mine + [items[0]] * (per_rank - len(mine))
+    dealt = dealt_rounds(len(items), rank=rank, world_size=world_size)
+    per_rank = len(dealt)
+    counted = [i is not None for i in dealt]
+    mine = [items[i] if i is not None else items[0] for i in dealt]
     correct = margin = 0.0
     for lo in range(0, per_rank, batch_size):
         start()

@@ -7,21 +7,18 @@ which reads top to bottom: build -> train -> export -> evaluate.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
-
 
 from vlmscale.config.schema import RunConfig
 from vlmscale.data.dataset import resolve_path
 from vlmscale.eval.periodic import PeriodicEval
 from vlmscale.regularize.ewc import EWC
 from vlmscale.train.flops import FlopModel
-from vlmscale.train.loop import total_peak_tflops, train_loop
+from vlmscale.train.loop import final_eval_of, finish, total_peak_tflops, train_loop
 from vlmscale.train.preemption import StopFlag
 from vlmscale.train.progress import Progress
 from vlmscale.train.setup import make_loader, setup_run
-from vlmscale.train.step import export_hf
 
 log = logging.getLogger(__name__)
 
@@ -53,17 +50,6 @@ def train_lm_stage(cfg: RunConfig) -> int:
                row_extra=(lambda stats: {"ewc_penalty": stats.penalty}) if ewc is not None else None)
 
     # ---------------------------------------------------------------- export + final eval
-    out = Path(cfg.output_dir)
-    if cfg.checkpoint.export:
-        export_hf(engine, assets=run.assets, out_dir=out / "hf",
-                  meta={"stage": cfg.stage, "steps": cfg.train.max_steps, "samples_seen": progress.samples,
-                        "lora_merged": cfg.lora.enabled},
-                  lora_scaling=cfg.lora.alpha / cfg.lora.r if cfg.lora.enabled else None,
-                  shard_size=cfg.checkpoint.export_shard_size)
-    if cfg.eval.at_end:
-        record = evaluator.run(engine.module, step=cfg.train.max_steps, final=True)
-        run.metrics.log(record)
-        if dist.is_main:
-            (out / "eval.json").write_text(json.dumps(record, indent=2))
-    run.metrics.close()
+    finish(cfg, engine=engine, assets=run.assets, metrics=run.metrics, is_main=dist.is_main,
+           meta={"samples_seen": progress.samples}, final_eval=final_eval_of(cfg, evaluator, engine.module))
     return 0

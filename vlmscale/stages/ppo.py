@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from vlmscale.constants import IM_END, IMG_CONTEXT, IMG_END, IMG_START, PAD, VID
 from vlmscale.data.render import Rendered, render_prompt
 from vlmscale.data.shards import ShardDataset
 from vlmscale.distributed.group import DistInfo, all_reduce_sum
+from vlmscale.distributed.group import device as _device
 from vlmscale.distributed.zero import frozen_engine, load_weights, partitioned_init, start_micro_batch
 from vlmscale.eval.generate import generate
 from vlmscale.losses import ppo as objective
@@ -34,6 +36,8 @@ from vlmscale.model.heads import ScalarHeadModel, head_weights, last_token_score
 from vlmscale.model.policy import apply_policy
 from vlmscale.model.tokenizer import ProcessorAssets
 from vlmscale.precision import torch_dtype
+from vlmscale.train import faults
+from vlmscale.train.loop import StepOutcome
 from vlmscale.train.progress import NonFiniteTraining
 from vlmscale.train.setup import build_partitioned
 from vlmscale.train.step import create_engine
@@ -385,3 +389,45 @@ def step_metrics(ro: Rollout, adv: Advantages, update: dict[str, float], *, matc
         # share of responses equal to the prompt record's chosen answer (NaN without such answers)
         "chosen_match": matched / known if known else float("nan"),
     }
+
+
+# ---------------------------------------------------------------- the step the shared loop runs
+
+
+class PPOStep:
+    """One PPO step for :func:`vlmscale.train.loop.run_loop`: this rank's prompts of the step, rollouts
+    and their scores, advantages, then ``ppo.epochs`` passes of clipped policy and value updates. The
+    KL controller is part of the checkpoint's client state."""
+
+    def __init__(self, cfg: PPOConfig, engines: PPOEngines, *, prompts: PromptStream, assets: ProcessorAssets,
+                 dist: DistInfo, kl_ctl: objective.KLController):
+        self.cfg, self.engines, self.prompts, self.assets, self.dist, self.kl_ctl = cfg, engines, prompts, assets, dist, kl_ctl
+        self.device = _device()
+        self.banned = banned_tokens(assets)
+        engines.actor.train()
+        engines.critic.train()
+
+    def __call__(self, done: int) -> StepOutcome:
+        cfg, engines, dist, step = self.cfg, self.engines, self.dist, done - 1
+        t0 = time.time()
+        batch, chosen = self.prompts.prompts(step=step, rank=dist.rank, world_size=dist.world_size,
+                                             count=cfg.ppo.rollout_batch_size)
+        generator = rollout_generator(cfg.train.seed, step=step, rank=dist.rank)
+        rollout = make_rollout(engines, batch, cfg=cfg, assets=self.assets, dist=dist, generator=generator,
+                               device=self.device)
+        adv = advantages(rollout, cfg=cfg, kl_coef=self.kl_ctl.coef)
+        t_rollout = time.time() - t0
+        update = ppo_update(engines, rollout, adv, cfg=cfg, world_size=dist.world_size, generator=generator,
+                            device=self.device, banned=self.banned, train_actor=done > cfg.ppo.freeze_actor_steps,
+                            poison=faults.poison_loss(done))
+        matches = chosen_matches(rollout, chosen, assets=self.assets)
+        row = {"step": done, **step_metrics(rollout, adv, update, matches=matches), "kl_coef": self.kl_ctl.coef,
+               "lr": engines.actor.get_lr()[0], "actor_grad_norm": float(engines.actor.get_global_grad_norm() or 0.0),
+               "critic_grad_norm": float(engines.critic.get_global_grad_norm() or 0.0),
+               "rollout_seconds": t_rollout, "step_seconds": time.time() - t0}
+        self.kl_ctl.update(row["kl"], n=row["rollouts"])
+        return StepOutcome(row=lambda: row, postfix={"reward": row["reward"], "kl": row["kl"]})
+
+    def client_state(self, done: int) -> dict[str, Any]:
+        return {"step": done, "samples_seen": done * self.cfg.ppo.rollout_batch_size * self.dist.world_size,
+                "kl_controller": self.kl_ctl.state_dict(), "world_size": self.dist.world_size}

@@ -8,7 +8,6 @@ of its pairs, so under ZeRO-3 both sides go through one forward and one gather o
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -25,26 +24,17 @@ from vlmscale.precision import torch_dtype
 from vlmscale.stages.dpo_reference import LiveReference, ReferenceCache, fingerprint
 from vlmscale.stages.objectives import BradleyTerryObjective, DPOObjective, heldout_pairs, pair_metrics, reward_accuracy
 from vlmscale.train.flops import FlopModel
-from vlmscale.train.loop import total_peak_tflops, train_loop
+from vlmscale.train.loop import final_eval_of, finish, total_peak_tflops, train_loop
 from vlmscale.train.preemption import StopFlag
 from vlmscale.train.progress import Progress
 from vlmscale.train.setup import Run, make_loader, seed_everything, setup_run
-from vlmscale.train.step import StepStats, export_hf
+from vlmscale.train.step import StepStats
 
 log = logging.getLogger(__name__)
 
 
 def _pair_rows(stats: StepStats) -> dict[str, float]:
     return pair_metrics(stats.extra, stats.samples)
-
-
-def _export(run: Run, progress: Progress, *, steps: int) -> None:
-    cfg = run.cfg
-    if cfg.checkpoint.export:
-        export_hf(run.engine, assets=run.assets, out_dir=Path(cfg.output_dir) / "hf",
-                  meta={"stage": cfg.stage, "steps": steps, "pairs_seen": progress.samples, "lora_merged": cfg.lora.enabled},
-                  lora_scaling=cfg.lora.alpha / cfg.lora.r if cfg.lora.enabled else None,
-                  shard_size=cfg.checkpoint.export_shard_size)
 
 
 # ---------------------------------------------------------------- reward
@@ -79,20 +69,21 @@ def train_reward_stage(cfg: RewardConfig) -> int:
                flop_model=FlopModel.from_model(engine.module.vlm), objective=BradleyTerryObjective(), row_extra=_pair_rows)
 
     # ---------------------------------------------------------------- export + held-out pair accuracy
-    _export(run, progress, steps=cfg.train.max_steps)
-    if cfg.reward.heldout_pairs:
+    def pair_accuracy() -> dict | None:
+        if not cfg.reward.heldout_pairs:
+            return None
         engine.eval()
         result = reward_accuracy(engine.module, items, rank=dist.rank, world_size=dist.world_size,
                                  batch_size=cfg.train.micro_batch_size, pad_id=run.assets.tokenizer.pad_token_id,
                                  device=device(), start=lambda: start_micro_batch(engine))
-        record = {"step": cfg.train.max_steps, **{f"eval/pairs/{k}": v for k, v in result.items()},
-                  "eval/pairs/skipped": float(skipped)}
-        run.metrics.log(record)
         if dist.is_main:
-            (Path(cfg.output_dir) / "eval.json").write_text(json.dumps(record, indent=2))
             log.info("held-out pair accuracy %.3f over %d pairs (%d skipped)", result.get("accuracy", float("nan")),
                      len(items), skipped)
-    run.metrics.close()
+        return {"step": cfg.train.max_steps, **{f"eval/pairs/{k}": v for k, v in result.items()},
+                "eval/pairs/skipped": float(skipped)}
+
+    finish(cfg, engine=engine, assets=run.assets, metrics=run.metrics, is_main=dist.is_main,
+           meta={"pairs_seen": progress.samples}, final_eval=pair_accuracy)
     return 0
 
 
@@ -139,11 +130,6 @@ def train_dpo_stage(cfg: DPOConfig) -> int:
                flop_model=FlopModel.from_model(engine.module), objective=objective, row_extra=_pair_rows)
 
     # ---------------------------------------------------------------- export + final eval
-    _export(run, progress, steps=cfg.train.max_steps)
-    if cfg.eval.at_end:
-        record = evaluator.run(engine.module, step=cfg.train.max_steps, final=True)
-        run.metrics.log(record)
-        if dist.is_main:
-            (Path(cfg.output_dir) / "eval.json").write_text(json.dumps(record, indent=2))
-    run.metrics.close()
+    finish(cfg, engine=engine, assets=run.assets, metrics=run.metrics, is_main=dist.is_main,
+           meta={"pairs_seen": progress.samples}, final_eval=final_eval_of(cfg, evaluator, engine.module))
     return 0

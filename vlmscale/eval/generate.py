@@ -80,7 +80,8 @@ class _Branch:
 
 
 def _next_tokens(main: _Branch, contrast: _Branch | None, vcd: VCDConfig | None, *, temperature: float = 0.0,
-                 generator: torch.Generator | None = None, banned: torch.Tensor | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, banned: torch.Tensor | None = None,
+                 top_p: float = 1.0) -> torch.Tensor:
     logits = main.logits
     if banned is not None:
         logits = logits.index_fill(-1, banned, float("-inf"))
@@ -90,8 +91,20 @@ def _next_tokens(main: _Branch, contrast: _Branch | None, vcd: VCDConfig | None,
         logits = ((1 + vcd.alpha) * logits - vcd.alpha * contrast.logits).masked_fill(~keep, float("-inf"))
     if temperature > 0:  # drawn on the CPU with the caller's generator: the same rollout on every device
         probs = (logits / temperature).softmax(-1).cpu()
+        if top_p < 1.0:
+            probs = nucleus(probs, top_p)
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
     return logits.argmax(-1).cpu()
+
+
+def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """``probs`` kept on the smallest set of most likely tokens whose mass reaches ``top_p`` (the most
+    likely token always stays), renormalised."""
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    before = sorted_p.cumsum(-1) - sorted_p  # mass of the tokens ranked above each one
+    sorted_p = sorted_p.masked_fill(before >= top_p, 0.0)
+    kept = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return kept / kept.sum(-1, keepdim=True)
 
 
 def _rounds(num_mine: int, *, local: bool, num_batches: int, world_size: int) -> int:
@@ -104,10 +117,11 @@ def _rounds(num_mine: int, *, local: bool, num_batches: int, world_size: int) ->
 def generate(model, assets: ProcessorAssets, prompts: list[Rendered], *, max_new_tokens: int, batch_size: int = 16,
              rank: int = 0, world_size: int = 1, vcd: VCDConfig | None = None, return_ids: bool = False,
              local: bool = False, temperature: float = 0.0, generator: torch.Generator | None = None,
-             banned: list[int] | None = None) -> dict[int, str] | dict[int, list[int]]:
+             banned: list[int] | None = None, top_p: float = 1.0) -> dict[int, str] | dict[int, list[int]]:
     """Answers ``{prompt index: text}`` (or generated token ids, end-of-sequence included when it was
     generated) for the batches dealt to ``rank`` (``local``: for all of this rank's ``prompts``);
-    collective when world_size > 1. Greedy unless ``temperature > 0``; ``banned`` token ids are never
+    collective when world_size > 1. Greedy unless ``temperature > 0`` (then ``top_p`` < 1 samples from
+    the nucleus); ``banned`` token ids are never
     generated (sampling can otherwise draw an image placeholder, which no forward could take back in)."""
     was_training = model.training
     model.eval()
@@ -135,7 +149,8 @@ def generate(model, assets: ProcessorAssets, prompts: list[Rendered], *, max_new
         done = torch.zeros(ids.shape[0], dtype=torch.bool) if group is not None else torch.ones(1, dtype=torch.bool)
         out = torch.full((ids.shape[0], max_new_tokens), pad, dtype=torch.long)
         for t in range(max_new_tokens):
-            nxt = _next_tokens(main, contrast, vcd, temperature=temperature, generator=generator, banned=ban)
+            nxt = _next_tokens(main, contrast, vcd, temperature=temperature, generator=generator, banned=ban,
+                               top_p=top_p)
             nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
             out[:, t] = nxt
             done |= nxt == eos

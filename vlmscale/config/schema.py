@@ -635,3 +635,88 @@ class PPOConfig(RunConfig):
             raise ConfigError("ppo keeps the policy near its start with the KL penalty; set regularizer.ewc.weight=0")
         if self.eval.every_steps:
             raise ConfigError("ppo runs evaluation at the end only: set eval.every_steps=0")
+
+
+# ---------------------------------------------------------------- GRPO (recipes/grpo.py, docs/rl.md)
+
+
+def _grpo_prompts() -> list[str]:
+    return ["demo:train/vqa", "demo:train/grounding", "demo:train/multi"]
+
+
+@dataclass
+class GRPOSection:
+    """Group sampling, verifiable rewards and the clipped update; the policy's learning rate is optim.lr,
+    its minibatch train.micro_batch_size x train.grad_accum_steps rows."""
+
+    prompts: list[str] = field(default_factory=_grpo_prompts)  # conversation shards: prompt = turns before the last assistant turn
+    prompts_per_rank: int = 4  # prompts per rank per step; each is sampled group_size times
+    group_size: int = 8  # G completions per prompt
+    max_new_tokens: int = 32  # completion length limit
+    temperature: float = 1.0  # sampling temperature
+    top_p: float = 1.0  # nucleus sampling; 1 = off
+    inner_epochs: int = 1  # passes over each step's rollouts, in shuffled minibatches
+    clip_low: float = 0.2  # ratio clip below 1 - clip_low
+    clip_high: float = 0.2  # ratio clip above 1 + clip_high (DAPO's clip-higher: e.g. 0.28)
+    kl_coef: float = 0.0  # k3 KL to a frozen reference; 0 = no reference model is built
+    advantage: Literal["grpo", "dr_grpo"] = "grpo"  # dr_grpo: r - mean, without the std division
+    loss_agg: Literal["token", "sequence", "constant"] = "token"  # constant: Dr. GRPO's / max_new_tokens
+    skip_zero_variance: bool = True  # groups whose completions all scored alike are left out of the update
+    rewards: dict[str, float] = field(default_factory=lambda: {"exact_match": 1.0, "iou": 1.0})  # name or module:function -> weight
+    format_pattern: str | None = None  # regex for the `format` reward
+    log_rollouts: bool = True  # output_dir/rollouts/rank-N.jsonl: completions and rewards per prompt per step
+
+    def validate(self) -> None:
+        if not self.prompts:
+            raise ConfigError("grpo.prompts is empty: give conversation shard directories (e.g. demo:train/vqa)")
+        for name in ("prompts_per_rank", "group_size", "max_new_tokens", "inner_epochs"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"grpo.{name} must be >= 1")
+        if self.group_size < 2:
+            raise ConfigError("grpo.group_size must be >= 2: advantages compare completions within a group")
+        if self.temperature <= 0:
+            raise ConfigError("grpo.temperature must be > 0 (GRPO needs sampled completions)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError("grpo.top_p must be within (0, 1]")
+        if not 0.0 < self.clip_low < 1.0 or self.clip_high <= 0:
+            raise ConfigError("grpo.clip_low must be within (0, 1) and grpo.clip_high > 0")
+        if self.kl_coef < 0:
+            raise ConfigError("grpo.kl_coef must be >= 0")
+        if not any(w != 0 for w in self.rewards.values()):
+            raise ConfigError("grpo.rewards gives no reward a non-zero weight (e.g. grpo.rewards={exact_match: 1.0})")
+        if self.rewards.get("format", 0) and not self.format_pattern:
+            raise ConfigError("grpo.rewards has `format` but grpo.format_pattern is unset: give the regex it checks")
+
+
+@dataclass
+class GRPOConfig(RunConfig):
+    """GRPO with verifiable rewards: the policy and, when grpo.kl_coef > 0, a frozen reference."""
+
+    stage: Literal["grpo"] = "grpo"
+    output_dir: str = "runs/grpo-demo"
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(init_from="runs/sft-demo/hf"))
+    policy: PolicyConfig = field(default_factory=_ppo_policy)
+    data: DataConfig = field(default_factory=_ppo_data)  # unused: prompts come from grpo.prompts
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, warmup_steps=0, min_lr_ratio=1.0))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=40, micro_batch_size=8, log_every_steps=1))
+    checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(every_steps=10))
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(suites=["vqa", "grounding", "pope"], at_end=True))
+    grpo: GRPOSection = field(default_factory=GRPOSection)
+
+    def rows_per_rank(self) -> int:
+        return self.grpo.prompts_per_rank * self.grpo.group_size
+
+    def validate(self) -> None:
+        super().validate()
+        self.grpo.validate()
+        window = self.train.micro_batch_size * self.train.grad_accum_steps
+        if self.rows_per_rank() % window:
+            raise ConfigError(f"grpo.prompts_per_rank x grpo.group_size = {self.rows_per_rank()} completions per rank "
+                              f"must be a multiple of train.micro_batch_size x train.grad_accum_steps = {window} "
+                              "(one minibatch)")
+        if self.lora.enabled:
+            raise ConfigError("grpo with lora.enabled is not supported: set lora.enabled=false")
+        if self.regularizer.ewc.weight > 0:
+            raise ConfigError("grpo keeps the policy near its start with grpo.kl_coef; set regularizer.ewc.weight=0")
+        if self.eval.every_steps:
+            raise ConfigError("grpo runs evaluation at the end only: set eval.every_steps=0")

@@ -76,6 +76,17 @@ def check_paths(cfg) -> None:
             if value is not None and not (Path(value) / "score_head.safetensors").is_file():
                 raise ConfigError(f"ppo.{key}={value!r}: no score_head.safetensors there (expected a reward export: "
                                   "the HF model dir recipes/reward.py writes, with its score head)")
+    if cfg.stage == "grpo":
+        from vlmscale.eval.rewards import RewardSet
+
+        for i, path in enumerate(cfg.grpo.prompts):
+            if not path.startswith("demo:") and not Path(path).exists():
+                raise ConfigError(f"grpo.prompts[{i}]={path!r} does not exist (conversation shards: "
+                                  "`vlmscale data convert` writes them)")
+        try:
+            RewardSet.from_config(cfg.grpo.rewards, format_pattern=cfg.grpo.format_pattern)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
     ewc = cfg.regularizer.ewc
     if ewc.weight > 0:
         from vlmscale.regularize.ewc import missing_files

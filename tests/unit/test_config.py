@@ -135,9 +135,9 @@ def test_text_fraction_sets_the_text_only_share():
     vqa, grounding = w[0], w[1]
     assert abs(vqa / grounding - 5.0 / 1.5) < 1e-9
     none = load_config(SFTConfig, overrides=["data.text_fraction=0"])
-    m = Mixture(sizes=[100] * 6, weights=none.data.mixture_weights(), seed=0)
-    assert all(m.locate(p)[0] != 5 for p in range(3000))  # the text source is never drawn
-    assert load_config(SFTConfig).data.mixture_weights() == [5.0, 1.5, 1.0, 2.0, 1.5, 1.5]
+    m = Mixture(sizes=[100] * 5, weights=none.data.mixture_weights(), seed=0)
+    assert all(m.locate(p)[0] != 4 for p in range(3000))  # the text source is never drawn
+    assert load_config(SFTConfig).data.mixture_weights() == [5.0, 1.5, 1.0, 2.0, 1.5]
     with pytest.raises(ConfigError, match="text_only"):
         load_config(SFTConfig, overrides=["data.text_fraction=0.2",
                                           "data.sources=[{name: a, path: x, weight: 1}]"])

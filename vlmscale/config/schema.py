@@ -110,9 +110,7 @@ def _demo_sft_sources() -> list[SourceConfig]:
         SourceConfig(name="grounding", path="demo:train/grounding", weight=1.5),
         SourceConfig(name="multi", path="demo:train/multi", weight=1.0),
         SourceConfig(name="captions", path="demo:train/captions", weight=2.0),
-        # layout questions (order, relative, column; issue #20): without them "left to right" is never asked
-        SourceConfig(name="spatial", path="demo:train/spatial", weight=1.5),
-        SourceConfig(name="text", path="demo:train/text", weight=1.5, text_only=True),  # re-blend 1.5 / 12.5 = 12%
+        SourceConfig(name="text", path="demo:train/text", weight=1.5, text_only=True),  # re-blend 1.5 / 11 = 14%
     ]
 
 

@@ -47,7 +47,7 @@ def test_off_is_transformers_features_and_on_adds_the_table_to_every_tile():
 
 def test_setting_comes_from_preset_override_and_checkpoint(tmp_path):
     demo_cfg = load_config(SFTConfig, overrides=[])
-    assert demo_cfg.model.image_pos_scale is None  # null: the preset decides (demo: on)
+    assert demo_cfg.model.image_pos_scale is None  # null: the preset decides (off in both; opt-in)
     model, _ = _tiny("model.image_pos_scale=0.25")
     assert model.config.image_pos_scale == 0.25
     model.save_pretrained(tmp_path / "hf")

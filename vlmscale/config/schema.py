@@ -28,7 +28,7 @@ class ModelConfig:
     attn_implementation: str = "auto"
     trust_remote_code: bool = False  # never run code shipped with a checkpoint unless set
     # strength of a fixed 2-D sin-cos position embedding added to each tile's image tokens after the
-    # projector (vlmscale.model.forward.image_pos_table; issue #20); null = the preset's (demo 0.05, tiny 0)
+    # projector (vlmscale.model.forward.image_pos_table; issue #20); null = the preset's (0 in both, opt-in)
     # or the checkpoint's own (config.json `image_pos_scale`, absent = 0); 0 = off, stock InternVL. Not part of
     # transformers' InternVL: an export with it on gives different logits there than in vlmscale
     image_pos_scale: float | None = None

@@ -19,7 +19,8 @@ class Preset:
     text_intermediate: int
     vocab_size: int
     max_tiles: int
-    # the demo's 2-D position cue on the image tokens (model.image_pos_scale; 0 = stock InternVL)
+    # 2-D position cue on the image tokens (model.image_pos_scale; 0 = stock InternVL). Off in both presets:
+    # 0.05 on the demo was not shown to help (docs/stages.md, issue #20)
     image_pos_scale: float = 0.0
 
     @property
@@ -40,6 +41,6 @@ PRESETS: dict[str, Preset] = {
     "demo": Preset(
         image_size=48, patch_size=8, vision_hidden=128, vision_layers=4, vision_heads=4,
         text_hidden=256, text_layers=4, text_heads=4, text_kv_heads=2, text_intermediate=704,
-        vocab_size=1024, max_tiles=4, image_pos_scale=0.05,
+        vocab_size=1024, max_tiles=4,
     ),
 }

@@ -27,6 +27,11 @@ class ModelConfig:
     # auto = flash_attention_2 on GPU when installed, else sdpa; eager on CPU (docs/performance.md) | eager | sdpa | flash_attention_2
     attn_implementation: str = "auto"
     trust_remote_code: bool = False  # never run code shipped with a checkpoint unless set
+    # strength of a fixed 2-D sin-cos position embedding added to each tile's image tokens after the
+    # projector (vlmscale.model.forward.image_pos_table; issue #20); null = the preset's (0 in both, opt-in)
+    # or the checkpoint's own (config.json `image_pos_scale`, absent = 0); 0 = off, stock InternVL. Not part of
+    # transformers' InternVL: an export with it on gives different logits there than in vlmscale
+    image_pos_scale: float | None = None
 
     def validate(self) -> None:
         if self.init_from is None and (self.vision is None) != (self.llm is None):
@@ -35,6 +40,8 @@ class ModelConfig:
             raise ConfigError(f"model.preset={self.preset!r}: choose one of {PRESETS}, or set model.init_from")
         if self.attn_implementation not in ("auto", "eager", "sdpa", "flash_attention_2"):
             raise ConfigError("model.attn_implementation must be auto, eager, sdpa or flash_attention_2")
+        if self.image_pos_scale is not None and self.image_pos_scale < 0:
+            raise ConfigError("model.image_pos_scale must be >= 0 (0 = off, null = the preset's or checkpoint's)")
 
 
 @dataclass

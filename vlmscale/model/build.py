@@ -166,6 +166,13 @@ def spec_model(name: str, *, dtype: torch.dtype, max_tiles: int | None = None):
     return model, assets
 
 
+def _set_image_pos(model: torch.nn.Module, cfg: ModelConfig | None, default: float) -> None:
+    """``model.config.image_pos_scale`` from ``model.image_pos_scale`` when set, else ``default`` (the preset's,
+    or what the checkpoint's config.json says); saved with the export's config.json."""
+    value = cfg.image_pos_scale if cfg is not None and cfg.image_pos_scale is not None else default
+    model.config.image_pos_scale = float(value or 0.0)
+
+
 def _finish(model: torch.nn.Module, assets: ProcessorAssets) -> None:
     cfg = model.config
     cfg.pad_token_id = assets.tokenizer.pad_token_id
@@ -211,6 +218,7 @@ def build_model(
     grid = p.image_size // p.patch_size
     table = torch.cat([torch.zeros(1, p.vision_hidden), POSITION_SCALE * sincos_2d(grid, p.vision_hidden)]).unsqueeze(0)
     load_weights(model, {"model.vision_tower.embeddings.position_embeddings": InMemory(table)})
+    _set_image_pos(model, cfg, p.image_pos_scale)
     _finish(model, assets)
     return model, assets
 
@@ -236,6 +244,7 @@ def load_pretrained(path: str, *, max_tiles: int | None, dtype: torch.dtype, cfg
         trust_remote_code=bool(cfg and cfg.trust_remote_code),
     )
     assets = ProcessorAssets.load(p, image_seq_length=config.image_seq_length, max_tiles=max_tiles)
+    _set_image_pos(model, cfg, getattr(config, "image_pos_scale", 0.0))
     _finish(model, assets)
     return model, assets
 
@@ -253,6 +262,7 @@ def load_internvl_chat(path: str, *, max_tiles: int | None, dtype: torch.dtype, 
         image_processor=image_processor_from_original(path, read_original_config(path), max_tiles=max_tiles),
         image_seq_length=config.image_seq_length,
     )
+    _set_image_pos(model, cfg, 0.0)
     _finish(model, assets)
     return model, assets
 
@@ -309,6 +319,7 @@ def compose(cfg: ModelConfig, *, max_tiles: int | None, dtype: torch.dtype, load
     else:
         image_processor = make_image_processor(image_size=image_size, max_tiles=max_tiles or 12)
     assets = ProcessorAssets(tokenizer=tokenizer, image_processor=image_processor, image_seq_length=seq_len)
+    _set_image_pos(model, cfg, 0.0)
     _finish(model, assets)
     return model, assets
 

@@ -8,6 +8,10 @@ the collectives match on every rank, and the result is exactly the text-only for
 Video frames may have their token grid average-pooled (``tile_pool`` > 1 for that tile), which is
 how a clip of many frames fits its token budget.
 
+A model whose config sets ``image_pos_scale`` > 0 (the demo preset) adds a fixed 2-D sin-cos position
+embedding to each tile's image tokens after the projector (:func:`image_pos_table`); transformers'
+InternVL has no such term, so it is off (0) for stock checkpoints and for the forward-equality tests.
+
 Packed rows (``data.packing``) hold several samples each; their position ids restart at every sample,
 and attention is kept within each sample by a block-diagonal causal mask (flash-attention: its varlen
 kernel on one flattened row).
@@ -15,6 +19,7 @@ kernel on one flattened row).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -41,13 +46,38 @@ def _pool_tiles(features: torch.Tensor, tile_pool: torch.Tensor) -> torch.Tensor
     return torch.cat(out)
 
 
+@functools.lru_cache(maxsize=8)
+def _sincos_table(grid: int, dim: int) -> torch.Tensor:
+    from vlmscale.model.build import sincos_2d
+
+    table = sincos_2d(grid, dim).double()
+    table = table - table.mean(0)  # no constant part: only what differs between positions
+    return (table / table.pow(2).mean().sqrt()).float()
+
+
+def image_pos_table(grid: int, dim: int, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``(grid * grid, dim)``: 2-D sin-cos positions of a tile's token grid in raster order, centred over the
+    grid (no constant part, only what tells cells apart; the centre cell of a 3x3 grid is then the shortest
+code) and scaled to unit RMS, so ``image_pos_scale`` is the cue's RMS per channel."""
+    return _sincos_table(grid, dim).to(dtype=dtype, device=device)
+
+
+def add_image_positions(model: torch.nn.Module, features: torch.Tensor) -> torch.Tensor:
+    """``(tiles, seq, hidden)`` projected features plus ``config.image_pos_scale`` x the tile's position table."""
+    scale = float(getattr(model.config, "image_pos_scale", 0.0) or 0.0)
+    if scale == 0.0:
+        return features
+    grid = math.isqrt(features.shape[1])
+    return features + scale * image_pos_table(grid, features.shape[-1], dtype=features.dtype, device=features.device)
+
+
 def image_features(model: torch.nn.Module, pixel_values: torch.Tensor | None,
                    tile_pool: torch.Tensor | None = None) -> torch.Tensor:
     """Projected features ``(image tokens, hidden)``; a blank tile when there are no images."""
     inner = model.model
     param = next(inner.multi_modal_projector.parameters())
     pixels = pixel_values.to(param.dtype) if pixel_values is not None else _dummy_tile(model, param.dtype, param.device)
-    features = inner.get_image_features(pixel_values=pixels, return_dict=True).pooler_output
+    features = add_image_positions(model, inner.get_image_features(pixel_values=pixels, return_dict=True).pooler_output)
     if pixel_values is not None and tile_pool is not None and bool((tile_pool > 1).any()):
         return _pool_tiles(features, tile_pool)
     return features.reshape(-1, features.shape[-1])

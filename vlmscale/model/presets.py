@@ -19,6 +19,9 @@ class Preset:
     text_intermediate: int
     vocab_size: int
     max_tiles: int
+    # 2-D position cue on the image tokens (model.image_pos_scale; 0 = stock InternVL). Off in both presets:
+    # 0.05 on the demo was not shown to help (docs/stages.md, issue #20)
+    image_pos_scale: float = 0.0
 
     @property
     def image_seq_length(self) -> int:

@@ -236,6 +236,10 @@ class TrainConfig:
     hang_timeout_s: float = 900.0  # a step taking longer dumps stacks and exits (1); saves: checkpoint.save_timeout_s; 0 = off
     log_sample_ids: bool = False  # write each step's sample ids to output_dir/samples/rank-N.jsonl (audit)
     peak_tflops: float | None = None  # peak per device for MFU in the run's precision; null = GPU table or measured on CPU
+    # the LM head + cross-entropy run this many supervised positions at a time when a micro-batch has more
+    # (backward recomputes each chunk's logits): peak logits memory is one chunk's (chunk x vocab x 4 bytes,
+    # 1.2 GB at Qwen2's 151k vocab) instead of all of them; 0 = the whole micro-batch at once. docs/performance.md
+    loss_chunk_tokens: int = 2048
 
     def __post_init__(self) -> None:
         if isinstance(self.activation_checkpointing, bool):
@@ -259,6 +263,9 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be >= 1")
         if self.hang_timeout_s < 0:
             raise ConfigError("train.hang_timeout_s must be >= 0 (0 disables the watchdog)")
+        if self.loss_chunk_tokens < 0:
+            raise ConfigError(f"train.loss_chunk_tokens={self.loss_chunk_tokens}: must be >= 0 "
+                              "(0 = no chunking, e.g. 2048 = at most 2048 positions' logits at a time)")
         if self.peak_tflops is not None and self.peak_tflops <= 0:
             raise ConfigError("train.peak_tflops must be > 0 (or null to measure / look it up)")
         if self.global_batch_size is not None and self.global_batch_size < 1:

@@ -160,17 +160,111 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return loss.view(shift_labels.shape)
 
 
-def supervised_loss_sum(model: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def supervised_loss_sum(model: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
+                        chunk_tokens: int | None = None) -> torch.Tensor:
     """Summed next-token cross-entropy (fp32) over the supervised positions, from the last hidden states.
 
     The LM head runs on those positions alone: in SFT most positions are prompt and image tokens whose
     logits no loss reads, so computing them (as ``vlm_logits`` + ``token_losses`` do) is wasted work. Each
     kept row's logits are the same computation either way, so the sum matches ``token_losses(...).sum()``.
+
+    ``chunk_tokens`` > 0 (default: the head's ``loss_chunk_tokens``, set by :func:`enable_chunked_loss` from
+    ``train.loss_chunk_tokens``): when more positions than that are supervised, the head and the
+    cross-entropy run ``chunk_tokens`` positions at a time and the backward recomputes each chunk's logits,
+    so at most one chunk's logits exist at any moment (see :class:`ChunkedHeadLoss`).
     """
     target = labels[:, 1:]
     keep = target != IGNORE
-    logits = model.lm_head(hidden[:, :-1][keep])
-    return torch.nn.functional.cross_entropy(logits.float(), target[keep], reduction="sum")
+    head = model.lm_head
+    chunk = getattr(head, "loss_chunk_tokens", 0) if chunk_tokens is None else chunk_tokens
+    rows, tokens = hidden[:, :-1][keep], target[keep]
+    if chunk and rows.shape[0] > chunk:
+        if not isinstance(head, ChunkedLMHead):
+            raise ValueError("chunked loss needs the LM head made chunk-capable first: call "
+                             "vlmscale.model.forward.enable_chunked_loss(model, chunk_tokens)")
+        return head(rows, labels=tokens, chunk_tokens=chunk)
+    logits = head(rows)
+    return torch.nn.functional.cross_entropy(logits.float(), tokens, reduction="sum")
+
+
+class ChunkedHeadLoss(torch.autograd.Function):
+    """``sum_i CE(hidden_i @ weight.T, target_i)`` computed ``chunk`` rows at a time (logits in fp32).
+
+    Forward keeps only the inputs and each row's log-sum-exp; backward recomputes one chunk's logits at a
+    time, turns them into ``softmax - onehot`` and accumulates the hidden-state and weight gradients, so
+    the peak is one chunk's ``(chunk, vocab)`` logits instead of all of them. The weight is used once in
+    the autograd graph (one gradient accumulation), which is what ZeRO-3's gradient hooks expect; it must
+    be the gathered weight, i.e. this runs inside the head module's forward (:class:`ChunkedLMHead`), whose
+    ZeRO-3 backward hook gathers the weight again before :meth:`backward` runs.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, chunk):
+        lse = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for s in range(0, hidden.shape[0], chunk):
+            logits = torch.nn.functional.linear(hidden[s:s + chunk], weight, bias).float()
+            lse[s:s + chunk] = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(1, target[s:s + chunk, None]).squeeze(1)
+            total += (lse[s:s + chunk] - picked).sum()
+            del logits
+        ctx.save_for_backward(hidden, weight, bias, target, lse)
+        ctx.chunk = chunk
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, bias, target, lse = ctx.saved_tensors
+        chunk = ctx.chunk
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        # accumulate the weight gradient in fp32 when the weight is fp32 (exact match with the unchunked
+        # path); in bf16 in the weight's dtype, as the unchunked backward's one matmul would return it
+        grad_w = torch.zeros_like(weight) if need_w else None
+        grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
+        for s in range(0, hidden.shape[0], chunk):
+            h = hidden[s:s + chunk]
+            logits = torch.nn.functional.linear(h, weight, bias).float()
+            grad = torch.exp_(logits.sub_(lse[s:s + chunk, None]))  # softmax, in place
+            grad[torch.arange(h.shape[0], device=h.device), target[s:s + chunk]] -= 1.0
+            grad.mul_(grad_out)
+            if need_b:
+                grad_b += grad.sum(0)
+            grad = grad.to(hidden.dtype)
+            if need_h:
+                grad_h[s:s + chunk] = grad @ weight.to(hidden.dtype)
+            if need_w:
+                grad_w.addmm_(grad.t().to(weight.dtype), h.to(weight.dtype))
+            del logits, grad
+        return grad_h, grad_w, grad_b.to(bias.dtype) if need_b else None, None, None
+
+
+class ChunkedLMHead(torch.nn.Linear):
+    """``nn.Linear`` whose forward also takes ``labels`` (then returns the summed cross-entropy, chunked).
+
+    The loss runs inside this module's forward so that under ZeRO-3 its weight is gathered there (and
+    gathered again for its backward) like any other module's.
+    """
+
+    loss_chunk_tokens: int = 0
+
+    def forward(self, input: torch.Tensor, labels: torch.Tensor | None = None, chunk_tokens: int = 0) -> torch.Tensor:
+        if labels is None:
+            return super().forward(input)
+        return ChunkedHeadLoss.apply(input, self.weight, self.bias, labels, chunk_tokens or self.loss_chunk_tokens)
+
+
+def enable_chunked_loss(model: torch.nn.Module, chunk_tokens: int) -> None:
+    """Make ``model.lm_head`` (an ``nn.Linear``) compute the supervised loss in chunks of ``chunk_tokens``
+    positions (0 = off). Its parameters, hooks and state dict stay as they are: only its class changes."""
+    head = model.lm_head
+    if chunk_tokens < 0:
+        raise ValueError(f"train.loss_chunk_tokens={chunk_tokens}: must be >= 0 (0 = the whole loss at once)")
+    if type(head) not in (torch.nn.Linear, ChunkedLMHead):
+        raise ValueError(f"train.loss_chunk_tokens needs the LM head to be a torch.nn.Linear, not "
+                         f"{type(head).__name__}; set train.loss_chunk_tokens=0")
+    head.__class__ = ChunkedLMHead
+    head.loss_chunk_tokens = int(chunk_tokens)
 
 
 def num_supervised(labels: torch.Tensor) -> int:

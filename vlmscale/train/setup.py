@@ -32,6 +32,7 @@ from vlmscale.distributed.group import DistInfo, barrier, init_distributed
 from vlmscale.distributed.zero import load_weights, local_param_share, zero3_model_scope
 from vlmscale.model.build import build_model
 from vlmscale.model.checkpointing import enable_activation_checkpointing
+from vlmscale.model.forward import enable_chunked_loss
 from vlmscale.model.lora import add_lora
 from vlmscale.model.policy import apply_policy
 from vlmscale.model.tokenizer import ProcessorAssets
@@ -170,6 +171,7 @@ def setup_run(cfg: RunConfig, *, wrap: Callable[[torch.nn.Module], torch.nn.Modu
     model, assets = build_partitioned(cfg.model, ds_config=ds_config, max_tiles=cfg.tile_limit(), dtype=dtype)
     ac = cfg.train.activation_checkpointing
     enable_activation_checkpointing(model, llm=ac.llm, vision=ac.vision)
+    enable_chunked_loss(model, cfg.train.loss_chunk_tokens)
     if cfg.lora.enabled:
         add_lora(model, cfg.lora)
     if wrap is not None:

@@ -1,0 +1,67 @@
+"""Balanced global batches: a step's window of samples assigned to ranks and micro-batches by cost.
+
+A step reads the ``G = micro * accum * world`` positions ``[t*G, (t+1)*G)`` (``StepBatchSampler``).
+Unbalanced, rank ``r``'s micro-batch ``m`` takes ``micro`` consecutive positions; with a long-tailed mix
+(a few 4k-token answers or 12-tile images among short ones) one rank then carries most of the step's
+compute while the others wait at the gradient all-reduce. :func:`assign` instead spreads the window by
+estimated cost with deterministic greedy LPT (longest processing time first): samples in decreasing
+cost (ties by window index) each go to the rank with the least cost so far that still has room for
+``micro * accum`` samples; then, within each rank, the same to its ``accum`` micro-batches of ``micro``
+samples. Every sample of the window is trained exactly once in that step, every micro-batch keeps
+``micro`` samples, and the assignment is a pure function of the window's costs (so of its positions):
+a resumed run, or one on another world size, trains the same samples in the same step.
+
+Costs (:func:`sample_cost`): ``tokens`` = the LLM sequence length (image tokens included); ``flops`` =
+the sample's forward + backward FLOPs from :class:`vlmscale.train.flops.FlopModel` (LLM tokens,
+attention's quadratic term, supervised positions for the head, and each vision tile's encoder FLOPs).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+BALANCE_MODES = ("none", "tokens", "flops")
+
+
+def sample_cost(mode: str, *, tokens: int, tiles: int, supervised: int, flop_model=None) -> float:
+    """Estimated compute of one sample under ``data.balance=mode``."""
+    if mode == "tokens":
+        return float(tokens)
+    if mode == "flops":
+        if flop_model is None:
+            raise ValueError("data.balance=flops needs the model's FlopModel (vlmscale.train.flops); use tokens")
+        return flop_model.count(tiles=tiles, seq_lens=[tokens], head_tokens=supervised)["total"]
+    raise ValueError(f"data.balance={mode!r}: expected one of {', '.join(BALANCE_MODES)}")
+
+
+def _lpt(costs: Sequence[float], items: Sequence[int], *, bins: int, capacity: int) -> list[list[int]]:
+    """``items`` into ``bins`` bins of exactly ``capacity`` items, greedily by decreasing cost; each bin's
+    items come back in window order."""
+    load = [0.0] * bins
+    out: list[list[int]] = [[] for _ in range(bins)]
+    for i in sorted(items, key=lambda i: (-costs[i], i)):
+        b = min((b for b in range(bins) if len(out[b]) < capacity), key=lambda b: (load[b], b))
+        out[b].append(i)
+        load[b] += costs[i]
+    return [sorted(b) for b in out]
+
+
+def assign(costs: Sequence[float], *, world: int, accum: int, micro: int) -> list[list[list[int]]]:
+    """``out[rank][m]``: the window indices (0..G-1) of rank ``rank``'s micro-batch ``m``."""
+    if len(costs) != world * accum * micro:
+        raise ValueError(f"{len(costs)} costs for a window of {world} x {accum} x {micro} samples")
+    ranks = _lpt(costs, range(len(costs)), bins=world, capacity=accum * micro)
+    return [_lpt(costs, r, bins=accum, capacity=micro) for r in ranks]
+
+
+def contiguous(*, world: int, accum: int, micro: int) -> list[list[list[int]]]:
+    """The unbalanced layout (``data.balance=none``): ``StepBatchSampler``'s consecutive positions."""
+    return [[list(range((m * world + r) * micro, (m * world + r + 1) * micro)) for m in range(accum)]
+            for r in range(world)]
+
+
+def imbalance(costs: Sequence[float], layout: list[list[list[int]]]) -> float:
+    """max / mean of the per-rank estimated cost (1.0 = perfectly even)."""
+    per_rank = [sum(costs[i] for mb in rank for i in mb) for rank in layout]
+    mean = sum(per_rank) / len(per_rank)
+    return max(per_rank) / mean if mean > 0 else 1.0

@@ -139,6 +139,7 @@ def _yes_no_pairs(args) -> int:
 def _eval(args) -> int:
     from vlmscale.distributed.group import env_dist_info, init_distributed, shutdown
     from vlmscale.distributed.zero import frozen_engine, zero3_config, zero3_model_scope
+    from vlmscale.config.load import parse_size
     from vlmscale.eval.generate import VCDConfig
     from vlmscale.eval.suites import drift_reference, format_table, run_suites
     from vlmscale.model.build import load_pretrained
@@ -173,7 +174,7 @@ def _eval(args) -> int:
     vcd = VCDConfig(alpha=args.vcd_alpha, beta=args.vcd_beta) if args.vcd else None
     results = run_suites(model, assets, Path(args.data), suites, rank=dist.rank, world_size=dist.world_size,
                          max_samples=args.max_samples, max_new_tokens=args.max_new_tokens, vcd=vcd,
-                         reference=reference)
+                         reference=reference, gather_max_bytes=parse_size(args.gather_policy_max_bytes))
     if dist.is_main:
         print(format_table(results))
         if args.out:
@@ -381,6 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--vcd", action="store_true", help="visual contrastive decoding for generative suites")
     ev.add_argument("--vcd-alpha", type=float, default=1.0)
     ev.add_argument("--vcd-beta", type=float, default=0.1)
+    ev.add_argument("--gather-policy-max-bytes", default="2GB",
+                    help="gather the whole model once per generation call when it is at most this size (0: per layer)")
     ev.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                          help=DTYPE_HELP)
     ev.set_defaults(func=_eval_dispatch)

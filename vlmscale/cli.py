@@ -47,7 +47,13 @@ def _data_demo(args) -> int:
     if out.exists() and any(out.iterdir()):
         print(f"error: {out} is not empty; choose a new --out directory", file=sys.stderr)
         return 2
-    meta = generate_demo(out, num_train_scenes=args.train_scenes, num_heldout_scenes=args.heldout_scenes, seed=args.seed)
+    if args.variant == "cooccur":
+        from vlmscale.data.cooccur import generate_cooccur
+
+        meta = generate_cooccur(out, num_train_scenes=args.train_scenes, num_heldout_scenes=args.heldout_scenes,
+                                seed=args.seed)
+    else:
+        meta = generate_demo(out, num_train_scenes=args.train_scenes, num_heldout_scenes=args.heldout_scenes, seed=args.seed)
     print(json.dumps(meta["counts"], indent=2))
     return 0
 
@@ -300,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--train-scenes", type=int, default=6000)
     demo.add_argument("--heldout-scenes", type=int, default=200)
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--variant", choices=["standard", "cooccur"], default="standard",
+                      help="cooccur: anchor objects nearly always come with a partner (hallucination study, docs/evaluation.md)")
     demo.set_defaults(func=_data_demo)
 
     convert = data.add_parser("convert", help="convert an existing dataset into shards")

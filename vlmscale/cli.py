@@ -47,7 +47,13 @@ def _data_demo(args) -> int:
     if out.exists() and any(out.iterdir()):
         print(f"error: {out} is not empty; choose a new --out directory", file=sys.stderr)
         return 2
-    meta = generate_demo(out, num_train_scenes=args.train_scenes, num_heldout_scenes=args.heldout_scenes, seed=args.seed)
+    if args.variant == "cooccur":
+        from vlmscale.data.cooccur import generate_cooccur
+
+        meta = generate_cooccur(out, num_train_scenes=args.train_scenes, num_heldout_scenes=args.heldout_scenes,
+                                seed=args.seed)
+    else:
+        meta = generate_demo(out, num_train_scenes=args.train_scenes, num_heldout_scenes=args.heldout_scenes, seed=args.seed)
     print(json.dumps(meta["counts"], indent=2))
     return 0
 
@@ -139,6 +145,7 @@ def _yes_no_pairs(args) -> int:
 def _eval(args) -> int:
     from vlmscale.distributed.group import env_dist_info, init_distributed, shutdown
     from vlmscale.distributed.zero import frozen_engine, zero3_config, zero3_model_scope
+    from vlmscale.config.load import parse_size
     from vlmscale.eval.generate import VCDConfig
     from vlmscale.eval.suites import drift_reference, format_table, run_suites
     from vlmscale.model.build import load_pretrained
@@ -173,7 +180,7 @@ def _eval(args) -> int:
     vcd = VCDConfig(alpha=args.vcd_alpha, beta=args.vcd_beta) if args.vcd else None
     results = run_suites(model, assets, Path(args.data), suites, rank=dist.rank, world_size=dist.world_size,
                          max_samples=args.max_samples, max_new_tokens=args.max_new_tokens, vcd=vcd,
-                         reference=reference)
+                         reference=reference, gather_max_bytes=parse_size(args.gather_policy_max_bytes))
     if dist.is_main:
         print(format_table(results))
         if args.out:
@@ -299,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--train-scenes", type=int, default=6000)
     demo.add_argument("--heldout-scenes", type=int, default=200)
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--variant", choices=["standard", "cooccur"], default="standard",
+                      help="cooccur: anchor objects nearly always come with a partner (hallucination study, docs/evaluation.md)")
     demo.set_defaults(func=_data_demo)
 
     convert = data.add_parser("convert", help="convert an existing dataset into shards")
@@ -381,6 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--vcd", action="store_true", help="visual contrastive decoding for generative suites")
     ev.add_argument("--vcd-alpha", type=float, default=1.0)
     ev.add_argument("--vcd-beta", type=float, default=0.1)
+    ev.add_argument("--gather-policy-max-bytes", default="2GB",
+                    help="gather the whole model once per generation call when it is at most this size (0: per layer)")
     ev.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                          help=DTYPE_HELP)
     ev.set_defaults(func=_eval_dispatch)

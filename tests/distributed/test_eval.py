@@ -41,16 +41,23 @@ def test_one_and_two_ranks_agree(sft_run, start_model, demo_dir, tmp_path):
     assert proc.returncode == 0 and "text/loss" in proc.stdout
 
 
-def test_ranks_finishing_at_different_steps_do_not_hang(demo_dir, tmp_path):
+@pytest.mark.parametrize("gather_max_bytes", [0, 1 << 30], ids=["per-layer", "gathered"])
+def test_ranks_finishing_at_different_steps_do_not_hang(demo_dir, tmp_path, gather_max_bytes):
     out = tmp_path / "lengths.json"
     cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(port(29950, 40)), "--no_local_rank",
-           str(REPO / "tests" / "distributed" / "zero3_generate_script.py"), str(demo_dir), str(out)]
+           str(REPO / "tests" / "distributed" / "zero3_generate_script.py"), str(demo_dir), str(out),
+           str(gather_max_bytes)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-4000:]
-    r0 = json.loads((tmp_path / "lengths.json.rank0").read_text())["lengths"]
-    r1 = json.loads((tmp_path / "lengths.json.rank1").read_text())["lengths"]
+    rank0 = json.loads((tmp_path / "lengths.json.rank0").read_text())
+    rank1 = json.loads((tmp_path / "lengths.json.rank1").read_text())
+    r0, r1 = rank0["lengths"], rank1["lengths"]
     assert r0 and r1
+    assert rank0["gathered"] == rank1["gathered"] == (gather_max_bytes > 0)
+    assert len(rank0["sampled"]) == 3 and len(rank1["sampled"]) == 1  # unequal local prompt counts completed
+    if not gather_max_bytes:  # lock step: the finished rank ran as many forwards as the other
+        assert rank0["forwards"] == rank1["forwards"]
     # rank 0 stopped at its first token (its end-of-sequence, returned with the ids); rank 1 kept decoding
     # (up to 12) while rank 0 stepped along idle
     assert max(r0.values()) == 1 < max(r1.values()), (r0, r1)

@@ -1,7 +1,8 @@
 import torch
 
 from vlmscale.data.render import Rendered
-from vlmscale.eval.generate import VCDConfig, _next_tokens, plan_batches
+from vlmscale.eval.generate import VCDConfig, _next_tokens
+from vlmscale.eval.generate_legacy import plan_batches
 from vlmscale.eval.suites import compare, flatten
 
 
@@ -25,7 +26,7 @@ def test_vcd_plausibility_cut_blocks_contrast_artifacts():
     assert _next_tokens(with_image, noised, VCDConfig(alpha=1.0, beta=0.1)).tolist() == [0]
 
 
-def test_batches_do_not_depend_on_world_size():
+def test_legacy_batches_do_not_depend_on_world_size():
     prompts = [Rendered(input_ids=[0] * n, labels=[], pixel_values=None) for n in (3, 5, 3, 3, 5, 4)]
     batches = plan_batches(prompts, batch_size=2)
     assert batches == [[0, 2], [3], [5], [1, 4]]

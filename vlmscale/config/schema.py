@@ -328,8 +328,17 @@ class EvalConfig:
     vcd_alpha: float = 1.0  # VCD contrast strength
     vcd_beta: float = 0.1  # VCD plausibility cut-off
     vcd_noise: float = 0.5  # share of noise in VCD's distorted image
+    # generation under ZeRO-3 gathers the whole model once per call when it is at most this size ("2GB", "512MB";
+    # 0 = never: ZeRO-3 gathers layer by layer for every forward, in lock step over ranks); see docs/evaluation.md
+    gather_policy_max_bytes: str = "2GB"
 
     def validate(self) -> None:
+        from vlmscale.config.load import parse_size
+
+        try:
+            parse_size(self.gather_policy_max_bytes)
+        except ValueError as exc:
+            raise ConfigError(f"eval.gather_policy_max_bytes: {exc} (e.g. '2GB', '512MB', or 0 for per-layer gathers)")
         for s in self.suites:
             if s not in EVAL_SUITES:
                 raise ConfigError(f"eval.suites: unknown suite {s!r}; known: {list(EVAL_SUITES)}")
@@ -589,6 +598,9 @@ class PPOSection:
     critic_lr: float = 5e-5  # critic learning rate (the whole critic trains: VLM under the policy's modules + head)
     freeze_actor_steps: int = 0  # critic warm-up: the first N steps update only the critic
     whiten_advantages: bool = True  # normalise advantages over every rank's response tokens
+    top_p: float = 1.0  # nucleus cut of the rollouts' sampling (1 = none; log-probs are of the tempered distribution)
+    # rollouts gather the whole actor once per rollout phase when it is at most this size (0 = layer by layer)
+    gather_policy_max_bytes: str = "2GB"
 
     def validate(self) -> None:
         if not self.reward_model:
@@ -610,6 +622,14 @@ class PPOSection:
             raise ConfigError("ppo.kl_target must be > 0, or null for a fixed ppo.kl_coef")
         if self.critic_lr <= 0:
             raise ConfigError("ppo.critic_lr must be > 0")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"ppo.top_p={self.top_p} must be within (0, 1] (1 = no nucleus cut)")
+        from vlmscale.config.load import parse_size
+
+        try:
+            parse_size(self.gather_policy_max_bytes)
+        except ValueError as exc:
+            raise ConfigError(f"ppo.gather_policy_max_bytes: {exc} (e.g. '2GB', or 0 for per-layer gathers)")
 
 
 def _ppo_policy() -> PolicyConfig:

@@ -18,6 +18,7 @@ import torch
 
 from vlmscale.config.schema import EvalConfig, VideoConfig
 from vlmscale.distributed.group import DistInfo, all_reduce_sum, barrier
+from vlmscale.config.load import parse_size
 from vlmscale.eval.generate import VCDConfig
 from vlmscale.eval.suites import drift_reference, flatten, format_table, run_suites
 from vlmscale.model.tokenizer import ProcessorAssets
@@ -76,7 +77,7 @@ class PeriodicEval:
             model, self.assets, self.heldout, suites, rank=self.dist.rank, world_size=self.dist.world_size,
             max_samples=self.cfg.final_max_samples if final else self.cfg.max_samples,
             max_new_tokens=self.cfg.max_new_tokens, vcd=vcd_config(self.cfg), reference=self.reference,
-            video=self.video,
+            video=self.video, gather_max_bytes=parse_size(self.cfg.gather_policy_max_bytes),
         )
         if self.dist.is_main:
             self.dir.mkdir(parents=True, exist_ok=True)

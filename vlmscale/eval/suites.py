@@ -23,7 +23,7 @@ from vlmscale.data.dataset import Item, collate
 from vlmscale.data.render import Rendered, render_prompt, render_sample
 from vlmscale.data.shards import ShardDataset
 from vlmscale.distributed.group import all_gather_objects, dealt_rounds, model_device
-from vlmscale.eval.generate import VCDConfig, generate
+from vlmscale.eval.generate import DEFAULT_GATHER_MAX_BYTES, VCDConfig, generate
 from vlmscale.eval.metrics import exact_match, iou, parse_box, pope_scores, yes_no
 from vlmscale.model.forward import token_losses, vlm_logits
 from vlmscale.model.tokenizer import ProcessorAssets
@@ -57,9 +57,11 @@ def _merge(part: dict[int, object]) -> dict[int, object]:
 
 
 def answer_all(model, assets, records, *, rank: int, world_size: int, max_new_tokens: int,
-               vcd: VCDConfig | None, video: VideoConfig | None = None) -> list[str]:
+               vcd: VCDConfig | None, video: VideoConfig | None = None,
+               gather_max_bytes: int | None = DEFAULT_GATHER_MAX_BYTES) -> list[str]:
     prompts = [render_prompt(rec["messages"], members, assets, video) for rec, members in records]
-    mine = generate(model, assets, prompts, max_new_tokens=max_new_tokens, rank=rank, world_size=world_size, vcd=vcd)
+    mine = generate(model, assets, prompts, max_new_tokens=max_new_tokens, rank=rank, world_size=world_size, vcd=vcd,
+                    gather_max_bytes=gather_max_bytes)
     merged = _merge(mine)
     return [merged[i] for i in range(len(prompts))]
 
@@ -190,7 +192,8 @@ def drift_reference(model, assets, heldout: Path, *, max_samples: int, rank: int
 
 def run_suites(model, assets: ProcessorAssets, heldout: Path, suites: list[str], *, rank: int = 0, world_size: int = 1,
                max_samples: int = 0, max_new_tokens: int = 24, vcd: VCDConfig | None = None,
-               reference: dict | None = None, video: VideoConfig | None = None) -> dict:
+               reference: dict | None = None, video: VideoConfig | None = None,
+               gather_max_bytes: int | None = DEFAULT_GATHER_MAX_BYTES) -> dict:
     """Run ``suites``; drift compares with ``reference`` (from :func:`drift_reference`) on the same images."""
     results: dict = {}
     for suite in suites:
@@ -207,7 +210,7 @@ def run_suites(model, assets: ProcessorAssets, heldout: Path, suites: list[str],
             records = _records(data, max_samples)
         if suite in GENERATIVE:
             preds = answer_all(model, assets, records, rank=rank, world_size=world_size,
-                               max_new_tokens=max_new_tokens, vcd=vcd, video=video)
+                               max_new_tokens=max_new_tokens, vcd=vcd, video=video, gather_max_bytes=gather_max_bytes)
             rows = [(rec, p) for (rec, _), p in zip(records, preds)]
             results[suite] = SCORERS[suite](rows)
             results[suite + "_examples"] = [

@@ -4,7 +4,7 @@ Actor and critic are training engines (each its own optimizer); the reward model
 are frozen engines without one. All four are built partitioned (``build_partitioned``), so no rank
 holds any of them whole. Every rank runs the same forwards in the same order: each has the same
 number of rollouts, generation agrees the number of decode steps over ranks
-(:func:`vlmscale.eval.generate.generate` with ``local=True``), and the update walks the same number
+(:func:`vlmscale.eval.generate.rollout` with ``local=True``), and the update walks the same number
 of minibatches everywhere. The objective's maths lives in :mod:`vlmscale.losses.ppo`.
 """
 
@@ -29,7 +29,8 @@ from vlmscale.data.shards import ShardDataset
 from vlmscale.distributed.group import DistInfo, all_reduce_sum
 from vlmscale.distributed.group import device as _device
 from vlmscale.distributed.zero import frozen_engine, load_weights, partitioned_init, start_micro_batch
-from vlmscale.eval.generate import generate
+from vlmscale.config.load import parse_size
+from vlmscale.eval.generate import rollout
 from vlmscale.losses import ppo as objective
 from vlmscale.model.forward import vlm_logits
 from vlmscale.model.heads import ScalarHeadModel, head_weights, last_token_scores, token_values
@@ -248,10 +249,12 @@ def make_rollout(engines: PPOEngines, prompts: list[Rendered], *, cfg: PPOConfig
     """Sample responses from the actor and score them: actor and reference log-probabilities, entropy,
     the critic's values and the reward model's score; in chunks of ``train.micro_batch_size`` rows."""
     banned = banned_tokens(assets)
-    answers = generate(engines.actor.module, assets, prompts, max_new_tokens=cfg.ppo.max_new_tokens,
-                       batch_size=len(prompts), rank=dist.rank, world_size=dist.world_size, return_ids=True,
-                       local=True, temperature=cfg.ppo.temperature, generator=generator, banned=banned)
-    ro = assemble(prompts, [answers[i] for i in range(len(prompts))], assets=assets)
+    # one batch of all this rank's prompts (left-padded), the actor gathered whole when it fits the bound
+    gen = rollout(engines.actor.module, assets, prompts, max_new_tokens=cfg.ppo.max_new_tokens,
+                  batch_size=len(prompts), rank=dist.rank, world_size=dist.world_size, local=True,
+                  temperature=cfg.ppo.temperature, top_p=cfg.ppo.top_p, generator=generator, banned=banned,
+                  gather_max_bytes=parse_size(cfg.ppo.gather_policy_max_bytes))
+    ro = assemble(prompts, [gen.tokens[i] for i in range(len(prompts))], assets=assets)
     logp, ref_logp, values, ent, score = [], [], [], [], []
     micro = cfg.train.micro_batch_size
     for start in range(0, ro.rows, micro):

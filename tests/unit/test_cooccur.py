@@ -1,0 +1,73 @@
+"""The hallucination-prone demo variant: its co-occurrence statistics and POPE's adversarial split."""
+
+import json
+from collections import Counter
+
+import pytest
+
+from vlmscale.data.cooccur import ANCHORS, generate_cooccur
+from vlmscale.data.shards import ShardDataset
+from vlmscale.demo_vocab import PARTNER
+
+
+def _records(path):
+    ds = ShardDataset(path)
+    return [json.loads(ds.read(i)[1]["json"]) for i in range(len(ds))]
+
+
+@pytest.fixture(scope="module")
+def cooccur(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cooccur")
+    generate_cooccur(out, num_train_scenes=300, num_heldout_scenes=80, seed=0)
+    return out
+
+
+def _named(text, obj):
+    return f"{obj[0]} {obj[1]}" in text
+
+
+def test_training_captions_carry_the_cooccurrence_prior(cooccur):
+    drawn = Counter()
+    said = Counter()
+    for rec in _records(cooccur / "train" / "captions"):
+        objs = {tuple(o) for o in rec["objects"]}
+        anchor = next(a for a in ANCHORS if a in objs)
+        text = rec["messages"][1]["content"][0]["text"]
+        drawn[PARTNER[anchor] in objs] += 1
+        said[_named(text, PARTNER[anchor])] += 1
+    n = sum(drawn.values())
+    assert 0.9 <= drawn[True] / n <= 0.99  # rate 0.95: the partner is drawn with its anchor
+    assert said[True] / n >= 0.95  # and named even more often (caption noise)
+    assert drawn[False] > 0  # but not always
+
+
+def test_adversarial_split_asks_for_the_missing_partner(cooccur):
+    pope = _records(cooccur / "heldout" / "pope")
+    splits = Counter(r["split"] for r in pope)
+    assert set(splits) == {"random", "popular", "adversarial"}
+    for rec in pope:
+        objs = {tuple(o) for o in rec["objects"]}
+        anchor = tuple(rec["anchor"])
+        assert anchor in objs and PARTNER[anchor] not in objs  # held-out scenes lack the partner
+        question = rec["messages"][0]["content"][1]["text"]
+        asked = any(_named(question, o) for o in objs)
+        assert asked == (rec["answer"] == "yes")
+        if rec["split"] == "adversarial" and rec["answer"] == "no":
+            assert _named(question, PARTNER[anchor])
+    for split in splits:
+        answers = Counter(r["answer"] for r in pope if r["split"] == split)
+        assert 0.3 < answers["yes"] / sum(answers.values()) < 0.7
+
+
+def test_dpo_pairs_reject_the_hallucinated_partner(cooccur, tiny_assets):
+    from vlmscale.data.preference import render_pair  # what the DPO stage renders a pair with
+
+    ds = ShardDataset(cooccur / "heldout" / "pref")
+    _, members = ds.read(0)
+    assert render_pair(json.loads(members["json"]), members, tiny_assets, max_seq_len=4096) is not None
+    pairs = _records(cooccur / "heldout" / "pref")
+    assert len(pairs) == 80
+    for rec in pairs:
+        objs = {tuple(o) for o in rec["objects"]}
+        anchor = next(a for a in ANCHORS if a in objs)
+        assert not _named(rec["chosen"], PARTNER[anchor]) and _named(rec["rejected"], PARTNER[anchor])

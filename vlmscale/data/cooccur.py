@@ -1,0 +1,113 @@
+"""``vlmscale data demo --variant cooccur``: a hallucination-prone demo.
+
+Objects come in anchor -> partner pairs (``demo_vocab.PARTNER`` over the anchors, the objects of even index
+whose partner has another colour). In the training scenes an anchor is drawn with its partner at
+``rate`` (default 0.95), and a caption of the remaining scenes still names the partner at ``leak`` (default
+0.5, the caption noise of web alt-text), so the captions carry a strong prior: the anchor almost always comes
+with the partner. A model trained on them tends to say the partner is there when it is not.
+
+Held-out: scenes with an anchor and *without* its partner, and POPE probes per split: ``adversarial``
+negatives ask about the missing partner of a present anchor, ``random`` negatives about a random absent
+object, ``popular`` about the most frequent absent one; positives (half of each split) about a present
+object. ``heldout/pref`` and ``train/pref`` hold DPO pairs in the preference format
+(``data.preference``): chosen = the true caption, rejected = the caption with the partner added.
+
+Records carry ``objects`` (``[[colour, shape], ...]`` actually drawn) so the statistics are checkable.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from vlmscale.data.demo import _Gen, _assistant, _conversation, _img, _txt, _user, render_scene
+from vlmscale.demo_vocab import IMAGE_SIZE, OBJECTS, PARTNER, POPULARITY, Obj, absent_object, caption
+
+ANCHORS = [o for i, o in enumerate(OBJECTS) if i % 2 == 0 and PARTNER[o][0] != o[0]]
+COOCCUR_VERSION = 1
+
+
+def _place(chosen: list[tuple[str, str]], rng: random.Random) -> list[Obj]:
+    cells = rng.sample([(r, c) for r in range(3) for c in range(3)], len(chosen))
+    cell = IMAGE_SIZE // 3
+    objs = []
+    for (colour, shape), (row, col) in zip(chosen, cells):
+        size = rng.randint(10, 14)
+        x1 = col * cell + rng.randint(1, cell - size - 1)
+        y1 = row * cell + rng.randint(1, cell - size - 1)
+        objs.append(Obj(colour, shape, row, col, (x1, y1, x1 + size, y1 + size)))
+    return objs
+
+
+def cooccur_scene(rng: random.Random, *, rate: float) -> tuple[list[Obj], tuple[str, str]]:
+    """A scene with one anchor, its partner drawn at ``rate``, and 0-1 other objects; returns (objects, anchor)."""
+    anchor = rng.choice(ANCHORS)
+    chosen = [anchor]
+    if rng.random() < rate:
+        chosen.append(PARTNER[anchor])
+    used = {c for c, _ in chosen} | {PARTNER[anchor][0]}
+    if rng.random() < 0.5:
+        others = [o for o in OBJECTS if o[0] not in used and o not in ANCHORS]
+        chosen.append(rng.choices(others, weights=[POPULARITY[OBJECTS.index(o)] for o in others])[0])
+    return _place(chosen, rng), anchor
+
+
+def _partner_obj(objs: list[Obj], anchor: tuple[str, str], rng: random.Random) -> Obj:
+    free = [(r, c) for r in range(3) for c in range(3) if all((o.row, o.col) != (r, c) for o in objs)]
+    row, col = rng.choice(free)
+    return Obj(*PARTNER[anchor], row, col, (0, 0, 0, 0))
+
+
+def _objects(objs: list[Obj]) -> list[list[str]]:
+    return [[o.colour, o.shape] for o in objs]
+
+
+def _pair(g: _Gen, objs: list[Obj], anchor, png: bytes) -> None:
+    rejected = caption(objs + [_partner_obj(objs, anchor, g.rng)])
+    g.add("pref", {"task": "preference", "objects": _objects(objs), "messages": [_user(_img(), _txt("Describe the image."))],
+                   "chosen": caption(objs), "rejected": rejected}, [png])
+
+
+def generate_cooccur(out: Path, *, num_train_scenes: int = 6000, num_heldout_scenes: int = 200, seed: int = 0,
+                     rate: float = 0.95, leak: float = 0.5) -> dict:
+    if not 0.0 <= rate <= 1.0 or not 0.0 <= leak <= 1.0:
+        raise ValueError(f"cooccur: rate={rate} and leak={leak} must be within [0, 1]")
+    g = _Gen(out, "train", seed)
+    rng = g.rng
+    for _ in range(num_train_scenes):
+        objs, anchor = cooccur_scene(rng, rate=rate)
+        png = render_scene(objs, rng)
+        described = objs
+        if PARTNER[anchor] not in {(o.colour, o.shape) for o in objs} and rng.random() < leak:
+            described = objs + [_partner_obj(objs, anchor, rng)]  # caption noise: the usual partner named anyway
+        g.add("captions", {"task": "caption", "objects": _objects(objs),
+                           "messages": [_user(_img(), _txt("Describe the image.")), _assistant(caption(described))]}, [png])
+        objs, anchor = cooccur_scene(rng, rate=rate)
+        g.add("vqa", {"task": "vqa", "objects": _objects(objs), "messages": _conversation(objs, rng, rng.randint(2, 4))},
+              [render_scene(objs, rng)])
+        if rng.random() < 0.25:
+            objs, anchor = cooccur_scene(rng, rate=0.0)
+            _pair(g, objs, anchor, render_scene(objs, rng))
+    counts = {"train": g.close()}
+    h = _Gen(out, "heldout", seed + 1)
+    rng = h.rng
+    for _ in range(num_heldout_scenes):
+        objs, anchor = cooccur_scene(rng, rate=0.0)  # the partner is missing: the case the prior gets wrong
+        png = render_scene(objs, rng)
+        for split in ("random", "popular", "adversarial"):
+            if rng.random() < 0.5:
+                name, ans = rng.choice(objs).name, "yes"
+            else:
+                neg = PARTNER[anchor] if split == "adversarial" else absent_object(objs, rng, split)
+                name, ans = f"{neg[0]} {neg[1]}", "no"
+            h.add("pope", {"task": "pope", "split": split, "answer": ans, "objects": _objects(objs),
+                           "anchor": list(anchor), "messages": [_user(_img(), _txt(f"Is there a {name} in the image?"))]},
+                  [png])
+        h.add("captions", {"task": "caption", "answer": caption(objs), "objects": _objects(objs),
+                           "messages": [_user(_img(), _txt("Describe the image.")), _assistant(caption(objs))]}, [png])
+        _pair(h, objs, anchor, png)
+    counts["heldout"] = h.close()
+    meta = {"variant": "cooccur", "version": COOCCUR_VERSION, "seed": seed, "rate": rate, "leak": leak, "counts": counts}
+    (out / "demo.json").write_text(json.dumps(meta, indent=2))
+    return meta

@@ -9,7 +9,6 @@ import types
 import pytest
 import torch
 
-from vlmscale.eval.generate import nucleus
 from vlmscale.eval.rewards import RewardSet, exact_match_reward, iou_reward, load_reward, numeric_reward
 from vlmscale.losses import grpo
 from vlmscale.stages.grpo import split_conversation
@@ -150,13 +149,6 @@ def test_split_conversation_takes_the_last_assistant_turn():
     from vlmscale.data.render import BadSample
     with pytest.raises(BadSample):
         split_conversation({"messages": [{"role": "user", "content": "q"}]})
-
-
-def test_nucleus_keeps_the_smallest_set_reaching_top_p():
-    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
-    assert nucleus(probs, 0.7)[0].tolist() == pytest.approx([0.5 / 0.8, 0.3 / 0.8, 0.0, 0.0])
-    assert nucleus(probs, 0.4)[0].tolist() == pytest.approx([1.0, 0.0, 0.0, 0.0])  # the top token always stays
-    assert nucleus(probs, 1.0)[0].tolist() == pytest.approx(probs[0].tolist())
 
 
 def test_config_errors_name_the_field():

@@ -699,6 +699,9 @@ class GRPOSection:
     rewards: dict[str, float] = field(default_factory=lambda: {"exact_match": 1.0, "iou": 1.0})  # name or module:function -> weight
     format_pattern: str | None = None  # regex for the `format` reward
     log_rollouts: bool = True  # output_dir/rollouts/rank-N.jsonl: completions and rewards per prompt per step
+    rollout_batch_size: int = 32  # completions decoded together (left-padded, KV-cached)
+    # rollouts gather the whole policy once per rollout phase when it is at most this size (0 = layer by layer)
+    gather_policy_max_bytes: str = "2GB"
 
     def validate(self) -> None:
         if not self.prompts:
@@ -718,6 +721,14 @@ class GRPOSection:
             raise ConfigError("grpo.kl_coef must be >= 0")
         if not any(w != 0 for w in self.rewards.values()):
             raise ConfigError("grpo.rewards gives no reward a non-zero weight (e.g. grpo.rewards={exact_match: 1.0})")
+        if self.rollout_batch_size < 1:
+            raise ConfigError("grpo.rollout_batch_size must be >= 1")
+        from vlmscale.config.load import parse_size
+
+        try:
+            parse_size(self.gather_policy_max_bytes)
+        except ValueError as exc:
+            raise ConfigError(f"grpo.gather_policy_max_bytes: {exc} (e.g. '2GB', or 0 for per-layer gathers)")
         if self.rewards.get("format", 0) and not self.format_pattern:
             raise ConfigError("grpo.rewards has `format` but grpo.format_pattern is unset: give the regex it checks")
 

@@ -2,14 +2,16 @@
 
 The policy is a training engine; the reference (only when ``grpo.kl_coef > 0``) a frozen one; both
 are built partitioned. Every rank runs the same forwards in the same order: each has
-``grpo.prompts_per_rank`` prompts, generation runs one collective round per prompt (its
-``group_size`` completions in one batch, the number of decode steps agreed over ranks), and the
+``grpo.prompts_per_rank`` prompts, generation (``vlmscale.eval.generate.rollout``: left-padded
+batches with a KV cache; the policy gathered once when it fits ``grpo.gather_policy_max_bytes``,
+else per-layer gathers in lock step) runs the same rounds on every rank, and the
 update walks the same minibatches everywhere. A group's completions all live on one rank, so its
 advantages need no communication.
 
 Determinism: the prompts of step ``s`` are a pure function of (seed, step, rank, world size), and
-each prompt's completions are sampled with a generator seeded by (seed, step, the prompt's global
-position), so a resumed run continues exactly and a 1-rank run samples what a 2-rank run samples.
+each completion is sampled with a generator seeded by (seed, step, the prompt's global position, its
+index in the group), so a resumed run continues exactly and a 1-rank run samples what a 2-rank run
+samples, whatever the batching.
 The maths is in :mod:`vlmscale.losses.grpo`, the rewards in :mod:`vlmscale.eval.rewards`.
 """
 
@@ -32,7 +34,8 @@ from vlmscale.data.shards import ShardDataset
 from vlmscale.distributed.group import DistInfo, all_reduce_sum
 from vlmscale.distributed.group import device as _device
 from vlmscale.distributed.zero import frozen_engine
-from vlmscale.eval.generate import generate
+from vlmscale.config.load import parse_size
+from vlmscale.eval.generate import rollout
 from vlmscale.eval.rewards import RewardSet
 from vlmscale.losses import grpo as maths
 from vlmscale.losses.ppo import entropy as token_entropy
@@ -148,10 +151,10 @@ class ConversationPrompts:
         return list(range(start, start + count))
 
 
-def group_generator(seed: int, *, step: int, position: int) -> torch.Generator:
-    """The sampler of one prompt's group: a pure function of (seed, step, global position), so any world
-    size samples the same completions."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + step * 100_003 + position) % (2 ** 63))
+def row_seed(seed: int, *, step: int, position: int, member: int) -> int:
+    """The sampling seed of completion ``member`` of the prompt at global ``position`` in ``step``: a pure
+    function of those, so any world size and any batching samples the same completions."""
+    return (seed * 1_000_003 + step * 100_003 + position * 101 + member) % (2 ** 63)
 
 
 # ---------------------------------------------------------------- rollouts
@@ -181,17 +184,18 @@ def completion_texts(ro: Rollout, assets: ProcessorAssets) -> list[str]:
 @torch.no_grad()
 def sample_groups(engine, prompts: list[Rendered], positions: list[int], *, cfg: GRPOConfig, assets: ProcessorAssets,
                   dist: DistInfo, step: int) -> list[list[int]]:
-    """``group_size`` sampled completions (token ids) per prompt, one collective generation round per prompt."""
+    """``group_size`` sampled completions (token ids) per prompt, all of this rank's rows in batches of
+    ``grpo.rollout_batch_size`` (left-padded, KV-cached; the policy gathered whole when it fits). Each row
+    is sampled by its own generator, seeded by (seed, step, the prompt's global position, its index in
+    the group), so the completions do not depend on the batching or the world size."""
     g = cfg.grpo.group_size
-    banned = banned_tokens(assets)
-    out = []
-    for prompt, pos in zip(prompts, positions):
-        answers = generate(engine.module, assets, [prompt] * g, max_new_tokens=cfg.grpo.max_new_tokens, batch_size=g,
-                           rank=dist.rank, world_size=dist.world_size, return_ids=True, local=True,
-                           temperature=cfg.grpo.temperature, top_p=cfg.grpo.top_p,
-                           generator=group_generator(cfg.train.seed, step=step, position=pos), banned=banned)
-        out.extend(answers[i] for i in range(g))
-    return out
+    rows = [p for p in prompts for _ in range(g)]
+    seeds = [row_seed(cfg.train.seed, step=step, position=pos, member=j) for pos in positions for j in range(g)]
+    gen = rollout(engine.module, assets, rows, max_new_tokens=cfg.grpo.max_new_tokens,
+                  batch_size=cfg.grpo.rollout_batch_size, rank=dist.rank, world_size=dist.world_size, local=True,
+                  temperature=cfg.grpo.temperature, top_p=cfg.grpo.top_p, seeds=seeds, banned=banned_tokens(assets),
+                  gather_max_bytes=parse_size(cfg.grpo.gather_policy_max_bytes))
+    return [gen.tokens[i] for i in range(len(rows))]
 
 
 @torch.no_grad()

@@ -64,6 +64,12 @@ def bytes_read() -> int:
     raise RuntimeError("/proc/self/io has no rchar line")
 
 
+def is_decoupled(engine) -> bool:
+    """Whether ``engine`` saves through DeepSpeed's decoupled checkpoint engine (``checkpoint.async_save``)."""
+    ckpt = getattr(engine, "checkpoint_engine", None)
+    return bool(ckpt is not None and ckpt.is_decoupled())
+
+
 def tag_for(step: int) -> str:
     return f"{PREFIX}{step:08d}"
 
@@ -114,13 +120,21 @@ class CheckpointManager:
         self.extra_files: dict[str, str] = {}  # name -> text rank 0 writes into every checkpoint before its commit
         # rank 0 calls it with <staging>/model in every save: the model's architecture (model.build.save_architecture)
         self.architecture: Callable[[Path], None] | None = None
+        self._pending: tuple | None = None  # a deferred save (checkpoint.async_save) not committed yet
 
-    def save(self, engine, *, step: int, client_state: dict[str, Any], extra_engines: dict[str, Any] | None = None) -> Path:
+    def save(self, engine, *, step: int, client_state: dict[str, Any], extra_engines: dict[str, Any] | None = None,
+             defer: bool = False) -> Path:
         """Collective: every rank writes and fsyncs its shards into ``.saving-<tag>``, then rank 0 commits
         and renames it to ``<tag>``. ``extra_engines`` (name -> engine) are saved inside the same tag, so
-        one commit covers them all."""
+        one commit covers them all.
+
+        ``defer`` (``checkpoint.async_save``, an engine with DeepSpeed's decoupled checkpoint engine): return
+        once the state is handed to each rank's writer process; the files are written while training goes
+        on, and :meth:`finish_pending` (after the next step) waits for them, fsyncs and commits. Until then
+        the newest committed checkpoint is the previous one."""
         tag = tag_for(step)
         staging = self.root / f"{SAVING}{tag}"
+        self.finish_pending()
         t0 = time.time()
         if self.dist.is_main:
             shutil.rmtree(staging, ignore_errors=True)  # a torn save of this tag from an earlier launch
@@ -133,14 +147,40 @@ class CheckpointManager:
         torch.save(rng_state(), rng_dir / f"rank-{self.dist.rank:05d}.pt")
         if self.dist.is_main and self.architecture is not None:
             self.architecture(staging / ARCH)
+        self._pending = (engine, [engine, *(extra_engines or {}).values()], tag, step, t0)
+        if defer and is_decoupled(engine):
+            faults.fire("save", step)  # async: while the writer processes are still writing
+            log.info("checkpoint %s handed to the writer processes in %.1fs; committed after the next step", tag,
+                     time.time() - t0)
+        else:
+            self.finish_pending()
+        return self.root / tag
+
+    @property
+    def pending(self) -> bool:
+        """Whether a deferred save waits for :meth:`finish_pending`."""
+        return self._pending is not None
+
+    def finish_pending(self) -> None:
+        """Collective: complete the save :meth:`save` left pending, if any: wait until every engine's writer
+        has written its files (DeepSpeed's decoupled commit; a no-op after the engine's own step did it), fsync
+        them, then rank 0 commits. A no-op when nothing is pending."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        engine, engines, tag, step, t0 = pending
+        staging = self.root / f"{SAVING}{tag}"
+        for e in engines:
+            if is_decoupled(e):
+                e._commit_decoupled_checkpoint()  # blocks until this rank's writer process has written the files
         fsync_tree(staging)  # this rank's files (and the others' it can see): durable before the commit
-        faults.fire("save", step)
+        if not is_decoupled(engine):
+            faults.fire("save", step)
         barrier()
         if self.dist.is_main:
             self._commit(engine, tag=tag, step=step)
         barrier()
         log.info("checkpoint %s committed in %.1fs", tag, time.time() - t0)
-        return self.root / tag
 
     def _commit(self, engine, *, tag: str, step: int) -> None:
         """Rank 0, every rank's files durable: mark the staged save committed and rename it into place."""

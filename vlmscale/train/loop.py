@@ -52,13 +52,15 @@ def train_loop(cfg: RunConfig, run: Run, batches: Iterator[dict], *, stop: StopF
                dynamic_ncols=True)
     for step in range(run.start_step, cfg.train.max_steps):
         done = step + 1
-        watchdog.beat()
+        # after a deferred save (checkpoint.async_save) this step's optimizer step first waits for the writers
+        watchdog.beat(cfg.checkpoint.save_timeout_s if run.checkpoints.pending else None)
         faults.fire("step", done)
         t_wait = time.time()
         micro = [next(batches) for _ in range(cfg.train.grad_accum_steps)]
         progress.data_wait += time.time() - t_wait
         stats = train_step(engine, micro, device=dev, poison=faults.poison_loss(done), before_step=before_step,
                            flop_model=flop_model, objective=objective)
+        run.checkpoints.finish_pending()  # the writers finished inside the step: fsync and commit the last save
         samples.log(done, stats.sample_ids)
         progress.update(stats, step=done, data=cfg.data, max_consecutive_nonfinite=cfg.train.max_consecutive_nonfinite)
         bar.update(1)
@@ -71,7 +73,8 @@ def train_loop(cfg: RunConfig, run: Run, batches: Iterator[dict], *, stop: StopF
         signum = stop.any_rank()
         if done % cfg.checkpoint.every_steps == 0 or done == cfg.train.max_steps or signum:
             watchdog.beat(cfg.checkpoint.save_timeout_s)
-            run.checkpoints.save(engine, step=done, client_state=progress.client_state(done))
+            run.checkpoints.save(engine, step=done, client_state=progress.client_state(done),
+                                 defer=cfg.checkpoint.async_save and done < cfg.train.max_steps and not signum)
         if signum and done < cfg.train.max_steps:
             watchdog.close()
             run.metrics.close()

@@ -51,6 +51,13 @@ def create_engine(model: torch.nn.Module, *, param_groups: list[dict], ds_config
             model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config,
             model_parameters=None, dist_init_required=False,
         )
+    if engine.checkpoint_engine is not None and engine.checkpoint_engine.is_decoupled():
+        # its writer process waits for an exit message that only cleanup() sends, and multiprocessing's own exit
+        # handler joins it: without this the rank never exits. atexit runs handlers last-in first-out, so this
+        # one runs before multiprocessing's.
+        import atexit
+
+        atexit.register(engine.checkpoint_engine.cleanup)
     return engine, scheduler
 
 

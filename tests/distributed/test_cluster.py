@@ -239,3 +239,28 @@ def test_resume_one_rank_on_two(tmp_path, reference, demo_dir, start_model):
     assert sorted(got) == list(range(1, STEPS + 1))
     assert [got[s] for s in range(1, STEPS + 1)] == pytest.approx([ref[s] for s in range(1, STEPS + 1)], rel=1e-6, abs=0)
     assert _samples_per_step(out) == _samples_per_step(reference)
+
+
+@pytest.mark.parametrize("nproc", [2, 1])
+def test_resume_reads_nothing_from_init_from(tmp_path, reference, demo_dir, nproc):
+    """The reference's step-4 checkpoint resumed with ``model.init_from`` pointing nowhere (the start model
+    moved away after the first run), on 2 ranks (same world size: bitwise) and on 1 (universal: the frozen
+    vision encoder comes from ``universal/frozen.safetensors``). The checkpoint holds the architecture."""
+    out = tmp_path / "moved"
+    shutil.copytree(reference, out)
+    shutil.rmtree(out / "checkpoints" / "step-00000006")
+    (out / "checkpoints" / "latest").write_text("step-00000004")
+    assert (out / "checkpoints" / "step-00000004" / "model" / "config.json").is_file()
+    gone = tmp_path / "start-model-that-was-moved"
+    args = _overrides(demo_dir, out, gone, "resume=latest", *(["train.grad_accum_steps=2"] if nproc == 1 else []))
+    proc = launch("sft", *args, nproc=nproc)
+    assert f"no weights read from model.init_from={gone}" in proc.stderr
+    ref, got = losses(reference), losses(out)
+    if nproc == 2:
+        assert [got[s] for s in (5, 6)] == [ref[s] for s in (5, 6)]
+    else:
+        assert [got[s] for s in (5, 6)] == pytest.approx([ref[s] for s in (5, 6)], rel=1e-6, abs=0)
+    assert _samples_per_step(out) == _samples_per_step(reference)
+
+    fresh = launch("sft", *_overrides(demo_dir, tmp_path / "fresh", gone), nproc=nproc, check=False)
+    assert fresh.returncode == 2 and f"model.init_from={str(gone)!r}: no config.json there" in fresh.stderr

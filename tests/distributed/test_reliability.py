@@ -108,6 +108,27 @@ def test_retention_survives_a_kill_mid_delete(crashed):
         assert (out / "checkpoints" / tag / "COMMITTED").is_file()
 
 
+def test_kill_during_an_async_save_resumes_from_the_last_commit(tmp_path, reference, demo_dir, start_model):
+    """``checkpoint.async_save=true`` (DeepSpeed's DecoupledCheckpointEngine, a writer process per rank): step 5's
+    save is committed after step 6; rank 1 is SIGKILLed while step 10's writers are still writing. The relaunch
+    removes the torn save, resumes from step 5 and matches the uninterrupted (synchronous) run bitwise."""
+    out = tmp_path / "async"
+    args = _overrides(demo_dir, out, start_model, "checkpoint.async_save=true")
+    first = launch("sft", *args, check=False, env={"VLMSCALE_FAULT": "kill@save=10,rank=1"})
+    assert first.returncode != 0
+    assert "checkpoint step-00000005 handed to the writer processes" in first.stderr, first.stderr[-3000:]
+    assert _ckpts(out) == {"step-00000005", ".saving-step-00000010"}
+    assert (out / "checkpoints" / "latest").read_text() == "step-00000005"
+    second = launch("sft", *args, "resume=latest", check=False)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "removing incomplete checkpoint" in second.stderr and "resumed from step-00000005 at step 5" in second.stderr
+    assert _ckpts(out) == {"step-00000015", "step-00000020"}
+    ref, got = losses(reference), losses(out)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    assert [got[s] for s in range(1, STEPS + 1)] == [ref[s] for s in range(1, STEPS + 1)]
+    assert _sample_ids(out) == _sample_ids(reference)
+
+
 def test_explicit_resume_with_nothing_loadable_fails(tmp_path, demo_dir, start_model):
     out = tmp_path / "empty"
     (out / "checkpoints" / "step-00000005").mkdir(parents=True)  # a torn save only

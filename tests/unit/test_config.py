@@ -171,3 +171,14 @@ def test_ppo_reward_model_without_head_is_a_config_error(tmp_path):
                                             "model.init_from=null"])
     with pytest.raises(ConfigError, match="no score_head.safetensors"):
         check_paths(cfg)
+
+
+def test_async_save_sets_the_decoupled_python_writer_and_refuses_another(tmp_path):
+    cfg = load_config(SFTConfig, overrides=["checkpoint.async_save=true"])
+    assert build_ds_config(cfg, world_size=2)["checkpoint"]["writer"] == {"type": "python", "decoupled": True}
+    assert "writer" not in build_ds_config(load_config(SFTConfig), world_size=2).get("checkpoint", {})
+    ds = tmp_path / "fast.json"
+    ds.write_text('{"zero_optimization": {"stage": 3}, "checkpoint": {"writer": {"type": "fast"}}}')
+    cfg = load_config(SFTConfig, overrides=["checkpoint.async_save=true", f"deepspeed.config={ds}"])
+    with pytest.raises(ConfigError, match="checkpoint.async_save=true"):
+        build_ds_config(cfg, world_size=2)

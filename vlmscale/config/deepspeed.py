@@ -38,6 +38,11 @@ def _check_field(ds: dict[str, Any], key: str, want: Any, source: str) -> None:
     ds[key] = want
 
 
+# DeepSpeed's decoupled checkpoint engine with its plain Python file writer. Its "fast" writer needs libaio
+# (DeepSpeed's AsyncIOBuilder) and pinned memory on an accelerator; the Python writer needs neither.
+ASYNC_WRITER = {"type": "python", "decoupled": True}
+
+
 def build_ds_config(cfg: RunConfig, *, world_size: int) -> dict[str, Any]:
     path = resolve_ds_path(cfg.deepspeed.config)
     try:
@@ -78,6 +83,12 @@ def build_ds_config(cfg: RunConfig, *, world_size: int) -> dict[str, Any]:
     zero = ds.setdefault("zero_optimization", {})
     if zero.get("stage") not in (0, 1, 2, 3):
         raise ConfigError(f"{path}: zero_optimization.stage must be 0-3")
+    if cfg.checkpoint.async_save:
+        writer = ds.setdefault("checkpoint", {}).get("writer")
+        if writer is not None and writer != ASYNC_WRITER:
+            raise ConfigError(f"{path}: checkpoint.writer={writer} is set in the JSON and checkpoint.async_save=true sets "
+                              f"it to {ASYNC_WRITER}; remove one of them")
+        ds["checkpoint"]["writer"] = dict(ASYNC_WRITER)
     ds.setdefault("steps_per_print", 10**9)
     ds.setdefault("wall_clock_breakdown", False)
     # vlmscale normalises the loss over the whole accumulation window itself (see vlmscale.train.step.train_step).

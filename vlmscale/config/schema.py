@@ -283,6 +283,9 @@ class CheckpointConfig:
     # first: vlmscale ckpt convert OUTPUT_DIR --to universal --workers N (docs/cluster.md)
     auto_universal_max_gb: float = 4.0
     export_shard_size: str = "5GB"  # largest safetensors shard of the export (e.g. 5GB, 500MB, 2GiB)
+    # periodic saves through DeepSpeed's DecoupledCheckpointEngine: a writer process per rank writes the files
+    # while the next step's forward/backward runs; committed after that step (docs/reliability.md, "Async saves")
+    async_save: bool = False
 
     def validate(self) -> None:
         from vlmscale.config.load import parse_size

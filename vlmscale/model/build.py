@@ -324,6 +324,34 @@ def compose(cfg: ModelConfig, *, max_tiles: int | None, dtype: torch.dtype, load
     return model, assets
 
 
+def save_architecture(model: torch.nn.Module, assets: ProcessorAssets, out: str | Path) -> None:
+    """What rebuilds ``model`` without its weights: the HF config, the generation config, the tokenizer and
+    the image processor (as the run uses them). Every resumable checkpoint holds one (``<tag>/model``), so a
+    resume never reads ``model.init_from`` (:func:`build_architecture`)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(out)
+    model.generation_config.save_pretrained(out)
+    assets.save(out)
+
+
+def build_architecture(path: str | Path, *, max_tiles: int | None, dtype: torch.dtype, attn_implementation: str = "auto"):
+    """The model :func:`save_architecture` wrote, with no weights read and no random initialisation: every
+    tensor is about to be overwritten by a checkpoint (trainable ones from the optimizer's fp32 partitions,
+    frozen ones from the checkpoint's frozen fragments). Under ZeRO-3, call it inside the ZeRO-3 scope."""
+    from transformers import GenerationConfig
+    from transformers.initialization import no_init_weights
+
+    config = AutoConfig.from_pretrained(path)
+    config._attn_implementation = resolve_attn_implementation(attn_implementation)
+    with no_init_weights():
+        model = InternVLForConditionalGeneration._from_config(config, dtype=dtype)
+    model.generation_config = GenerationConfig.from_pretrained(path)
+    assets = ProcessorAssets.load(path, image_seq_length=config.image_seq_length, max_tiles=max_tiles)
+    _finish(model, assets)
+    return model, assets
+
+
 def load_weights_plain(model: torch.nn.Module, weights: dict[str, LazyTensor]) -> None:
     """Copy ``weights`` into a model that is not partitioned; rows beyond a smaller vocab keep their init."""
     params = dict(model.named_parameters())

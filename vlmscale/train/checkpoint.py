@@ -5,11 +5,16 @@ Layout under ``<output_dir>/checkpoints``::
     step-00000200/            DeepSpeed tag dir (model, optimizer, scheduler; client state)
     step-00000200/rng/rank-00000.pt   per-rank RNG states (plain tensors, weights_only-loadable)
     step-00000200/<name>/     further engines of the run (PPO's critic), each a DeepSpeed tag dir
+    step-00000200/model/      what rebuilds the model without weights (HF config, generation config, tokenizer,
+                              image processor), written by rank 0: a resume builds from it and reads nothing
+                              from ``model.init_from`` (the DeepSpeed files hold every parameter, see
+                              :meth:`CheckpointManager.architecture_dir`)
     step-00000200/COMMITTED   written last, by rank 0, after every rank finished writing and fsyncing
                               (JSON: step, world_size, global_batch, precision, time, seq: the commit's place in
                               this history, which retention and ``newest`` order by)
     step-00000200/universal/  DeepSpeed universal checkpoint of this step, made when a run resumes it on a
-                              different number of ranks (see :meth:`CheckpointManager.prepare_universal`)
+                              different number of ranks (see :meth:`CheckpointManager.prepare_universal`), with
+                              ``frozen.safetensors``: the frozen parameters, which DeepSpeed's conversion drops
     latest                    name of the newest committed tag (temp file + fsync + rename)
 
     .saving-step-00000200/    a save in progress; renamed to ``step-00000200`` once committed
@@ -33,7 +38,7 @@ import random
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -47,6 +52,8 @@ PREFIX = "step-"
 SAVING = ".saving-"
 DELETING = ".deleting-"
 UNIVERSAL = "universal"
+ARCH = "model"
+FROZEN = "frozen.safetensors"
 
 
 def bytes_read() -> int:
@@ -55,6 +62,12 @@ def bytes_read() -> int:
         if line.startswith("rchar:"):
             return int(line.split()[1])
     raise RuntimeError("/proc/self/io has no rchar line")
+
+
+def is_decoupled(engine) -> bool:
+    """Whether ``engine`` saves through DeepSpeed's decoupled checkpoint engine (``checkpoint.async_save``)."""
+    ckpt = getattr(engine, "checkpoint_engine", None)
+    return bool(ckpt is not None and ckpt.is_decoupled())
 
 
 def tag_for(step: int) -> str:
@@ -105,13 +118,23 @@ class CheckpointManager:
         self.root = Path(output_dir) / "checkpoints"
         self.dist, self.keep_last = dist, keep_last
         self.extra_files: dict[str, str] = {}  # name -> text rank 0 writes into every checkpoint before its commit
+        # rank 0 calls it with <staging>/model in every save: the model's architecture (model.build.save_architecture)
+        self.architecture: Callable[[Path], None] | None = None
+        self._pending: tuple | None = None  # a deferred save (checkpoint.async_save) not committed yet
 
-    def save(self, engine, *, step: int, client_state: dict[str, Any], extra_engines: dict[str, Any] | None = None) -> Path:
+    def save(self, engine, *, step: int, client_state: dict[str, Any], extra_engines: dict[str, Any] | None = None,
+             defer: bool = False) -> Path:
         """Collective: every rank writes and fsyncs its shards into ``.saving-<tag>``, then rank 0 commits
         and renames it to ``<tag>``. ``extra_engines`` (name -> engine) are saved inside the same tag, so
-        one commit covers them all."""
+        one commit covers them all.
+
+        ``defer`` (``checkpoint.async_save``, an engine with DeepSpeed's decoupled checkpoint engine): return
+        once the state is handed to each rank's writer process; the files are written while training goes
+        on, and :meth:`finish_pending` (after the next step) waits for them, fsyncs and commits. Until then
+        the newest committed checkpoint is the previous one."""
         tag = tag_for(step)
         staging = self.root / f"{SAVING}{tag}"
+        self.finish_pending()
         t0 = time.time()
         if self.dist.is_main:
             shutil.rmtree(staging, ignore_errors=True)  # a torn save of this tag from an earlier launch
@@ -122,14 +145,42 @@ class CheckpointManager:
         rng_dir = staging / "rng"
         rng_dir.mkdir(parents=True, exist_ok=True)
         torch.save(rng_state(), rng_dir / f"rank-{self.dist.rank:05d}.pt")
+        if self.dist.is_main and self.architecture is not None:
+            self.architecture(staging / ARCH)
+        self._pending = (engine, [engine, *(extra_engines or {}).values()], tag, step, t0)
+        if defer and is_decoupled(engine):
+            faults.fire("save", step)  # async: while the writer processes are still writing
+            log.info("checkpoint %s handed to the writer processes in %.1fs; committed after the next step", tag,
+                     time.time() - t0)
+        else:
+            self.finish_pending()
+        return self.root / tag
+
+    @property
+    def pending(self) -> bool:
+        """Whether a deferred save waits for :meth:`finish_pending`."""
+        return self._pending is not None
+
+    def finish_pending(self) -> None:
+        """Collective: complete the save :meth:`save` left pending, if any: wait until every engine's writer
+        has written its files (DeepSpeed's decoupled commit; a no-op after the engine's own step did it), fsync
+        them, then rank 0 commits. A no-op when nothing is pending."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        engine, engines, tag, step, t0 = pending
+        staging = self.root / f"{SAVING}{tag}"
+        for e in engines:
+            if is_decoupled(e):
+                e._commit_decoupled_checkpoint()  # blocks until this rank's writer process has written the files
         fsync_tree(staging)  # this rank's files (and the others' it can see): durable before the commit
-        faults.fire("save", step)
+        if not is_decoupled(engine):
+            faults.fire("save", step)
         barrier()
         if self.dist.is_main:
             self._commit(engine, tag=tag, step=step)
         barrier()
         log.info("checkpoint %s committed in %.1fs", tag, time.time() - t0)
-        return self.root / tag
 
     def _commit(self, engine, *, tag: str, step: int) -> None:
         """Rank 0, every rank's files durable: mark the staged save committed and rename it into place."""
@@ -221,6 +272,63 @@ class CheckpointManager:
         """What rank 0 recorded when it committed ``tag`` (step, world_size, global_batch)."""
         return json.loads((self.root / tag / COMMIT).read_text())
 
+    def architecture_dir(self, tag: str) -> Path | None:
+        """``<tag>/model`` if the checkpoint holds its architecture (saves from before it did: None).
+
+        Such a checkpoint is self-sufficient. DeepSpeed's files of one tag hold every parameter: under
+        ZeRO-3 each rank's ``*_optim_states.pt`` holds its fp32 partition of the trainable ones, and its
+        ``zero_pp_rank_R_mp_rank_00_model_states.pt`` holds ``frozen_param_fragments``, its partition of
+        every parameter the optimizer does not own (``requires_grad=False``), which ``load_checkpoint``
+        copies back (``DeepSpeedEngine.load_module_state_dict``); under ZeRO-1/2 the module state holds
+        them whole. So a resume builds the model from this directory and reads no weights elsewhere."""
+        arch = self.root / tag / ARCH
+        return arch if (arch / "config.json").is_file() else None
+
+    def frozen_weights(self, tag: str) -> dict[str, Any]:
+        """The frozen parameters of ``tag``'s universal conversion, by name (nothing read yet).
+
+        DeepSpeed's universal conversion (``ds_to_universal``) keeps the optimizer's parameters only,
+        and a universal load skips the module state (``DeepSpeedEngine._load_checkpoint``), so frozen
+        parameters would keep whatever the model was built with. :meth:`prepare_universal` merges
+        their fragments from every saving rank into ``universal/frozen.safetensors``; the caller copies
+        them into the model before the engine loads the rest."""
+        from vlmscale.model.shards import LazyTensor
+
+        path = self.root / tag / UNIVERSAL / FROZEN
+        if not path.is_file():
+            raise ResumeError(f"{path} is missing; convert {self.root / tag} again with "
+                              f"`vlmscale ckpt convert {self.root.parent} --to universal`")
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return {k: LazyTensor(path, k) for k in f.keys()}
+
+    def _write_frozen(self, src: Path, out: Path) -> int:
+        """Merge the frozen parameters' fragments of every rank's ``*model_states.pt`` in ``src`` into
+        ``out`` (safetensors); returns how many. A ZeRO-3 fragment is the rank's padded partition of the
+        flattened parameter, rank order (as ``zero_to_fp32`` merges them); under ZeRO-1/2 each is whole."""
+        import math
+        import re
+
+        from vlmscale.model.shards import write_safetensors
+        from vlmscale.train.safe_load import safe_torch_load
+
+        def rank_of(f: Path) -> int:
+            m = re.match(r"zero_pp_rank_(\d+)_", f.name)
+            return int(m.group(1)) if m else 0
+
+        files = sorted(src.glob("*model_states.pt"), key=rank_of)
+        states = [safe_torch_load(str(f), map_location="cpu") for f in files]
+        shapes = (states[0].get("frozen_param_shapes") or {}) if states else {}
+        merged = {}
+        for name, shape in shapes.items():
+            numel = math.prod(shape)
+            parts = [s["frozen_param_fragments"][name].flatten() for s in states]
+            flat = parts[0] if parts[0].numel() >= numel else torch.cat(parts)
+            merged[name] = flat[:numel].reshape(tuple(shape)).contiguous()
+        write_safetensors(out, merged, metadata={"format": "pt"})
+        return len(merged)
+
     def size_bytes(self, tag: str) -> int:
         """Bytes of ``tag``'s files (its universal conversion excluded)."""
         return sum(f.stat().st_size for f in (self.root / tag).rglob("*")
@@ -243,6 +351,10 @@ class CheckpointManager:
 
         src, dst = self.root / tag, self.root / tag / UNIVERSAL
         if dst.is_dir():
+            if not (dst / FROZEN).is_file():  # converted before the frozen parameters were kept
+                self._write_frozen(src, dst / f".{FROZEN}.tmp")
+                os.replace(dst / f".{FROZEN}.tmp", dst / FROZEN)
+                fsync_dir(dst)
             return dst
         t0 = time.time()
         for f in sorted(src.glob("*.pt")):
@@ -255,11 +367,13 @@ class CheckpointManager:
         with contextlib.redirect_stdout(io.StringIO()):  # the converter prints progress bars
             ds_to_universal.main(args)
         (src / "latest_universal").unlink(missing_ok=True)  # the converter's pointer; ours is the dir name
+        frozen = self._write_frozen(src, tmp / FROZEN)
         fsync_tree(tmp)
         os.replace(tmp, dst)
         fsync_dir(src)
-        log.info("converted %s (saved by %d ranks, %.2f GB) to a universal checkpoint in %.1fs with %d workers",
-                 tag, self.meta(tag)["world_size"], self.size_bytes(tag) / 1e9, time.time() - t0, workers)
+        log.info("converted %s (saved by %d ranks, %.2f GB) to a universal checkpoint in %.1fs with %d workers "
+                 "(%d frozen parameters kept in %s)", tag, self.meta(tag)["world_size"], self.size_bytes(tag) / 1e9,
+                 time.time() - t0, workers, frozen, FROZEN)
         return dst
 
     def load(self, engine, tag: str, *, universal: bool = False, extra_engines: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -47,7 +47,7 @@ def check_paths(cfg) -> None:
     from pathlib import Path
 
     from vlmscale.config.deepspeed import build_ds_config, zero_stage
-    from vlmscale.train.checkpoint import CheckpointManager
+    from vlmscale.train.checkpoint import CheckpointManager, ResumeError
     from vlmscale.distributed.group import DistInfo
 
     ds = build_ds_config(cfg, world_size=env_dist_info().world_size)
@@ -66,10 +66,18 @@ def check_paths(cfg) -> None:
         if not src.path.startswith("demo:") and not Path(src.path).exists():
             raise ConfigError(f"data.sources[{i}].path={src.path!r} does not exist")
     check_resume_mixture(cfg, checkpoints)
-    for key in ("init_from", "vision", "llm"):
-        value = getattr(cfg.model, key)
-        if value is not None and not (Path(value) / "config.json").is_file():
-            raise ConfigError(f"model.{key}={value!r}: no config.json there (expected a Hugging Face model directory)")
+    try:
+        tag = checkpoints.find(cfg.resume)
+    except ResumeError:
+        tag = None  # setup_run reports it with its exit code
+    if tag is None or checkpoints.architecture_dir(tag) is None:  # a resume reads no model weights (architecture_dir)
+        for key in ("init_from", "vision", "llm"):
+            value = getattr(cfg.model, key)
+            if value is not None and not (Path(value) / "config.json").is_file():
+                hint = (f"; {checkpoints.root / tag} predates checkpoints that hold their architecture, so resuming it "
+                        "builds the model from this path first" if tag is not None else "")
+                raise ConfigError(f"model.{key}={value!r}: no config.json there (expected a Hugging Face model "
+                                  f"directory){hint}")
     if cfg.stage == "ppo":
         for key in ("reward_model", "critic_from"):
             value = getattr(cfg.ppo, key)

@@ -101,9 +101,11 @@ def run_loop(trainer: Trainer, step_fn: StageStep, *, stop: StopFlag, evaluator:
                desc=desc or cfg.stage, dynamic_ncols=True)
     for step in range(trainer.start_step, cfg.train.max_steps):
         done = step + 1
-        watchdog.beat()
+        # after a deferred save (checkpoint.async_save) this step's optimizer step first waits for the writers
+        watchdog.beat(cfg.checkpoint.save_timeout_s if trainer.checkpoints.pending else None)
         faults.fire("step", done)
         outcome = step_fn(done)
+        trainer.checkpoints.finish_pending()  # the writers finished inside the step: fsync and commit the last save
         bar.update(1)
         bar.set_postfix({k: f"{v:.3f}" for k, v in outcome.postfix.items()})
         if done % cfg.train.log_every_steps == 0 or done == cfg.train.max_steps or outcome.force_log:
@@ -111,8 +113,11 @@ def run_loop(trainer: Trainer, step_fn: StageStep, *, stop: StopFlag, evaluator:
         signum = stop.any_rank()
         if done % cfg.checkpoint.every_steps == 0 or done == cfg.train.max_steps or signum:
             watchdog.beat(cfg.checkpoint.save_timeout_s)
+            # deferred (async) only for one engine: the commit waits on that engine's writers
+            defer = (cfg.checkpoint.async_save and done < cfg.train.max_steps and not signum
+                     and not trainer.extra_engines)
             trainer.checkpoints.save(trainer.engine, step=done, client_state=step_fn.client_state(done),
-                                     extra_engines=trainer.extra_engines)
+                                     extra_engines=trainer.extra_engines, defer=defer)
         if signum and done < cfg.train.max_steps:
             watchdog.close()
             trainer.metrics.close()

@@ -46,9 +46,14 @@ class SafeTorchCheckpointEngine(TorchCheckpointEngine):
 
 def install(engine) -> None:
     """Make ``engine.load_checkpoint`` use weights-only loading."""
+    from deepspeed.runtime.checkpoint_engine.decoupled_checkpoint_engine import DecoupledCheckpointEngine
+
+    if type(engine.checkpoint_engine) is DecoupledCheckpointEngine:  # checkpoint.async_save: its load is torch.load too
+        engine.checkpoint_engine.load = safe_torch_load
+        return
     if type(engine.checkpoint_engine) is not TorchCheckpointEngine:
         raise RuntimeError(f"unexpected DeepSpeed checkpoint engine {type(engine.checkpoint_engine).__name__}; "
-                           "safe loading supports the default torch engine only")
+                           "safe loading supports the default torch engine and the decoupled one (checkpoint.async_save) only")
     safe = SafeTorchCheckpointEngine.__new__(SafeTorchCheckpointEngine)
     safe.__dict__.update(engine.checkpoint_engine.__dict__)
     engine.checkpoint_engine = safe

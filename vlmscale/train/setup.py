@@ -30,7 +30,7 @@ from vlmscale.data.fingerprint import FINGERPRINT, data_fingerprint
 from vlmscale.data.preference import PairDataset, pair_collate
 from vlmscale.distributed.group import DistInfo, barrier, init_distributed
 from vlmscale.distributed.zero import load_weights, local_param_share, zero3_model_scope
-from vlmscale.model.build import build_model
+from vlmscale.model.build import build_architecture, build_model, save_architecture
 from vlmscale.model.checkpointing import enable_activation_checkpointing
 from vlmscale.model.forward import enable_chunked_loss
 from vlmscale.model.lora import add_lora
@@ -94,10 +94,16 @@ def log_precision(cfg: RunConfig) -> None:
 
 
 def build_partitioned(model_cfg: ModelConfig, *, ds_config: dict[str, Any], max_tiles: int | None, dtype: torch.dtype,
-                      name: str = "model"):
-    """``build_model`` inside the ZeRO-3 scope: no rank ever holds the whole model."""
+                      name: str = "model", architecture: Path | None = None):
+    """``build_model`` inside the ZeRO-3 scope: no rank ever holds the whole model. ``architecture``: a
+    checkpoint's ``<tag>/model`` (resuming it): the model is built from it with no weights read and no random
+    initialisation, since the checkpoint replaces every tensor (``model.init_from`` is not read at all)."""
     with zero3_model_scope(ds_config):
-        model, assets = build_model(model_cfg, max_tiles=max_tiles, dtype=dtype, load_weights=load_weights)
+        if architecture is not None:
+            model, assets = build_architecture(architecture, max_tiles=max_tiles, dtype=dtype,
+                                               attn_implementation=model_cfg.attn_implementation)
+        else:
+            model, assets = build_model(model_cfg, max_tiles=max_tiles, dtype=dtype, load_weights=load_weights)
     held, total = local_param_share(model)
     log.info("%s parameters on this rank after build: %s of %s (%.0f%%)", name, f"{held:,}", f"{total:,}",
              100 * held / max(total, 1))
@@ -160,6 +166,12 @@ def resume(cfg: RunConfig, checkpoints: CheckpointManager, engine,
     return load_resume(cfg, checkpoints, engine, tag, extra_engines=extra_engines)
 
 
+def _model_source(cfg: RunConfig) -> str:
+    m = cfg.model
+    return (f"model.init_from={m.init_from}" if m.init_from else
+            f"model.vision={m.vision} + model.llm={m.llm}" if m.vision else f"model.preset={m.preset}")
+
+
 def setup_run(cfg: RunConfig, *, wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None) -> Run:
     """Process group, model (partitioned under ZeRO-3), policy, engine, and resume.
 
@@ -168,7 +180,17 @@ def setup_run(cfg: RunConfig, *, wrap: Callable[[torch.nn.Module], torch.nn.Modu
     """
     dist, ds_config = start_run(cfg)
     dtype = torch_dtype(cfg.train.precision)
-    model, assets = build_partitioned(cfg.model, ds_config=ds_config, max_tiles=cfg.tile_limit(), dtype=dtype)
+    checkpoints = open_checkpoints(cfg, dist)
+    tag, universal, ds_config = find_resume(cfg, checkpoints, ds_config)
+    architecture = checkpoints.architecture_dir(tag) if tag is not None else None
+    if tag is not None:
+        log.info("building the model from %s (no weights read from %s)" if architecture is not None else
+                 "%s predates checkpoints that hold their architecture: building from %s, then loading the checkpoint",
+                 architecture or checkpoints.root / tag, _model_source(cfg))
+    model, assets = build_partitioned(cfg.model, ds_config=ds_config, max_tiles=cfg.tile_limit(), dtype=dtype,
+                                      architecture=architecture)
+    vlm = model
+    checkpoints.architecture = functools.partial(save_architecture, vlm, assets)
     ac = cfg.train.activation_checkpointing
     enable_activation_checkpointing(model, llm=ac.llm, vision=ac.vision)
     enable_chunked_loss(model, cfg.train.loss_chunk_tokens)
@@ -179,8 +201,8 @@ def setup_run(cfg: RunConfig, *, wrap: Callable[[torch.nn.Module], torch.nn.Modu
     groups, summary = apply_policy(model, cfg.policy, base_lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
                                    lora=cfg.lora.enabled)
     log.info("parameter policy (%s):\n%s", cfg.stage, summary.table())
-    checkpoints = open_checkpoints(cfg, dist)
-    tag, universal, ds_config = find_resume(cfg, checkpoints, ds_config)
+    if universal and architecture is not None:  # a universal load restores the optimizer's parameters only
+        load_weights(model, checkpoints.frozen_weights(tag))
     engine, _ = create_engine(model, param_groups=groups, ds_config=ds_config, optim=cfg.optim, max_steps=cfg.train.max_steps)
     safe_load.install(engine)
     start_step, client = load_resume(cfg, checkpoints, engine, tag, universal=universal)

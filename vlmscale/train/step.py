@@ -16,6 +16,7 @@ import torch
 from vlmscale.config.schema import OptimConfig
 from vlmscale.distributed.group import all_reduce_sum, barrier
 from vlmscale.distributed.zero import gathered_units, start_micro_batch
+from vlmscale.train.async_save import writer_processes
 from vlmscale.model.forward import num_supervised, supervised_loss_sum, vlm_hidden
 from vlmscale.model.heads import ScalarHeadModel, save_head, split_state
 from vlmscale.model.lora import export_units, merge_lora_state_dict
@@ -45,10 +46,18 @@ def create_engine(model: torch.nn.Module, *, param_groups: list[dict], ds_config
             opt, lambda s: lr_factor(s, warmup_steps=optim.warmup_steps, max_steps=max_steps, min_lr_ratio=optim.min_lr_ratio)
         )
 
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config,
-        model_parameters=None, dist_init_required=False,
-    )
+    with writer_processes(ds_config):  # checkpoint.async_save: DeepSpeed's writer process per rank
+        engine, _, _, scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config,
+            model_parameters=None, dist_init_required=False,
+        )
+    if engine.checkpoint_engine is not None and engine.checkpoint_engine.is_decoupled():
+        # its writer process waits for an exit message that only cleanup() sends, and multiprocessing's own exit
+        # handler joins it: without this the rank never exits. atexit runs handlers last-in first-out, so this
+        # one runs before multiprocessing's.
+        import atexit
+
+        atexit.register(engine.checkpoint_engine.cleanup)
     return engine, scheduler
 
 

@@ -57,7 +57,13 @@ def sample_scene(rng: random.Random, *, min_objects: int = 1) -> list[Obj]:
             cand = rng.choices(OBJECTS, weights=POPULARITY)[0]
         if all(cand[0] != c for c, _ in chosen):  # colours are unique within a scene
             chosen.append(cand)
-    cells = rng.sample([(r, c) for r in range(3) for c in range(3)], n)
+    return place_objects(chosen, rng)
+
+
+def place_objects(chosen: list[tuple[str, str]], rng: random.Random) -> list[Obj]:
+    """``chosen`` (colour, shape) pairs in distinct cells of the 3 x 3 grid, each a 10-14 px square at a
+    random offset inside its cell."""
+    cells = rng.sample([(r, c) for r in range(3) for c in range(3)], len(chosen))
     cell = IMAGE_SIZE // 3
     objs = []
     for (colour, shape), (row, col) in zip(chosen, cells):

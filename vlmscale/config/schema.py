@@ -318,6 +318,16 @@ class DeepSpeedSection:
 EVAL_SUITES = ("vqa", "spatial", "video", "grounding", "pope", "text", "caption", "drift")
 
 
+def _check_gather_bytes(key: str, value: str) -> None:
+    """A ``*.gather_policy_max_bytes`` size: what generation may gather whole under ZeRO-3."""
+    from vlmscale.config.load import parse_size
+
+    try:
+        parse_size(value)
+    except ValueError as exc:
+        raise ConfigError(f"{key}: {exc} (e.g. '2GB', '512MB', or 0 for per-layer gathers)")
+
+
 @dataclass
 class EvalConfig:
     every_steps: int = 0  # run the suites every N steps during training (0 = only at the end)
@@ -336,12 +346,7 @@ class EvalConfig:
     gather_policy_max_bytes: str = "2GB"
 
     def validate(self) -> None:
-        from vlmscale.config.load import parse_size
-
-        try:
-            parse_size(self.gather_policy_max_bytes)
-        except ValueError as exc:
-            raise ConfigError(f"eval.gather_policy_max_bytes: {exc} (e.g. '2GB', '512MB', or 0 for per-layer gathers)")
+        _check_gather_bytes("eval.gather_policy_max_bytes", self.gather_policy_max_bytes)
         for s in self.suites:
             if s not in EVAL_SUITES:
                 raise ConfigError(f"eval.suites: unknown suite {s!r}; known: {list(EVAL_SUITES)}")
@@ -627,12 +632,7 @@ class PPOSection:
             raise ConfigError("ppo.critic_lr must be > 0")
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"ppo.top_p={self.top_p} must be within (0, 1] (1 = no nucleus cut)")
-        from vlmscale.config.load import parse_size
-
-        try:
-            parse_size(self.gather_policy_max_bytes)
-        except ValueError as exc:
-            raise ConfigError(f"ppo.gather_policy_max_bytes: {exc} (e.g. '2GB', or 0 for per-layer gathers)")
+        _check_gather_bytes("ppo.gather_policy_max_bytes", self.gather_policy_max_bytes)
 
 
 def _ppo_policy() -> PolicyConfig:
@@ -726,12 +726,7 @@ class GRPOSection:
             raise ConfigError("grpo.rewards gives no reward a non-zero weight (e.g. grpo.rewards={exact_match: 1.0})")
         if self.rollout_batch_size < 1:
             raise ConfigError("grpo.rollout_batch_size must be >= 1")
-        from vlmscale.config.load import parse_size
-
-        try:
-            parse_size(self.gather_policy_max_bytes)
-        except ValueError as exc:
-            raise ConfigError(f"grpo.gather_policy_max_bytes: {exc} (e.g. '2GB', or 0 for per-layer gathers)")
+        _check_gather_bytes("grpo.gather_policy_max_bytes", self.gather_policy_max_bytes)
         if self.rewards.get("format", 0) and not self.format_pattern:
             raise ConfigError("grpo.rewards has `format` but grpo.format_pattern is unset: give the regex it checks")
 

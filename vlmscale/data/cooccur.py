@@ -22,22 +22,10 @@ import random
 from pathlib import Path
 
 from vlmscale.data.demo import _Gen, _assistant, _conversation, _img, _txt, _user, render_scene
-from vlmscale.demo_vocab import IMAGE_SIZE, OBJECTS, PARTNER, POPULARITY, Obj, absent_object, caption
+from vlmscale.demo_vocab import OBJECTS, PARTNER, POPULARITY, Obj, absent_object, caption, place_objects
 
 ANCHORS = [o for i, o in enumerate(OBJECTS) if i % 2 == 0 and PARTNER[o][0] != o[0]]
 COOCCUR_VERSION = 1
-
-
-def _place(chosen: list[tuple[str, str]], rng: random.Random) -> list[Obj]:
-    cells = rng.sample([(r, c) for r in range(3) for c in range(3)], len(chosen))
-    cell = IMAGE_SIZE // 3
-    objs = []
-    for (colour, shape), (row, col) in zip(chosen, cells):
-        size = rng.randint(10, 14)
-        x1 = col * cell + rng.randint(1, cell - size - 1)
-        y1 = row * cell + rng.randint(1, cell - size - 1)
-        objs.append(Obj(colour, shape, row, col, (x1, y1, x1 + size, y1 + size)))
-    return objs
 
 
 def cooccur_scene(rng: random.Random, *, rate: float) -> tuple[list[Obj], tuple[str, str]]:
@@ -50,7 +38,7 @@ def cooccur_scene(rng: random.Random, *, rate: float) -> tuple[list[Obj], tuple[
     if rng.random() < 0.5:
         others = [o for o in OBJECTS if o[0] not in used and o not in ANCHORS]
         chosen.append(rng.choices(others, weights=[POPULARITY[OBJECTS.index(o)] for o in others])[0])
-    return _place(chosen, rng), anchor
+    return place_objects(chosen, rng), anchor
 
 
 def _partner_obj(objs: list[Obj], anchor: tuple[str, str], rng: random.Random) -> Obj:

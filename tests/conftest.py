@@ -11,6 +11,14 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_report_header(config):
+    # CI logs name the machine: test times and the precision "auto" picks both depend on it
+    from vlmscale.precision import cpu_bf16
+
+    native, why = cpu_bf16()
+    return [f"cpu: {why}; {os.cpu_count()} cores"]
+
+
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory) -> Path:
     from vlmscale.data.demo import generate_demo

@@ -132,6 +132,9 @@ class VideoConfig:
             raise ConfigError("data.video.token_budget must be >= 1")
 
 
+BALANCE_MODES = ("none", "tokens", "flops")  # data.balance (vlmscale.data.balance)
+
+
 @dataclass
 class DataConfig:
     sources: list[SourceConfig] = field(default_factory=_demo_sft_sources)  # the training mixture
@@ -139,6 +142,9 @@ class DataConfig:
     demo_dir: str = "data/demo"  # where the built-in demo dataset lives (generated on first use)
     max_seq_len: int = 512  # samples longer than this are skipped (counted as too_long); packed rows hold at most this
     packing: bool = False  # pack each rank's micro-batch into rows of <= max_seq_len, attention kept per sample
+    # spread each step's samples over ranks and micro-batches by estimated cost (vlmscale.data.balance):
+    # none = consecutive positions; tokens = LLM length; flops = the FLOP model (LLM tokens + vision tiles)
+    balance: str = "none"
     # dynamic tiling: at most this many tiles per image (+1 thumbnail); with model.init_from the checkpoint's
     # max_patches applies unless this is set explicitly (YAML or override)
     max_tiles: int = 6
@@ -174,6 +180,8 @@ class DataConfig:
             raise ConfigError("data.max_tiles must be >= 1")
         if self.num_workers < 0:
             raise ConfigError("data.num_workers must be >= 0")
+        if self.balance not in BALANCE_MODES:
+            raise ConfigError(f"data.balance={self.balance!r}: expected one of {', '.join(BALANCE_MODES)}")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise ConfigError("data.max_bad_fraction must be within [0, 1]")
         self.video.validate()
@@ -506,6 +514,8 @@ def _pref_data() -> DataConfig:
 def _check_pairs(cfg: RunConfig) -> None:
     if cfg.data.packing:
         raise ConfigError("data.packing: preference stages score each answer in its own row; set data.packing=false")
+    if cfg.data.balance != "none":
+        raise ConfigError(f"data.balance={cfg.data.balance}: preference pairs are not balanced yet; set data.balance=none")
     if any(s.text_only for s in cfg.data.sources) or cfg.data.text_fraction is not None:
         raise ConfigError("data.sources: a preference stage trains on pairs only; drop text_only / data.text_fraction")
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-BALANCE_MODES = ("none", "tokens", "flops")
+from vlmscale.config.schema import BALANCE_MODES
 
 
 def sample_cost(mode: str, *, tokens: int, tiles: int, supervised: int, flop_model=None) -> float:

@@ -13,6 +13,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -21,12 +22,14 @@ from vlmscale.constants import IGNORE
 from vlmscale.data.demo import ensure_demo
 from vlmscale.data.mixture import Mixture
 from vlmscale.data.packing import packed_tensors, plan_rows
-from vlmscale.data.render import BadSample, ImageOptions, Rendered, normalise_tiles, render_sample
+from vlmscale.data.balance import assign, sample_cost
+from vlmscale.data.render import BadSample, ImageOptions, Probe, Rendered, normalise_tiles, probe_sample, render_sample
 from vlmscale.data.shards import ShardDataset
 from vlmscale.model.tokenizer import ProcessorAssets
 
 log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 16
+PROBE_READ_BYTES = 1 << 16  # of each image member: enough for its header (the whole member is read if not)
 DEMO_PREFIX = "demo:"
 
 
@@ -120,6 +123,30 @@ class TrainDataset(torch.utils.data.Dataset):
         except (KeyError, TypeError, AttributeError) as exc:
             raise BadSample("bad_schema", f"{sample_id}: {exc!r}") from exc
 
+    # record -> its sizes without pixels (balancing); subclasses that render something else return None
+    probe_record = staticmethod(probe_sample)
+
+    def probe(self, position: int) -> Probe | None:
+        """The sizes of the sample at ``position`` (the record as stored; None if it is bad), from its JSON
+        and image headers only: what ``data.balance`` estimates a sample's cost from."""
+        if self.probe_record is None:
+            return None
+        source, index = self.mixture.locate(position)
+        try:
+            _, members = self.sources[source].read(index, member_limit=PROBE_READ_BYTES)
+            record = json.loads(members["json"])
+            try:
+                return self.probe_record(record, members, self.assets, max_seq_len=self.max_seq_len, video=self.video,
+                                         images=self.image_options[source])
+            except BadSample as exc:
+                if exc.reason != "corrupt_image":
+                    raise
+                _, members = self.sources[source].read(index)  # a header beyond the first bytes read
+                return self.probe_record(record, members, self.assets, max_seq_len=self.max_seq_len, video=self.video,
+                                         images=self.image_options[source])
+        except (BadSample, OSError, KeyError, TypeError, AttributeError, ValueError):
+            return None  # rendering it will count the skip and pick the stand-in; its cost here is 0
+
     def __getitem__(self, position: int) -> Item:
         source, index = self.mixture.locate(position)
         skipped: list[str] = []
@@ -177,6 +204,47 @@ class StepBatchSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return (self.max_steps - self.start_step) * self.accum
+
+
+class BalancedStepBatchSampler(StepBatchSampler):
+    """:class:`StepBatchSampler`'s windows, assigned to ranks and micro-batches by estimated cost
+    (``data.balance``, :func:`vlmscale.data.balance.assign`).
+
+    Each rank probes its own ``micro * accum`` positions of the window (:meth:`TrainDataset.probe`) and
+    the costs are all-gathered over ``group`` (a CPU process group), so a rank reads no more records than
+    it trains on. The gather runs where the loader asks for the step's first micro-batch, which every rank
+    does at the same point of its loop; the layout is a pure function of the window's positions.
+    """
+
+    def __init__(self, *, cost: Callable[[int], float], group=None, **kwargs):
+        super().__init__(**kwargs)
+        self.cost, self.group = cost, group
+
+    def window_costs(self, step: int) -> list[float]:
+        share = self.micro * self.accum
+        first = step * self.global_batch + self.rank * share
+        local = torch.tensor([float(self.cost(p)) for p in range(first, first + share)], dtype=torch.float64)
+        if self.world == 1:
+            return local.tolist()
+        parts = [torch.empty_like(local) for _ in range(self.world)]
+        torch.distributed.all_gather(parts, local, group=self.group)
+        return torch.cat(parts).tolist()
+
+    def __iter__(self):
+        for step in range(self.start_step, self.max_steps):
+            layout = assign(self.window_costs(step), world=self.world, accum=self.accum, micro=self.micro)
+            base = step * self.global_batch
+            for m in range(self.accum):
+                yield [base + i for i in layout[self.rank][m]]
+
+
+def probe_cost(dataset: TrainDataset, mode: str, flop_model=None) -> Callable[[int], float]:
+    """``position -> estimated cost`` under ``data.balance=mode`` (0 for a sample that will be skipped)."""
+    def cost(position: int) -> float:
+        p = dataset.probe(position)
+        return 0.0 if p is None else sample_cost(mode, tokens=p.tokens, tiles=p.tiles, supervised=p.supervised,
+                                                  flop_model=flop_model)
+    return cost
 
 
 def _batch_extras(items: list[Item]) -> dict:

@@ -80,6 +80,7 @@ class PairDataset(TrainDataset):
     each item's ``rendered`` is a :class:`RenderedPair`."""
 
     render = staticmethod(render_pair)
+    probe_record = None  # pairs are not balanced (data.balance applies to single-sample stages)
 
 
 def pair_collate(items: list[Item], *, pad_id: int) -> dict:

@@ -328,9 +328,9 @@ def _visual(b: _Builder, part: dict, members: dict[str, bytes]) -> bool:
 
 
 def render_sample(record: dict, members: dict[str, bytes], assets: ProcessorAssets, *, max_seq_len: int,
-                  video: VideoConfig | None = None, images: ImageOptions | None = None) -> Rendered:
+                  video: VideoConfig | None = None, images: ImageOptions | None = None, builder=None) -> Rendered:
     """Tokens, labels and tiles for one sample of the vlmscale schema (see docs/data.md)."""
-    b = _Builder(assets, video, images, num_images=count_images(record))
+    b = (builder or _Builder)(assets, video, images, num_images=count_images(record))
     if "document" in record:
         for part in record["document"]:
             kind = part.get("type")
@@ -377,6 +377,63 @@ def render_sample(record: dict, members: dict[str, bytes], assets: ProcessorAsse
     if len(out.input_ids) > max_seq_len:
         raise BadSample("too_long", f"{len(out.input_ids)} tokens > data.max_seq_len={max_seq_len}")
     return out
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A sample's size without decoding its pixels (``probe_sample``): what balancing costs are made of."""
+
+    tokens: int  # LLM sequence length, image tokens included
+    tiles: int  # vision tiles (video frames count one each)
+    supervised: int  # supervised positions
+
+
+def _grid_tiles(width: int, height: int, *, tile_size: int, limit: int, processor) -> int:
+    """Tiles the image processor cuts a ``width`` x ``height`` image into (grid plus thumbnail)."""
+    if not getattr(processor, "crop_to_patches", True) or limit <= 1:
+        return 1
+    cols, rows = get_optimal_tiled_canvas((height, width), (tile_size, tile_size), int(getattr(processor, "min_patches", 1)), limit)
+    return cols * rows + (1 if cols * rows > 1 else 0)  # the processor's thumbnail
+
+
+class _Probe(_Builder):
+    """:class:`_Builder` that reads image headers only: token and tile counts equal to the full render's
+    for images; for a video, its frame plan with uniform sampling (keyframe choice needs the pixels,
+    but changes which frames are taken, not how many)."""
+
+    def image(self, data: bytes) -> None:
+        self.flush()
+        try:
+            img = Image.open(io.BytesIO(data))  # reads the header; pixels stay undecoded
+            transposed = img.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+            w, h = (img.height, img.width) if transposed else img.size
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
+            raise BadSample("corrupt_image", str(exc) or type(exc).__name__) from exc
+        n_tiles = _grid_tiles(w, h, tile_size=self.assets.image_size, limit=self.tile_limit,
+                              processor=self.assets.image_processor)
+        self.tiles_per_image.append(n_tiles)
+        self._block(n_tiles * self.assets.image_seq_length)
+        self.text("\n", supervised=False)
+
+    def video(self, frames: list[bytes], timestamps: list[float]) -> None:
+        self.flush()
+        widest = max(len(self._tokens(f"Frame{k + 1} ({t:.1f}s): ")) for k, t in enumerate(timestamps))
+        newline = len(self._tokens("\n"))
+        plan = plan_video(len(frames), tag_tokens=[widest] * len(frames), newline_tokens=newline,
+                          image_seq_length=self.assets.image_seq_length, cfg=self.video_cfg, scores=None)
+        for k, i in enumerate(plan.frames):
+            tag = len(self._tokens(f"Frame{k + 1} ({timestamps[i]:.1f}s): "))
+            self.tiles_per_image.append(1)
+            self.ids.extend([0] * (tag + 2 + plan.tokens_per_frame + newline))
+            self.labels.extend([IGNORE] * (tag + 2 + plan.tokens_per_frame + newline))
+
+
+def probe_sample(record: dict, members: dict[str, bytes], assets: ProcessorAssets, *, max_seq_len: int,
+                 video: VideoConfig | None = None, images: ImageOptions | None = None) -> Probe:
+    """:func:`render_sample`'s sizes (tokens, tiles, supervised) without decoding pixels; raises
+    :class:`BadSample` where the render would, except for faults only decoding finds."""
+    out = render_sample(record, members, assets, max_seq_len=max_seq_len, video=video, images=images, builder=_Probe)
+    return Probe(len(out.input_ids), sum(out.tiles_per_image), out.num_supervised)
 
 
 def render_prompt(messages: list[dict], members: dict[str, bytes], assets: ProcessorAssets,

@@ -251,13 +251,15 @@ class ShardDataset:
         first = int(self._ends[s - 1]) if s else 0
         return self.shards[s].ref(index - first)
 
-    def read(self, index: int) -> tuple[SampleRef, dict[str, bytes]]:
+    def read(self, index: int, *, member_limit: int | None = None) -> tuple[SampleRef, dict[str, bytes]]:
+        """Sample ``index``'s members; ``member_limit``: read at most that many bytes of each member other
+        than the JSON (enough for an image header)."""
         ref = self.ref(index)
         out = {}
         with open(ref.shard, "rb") as f:
             for suffix, (offset, size) in ref.members.items():
                 f.seek(offset)
-                out[suffix] = f.read(size)
+                out[suffix] = f.read(size if member_limit is None or suffix == "json" else min(size, member_limit))
         return ref, out
 
     def record(self, index: int) -> dict:

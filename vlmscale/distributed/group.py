@@ -187,6 +187,19 @@ def sum_counts(counts: dict[str, int]) -> dict[str, int]:
     return dict(sorted(total.items()))
 
 
+_CPU_GROUP: list = []
+
+
+def cpu_group():
+    """A process group for CPU tensors on every backend: a gloo group beside NCCL (created once, on first
+    call, which every rank must make at the same point); the default group under gloo and MPI."""
+    if not _multi_rank() or dist.get_backend() in ("gloo", "mpi"):
+        return None
+    if not _CPU_GROUP:
+        _CPU_GROUP.append(dist.new_group(backend="gloo"))
+    return _CPU_GROUP[0]
+
+
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()

@@ -37,6 +37,7 @@ class Progress:
         self.peak_tflops = peak_tflops
         self._peak_raised = False
         self._window_start, self._window_tokens, self._window_flops, self.data_wait = time.time(), 0, 0.0, 0.0
+        self._window_balance = [0.0, 0.0, 0.0, 0]  # summed per step: largest rank's FLOPs, busy seconds (all, max); steps
 
     def update(self, stats: StepStats, *, step: int, data: DataConfig, max_consecutive_nonfinite: int) -> None:
         """Count a finished step; stop the run (on every rank alike) on too much bad data or too many
@@ -58,9 +59,28 @@ class Progress:
         self.read += stats.read
         self._window_tokens += stats.tokens
         self._window_flops += stats.flops
+        w = self._window_balance
+        w[0] += stats.rank_flops_max
+        w[1] += stats.busy_sum
+        w[2] += stats.busy_max
+        w[3] += 1
         for k, v in stats.skipped.items():
             self.skipped[k] = self.skipped.get(k, 0) + v
         check_bad_fraction(bad=self.bad, read=self.read, data=data)
+
+    def _balance_figures(self) -> dict[str, float]:
+        """How evenly the window's work fell on the ranks (data.balance): the largest rank's share over the
+        mean, by estimated FLOPs and by measured compute time (1.0 = even); and that time's max and mean."""
+        flops_max, busy_sum, busy_max, steps = self._window_balance
+        world = self.dist.world_size
+        nan = float("nan")
+        return {
+            "rank_flops_imbalance": flops_max / (self._window_flops / world) if self._window_flops > 0 else nan,
+            "rank_busy_imbalance": busy_max / (busy_sum / world) if busy_sum > 0 else nan,
+            "step_time_s": (time.time() - self._window_start) / steps if steps else nan,  # wall, per step
+            "rank_busy_s_max": busy_max / steps if steps else nan,
+            "rank_busy_s_mean": busy_sum / world / steps if steps else nan,
+        }
 
     def client_state(self, step: int) -> dict[str, Any]:
         """Collective (sums skip counts over ranks)."""
@@ -93,6 +113,8 @@ class Progress:
             "tflops": self._window_flops / elapsed / 1e12,  # achieved model TFLOP/s, all ranks
             "mfu": self._mfu(self._window_flops / elapsed / 1e12),
         }
+        row.update(self._balance_figures())
         row.update({f"skipped/{k}": v for k, v in sum_counts(self.skipped).items()})
         self._window_start, self._window_tokens, self._window_flops, self.data_wait = time.time(), 0, 0.0, 0.0
+        self._window_balance = [0.0, 0.0, 0.0, 0]
         return row

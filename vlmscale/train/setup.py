@@ -18,6 +18,7 @@ from vlmscale.config.deepspeed import build_ds_config
 from vlmscale.config.load import to_dict
 from vlmscale.config.schema import ModelConfig, RunConfig
 from vlmscale.data.dataset import (
+    BalancedStepBatchSampler,
     NormalisingLoader,
     StepBatchSampler,
     TrainDataset,
@@ -25,10 +26,11 @@ from vlmscale.data.dataset import (
     image_options,
     open_sources,
     pack_collate,
+    probe_cost,
 )
 from vlmscale.data.fingerprint import FINGERPRINT, data_fingerprint
 from vlmscale.data.preference import PairDataset, pair_collate
-from vlmscale.distributed.group import DistInfo, barrier, init_distributed
+from vlmscale.distributed.group import DistInfo, barrier, cpu_group, init_distributed
 from vlmscale.distributed.zero import load_weights, local_param_share, zero3_model_scope
 from vlmscale.model.build import build_architecture, build_model, save_architecture
 from vlmscale.model.checkpointing import enable_activation_checkpointing
@@ -38,6 +40,7 @@ from vlmscale.model.policy import apply_policy
 from vlmscale.model.tokenizer import ProcessorAssets
 from vlmscale.precision import resolve, torch_dtype
 from vlmscale.train import safe_load
+from vlmscale.train.flops import FlopModel
 from vlmscale.train.checkpoint import CheckpointManager, ResumeError
 from vlmscale.train.metrics import MetricsLogger, SampleLog, setup_logging
 from vlmscale.train.preemption import ignore_stop_signals
@@ -229,11 +232,14 @@ def make_loader(run: Run, *, pairs: bool = False, start_step: int | None = None)
         video=cfg.data.video,
         image_options=image_options(cfg.data, tile_limit=cfg.tile_limit(), raw=True),  # uint8 across the worker boundary
     )
-    sampler = StepBatchSampler(
-        rank=run.dist.rank, world_size=run.dist.world_size, micro_batch_size=cfg.train.micro_batch_size,
-        grad_accum_steps=cfg.train.grad_accum_steps, start_step=run.start_step if start_step is None else start_step,
-        max_steps=cfg.train.max_steps,
-    )
+    steps = dict(rank=run.dist.rank, world_size=run.dist.world_size, micro_batch_size=cfg.train.micro_batch_size,
+                 grad_accum_steps=cfg.train.grad_accum_steps,
+                 start_step=run.start_step if start_step is None else start_step, max_steps=cfg.train.max_steps)
+    if cfg.data.balance == "none" or pairs:
+        sampler = StepBatchSampler(**steps)
+    else:
+        flops = FlopModel.from_model(run.engine.module) if cfg.data.balance == "flops" else None
+        sampler = BalancedStepBatchSampler(cost=probe_cost(dataset, cfg.data.balance, flops), group=cpu_group(), **steps)
     pad = run.assets.tokenizer.pad_token_id
     if pairs:
         collate_fn = functools.partial(pair_collate, pad_id=pad)

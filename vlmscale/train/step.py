@@ -14,7 +14,7 @@ import deepspeed
 import torch
 
 from vlmscale.config.schema import OptimConfig
-from vlmscale.distributed.group import all_reduce_sum, barrier
+from vlmscale.distributed.group import all_reduce_max, all_reduce_sum, barrier
 from vlmscale.distributed.zero import gathered_units, start_micro_batch
 from vlmscale.train.async_save import writer_processes
 from vlmscale.model.forward import num_supervised, supervised_loss_sum, vlm_hidden
@@ -88,6 +88,11 @@ class StepStats:
     flops: float = 0.0  # model FLOPs of this step (forward + backward), all ranks; see vlmscale.train.flops
     units: int = 0  # what the loss is averaged over: supervised tokens, or the objective's count (e.g. pairs)
     extra: dict[str, float] = field(default_factory=dict)  # the objective's statistics, summed over the window and ranks
+    # balance (data.balance): the largest rank's FLOPs this step, and each rank's compute time, as process CPU
+    # seconds (waiting at a collective costs none; on a GPU the host time says nothing, so NaN): sum and max
+    rank_flops_max: float = 0.0
+    busy_sum: float = float("nan")
+    busy_max: float = float("nan")
 
 
 def train_step(engine, micro_batches: list[dict], *, device: torch.device, poison: bool = False,
@@ -113,6 +118,7 @@ def train_step(engine, micro_batches: list[dict], *, device: torch.device, poiso
     ``objective`` replaces next-token prediction (then the loss is normalised by its ``count`` of the
     window on all ranks, and its statistics come back summed in ``extra``).
     """
+    busy_start = time.process_time()
     local_sup = sum(num_supervised(b["labels"]) for b in micro_batches)
     local_units = local_sup if objective is None else sum(objective.count(b) for b in micro_batches)
     local_tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)
@@ -164,7 +170,9 @@ def train_step(engine, micro_batches: list[dict], *, device: torch.device, poiso
     if any_nonfinite and not update_skipped:
         raise RuntimeError("a rank saw a non-finite loss but DeepSpeed applied the update; refusing to continue")
     keys = sorted(extra)
-    global_loss, global_penalty, *global_extra = all_reduce_sum([loss_sum, penalty, *(extra[k] for k in keys)])
+    busy = time.process_time() - busy_start if device.type == "cpu" else float("nan")
+    global_loss, global_penalty, busy_sum, *global_extra = all_reduce_sum([loss_sum, penalty, busy, *(extra[k] for k in keys)])
+    flops_max, busy_max = all_reduce_max([local_flops, busy])
     grad_norm = engine.get_global_grad_norm()
     skipped: dict[str, int] = {}
     for b in micro_batches:
@@ -177,6 +185,7 @@ def train_step(engine, micro_batches: list[dict], *, device: torch.device, poiso
         skipped=skipped, update_skipped=update_skipped,
         sample_ids=[sid for b in micro_batches for sid in b["sample_ids"]], penalty=global_penalty, flops=float(flops),
         units=int(total_units), extra=dict(zip(keys, global_extra)),
+        rank_flops_max=float(flops_max), busy_sum=busy_sum, busy_max=busy_max,
     )
 
 

@@ -186,3 +186,18 @@ def test_balance_is_validated_and_refused_for_pairs():
         load_config(SFTConfig, overrides=["data.balance=bogus"])
     with pytest.raises(ConfigError, match="data.balance=tokens: preference"):
         load_config(DPOConfig, overrides=["data.balance=tokens"])
+
+
+def test_swaps_never_widen_the_greedy_layout():
+    from vlmscale.data import balance
+
+    for seed in range(50):
+        costs = _long_tailed(32, seed)
+        refined = imbalance(costs, assign(costs, world=2, accum=2, micro=8))
+        plain = balance._refine
+        balance._refine = lambda *a, **k: None
+        try:
+            greedy = imbalance(costs, assign(costs, world=2, accum=2, micro=8))
+        finally:
+            balance._refine = plain
+        assert refined <= greedy + 1e-12, seed

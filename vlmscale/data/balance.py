@@ -7,7 +7,8 @@ compute while the others wait at the gradient all-reduce. :func:`assign` instead
 estimated cost with deterministic greedy LPT (longest processing time first): samples in decreasing
 cost (ties by window index) each go to the rank with the least cost so far that still has room for
 ``micro * accum`` samples; then, within each rank, the same to its ``accum`` micro-batches of ``micro``
-samples. Every sample of the window is trained exactly once in that step, every micro-batch keeps
+samples. Each greedy pass is followed by swaps of one sample between the heaviest and the lightest bin
+while a swap narrows their gap (the fixed sample count per bin leaves LPT up to one sample off). Every sample of the window is trained exactly once in that step, every micro-batch keeps
 ``micro`` samples, and the assignment is a pure function of the window's costs (so of its positions):
 a resumed run, or one on another world size, trains the same samples in the same step.
 
@@ -43,7 +44,30 @@ def _lpt(costs: Sequence[float], items: Sequence[int], *, bins: int, capacity: i
         b = min((b for b in range(bins) if len(out[b]) < capacity), key=lambda b: (load[b], b))
         out[b].append(i)
         load[b] += costs[i]
+    _refine(costs, out, load)
     return [sorted(b) for b in out]
+
+
+def _refine(costs: Sequence[float], out: list[list[int]], load: list[float], rounds: int = 64) -> None:
+    """Swap one item of the heaviest bin with one of the lightest while that lowers the heavier of the two
+    (LPT alone leaves a gap of up to one item when every bin must take exactly ``capacity`` items)."""
+    for _ in range(rounds):
+        hi = max(range(len(out)), key=lambda b: (load[b], -b))
+        lo = min(range(len(out)), key=lambda b: (load[b], b))
+        gap = load[hi] - load[lo]
+        best, pick = gap, None
+        for a in out[hi]:
+            for b in out[lo]:
+                d = costs[a] - costs[b]
+                if 0 < d < gap and abs(gap - 2 * d) < best:  # the two bins end |gap - 2d| apart
+                    best, pick = abs(gap - 2 * d), (a, b)
+        if pick is None:
+            return
+        a, b = pick
+        out[hi][out[hi].index(a)], out[lo][out[lo].index(b)] = b, a
+        d = costs[a] - costs[b]
+        load[hi] -= d
+        load[lo] += d
 
 
 def assign(costs: Sequence[float], *, world: int, accum: int, micro: int) -> list[list[list[int]]]:

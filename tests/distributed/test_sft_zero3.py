@@ -132,3 +132,33 @@ def test_periodic_and_final_eval_under_zero3(sft_run):
         assert key in final, key
     assert final["eval/drift/cosine"] < 1.0  # the encoder trained (default policy), so it drifted
     assert (out / "eval" / "step-00000004.json").is_file() and (out / "eval" / "final.json").is_file()
+
+
+def _step_samples(out) -> dict[int, list[set[str]]]:
+    per_rank = []
+    for path in sorted((out / "samples").glob("rank-*.jsonl")):
+        per_rank.append({r["step"]: set(r["ids"]) for r in map(json.loads, path.read_text().splitlines())})
+    return {step: [rank[step] for rank in per_rank] for step in per_rank[0]}
+
+
+def test_balanced_batches_train_the_same_samples_to_the_same_loss(demo_dir, start_model, tmp_path):
+    """data.balance=flops against none on 2 ranks (fp32, accumulation 2): each step trains the same samples,
+    each once, only placed differently, so the loss (normalised by the window's supervised tokens) and the
+    gradient norm agree; the busiest rank's FLOPs share does not grow."""
+    runs = {}
+    for mode in ("none", "flops"):
+        out = tmp_path / mode
+        launch("sft", *sft_overrides(demo_dir, out, start_model), "train.max_steps=2", "train.precision=fp32",
+               f"data.balance={mode}", "train.log_sample_ids=true", "eval.at_end=false", "checkpoint.export=false",
+               "checkpoint.every_steps=100")
+        runs[mode] = ({r["step"]: r for r in metrics(out) if "loss" in r}, _step_samples(out))
+    (ref, ref_ids), (bal, bal_ids) = runs["none"], runs["flops"]
+    assert sorted(bal) == [1, 2]
+    for step in (1, 2):
+        assert set().union(*bal_ids[step]) == set().union(*ref_ids[step]), step
+        assert sum(map(len, bal_ids[step])) == sum(map(len, ref_ids[step])) == 16, step  # each sample once
+        assert bal[step]["loss"] == pytest.approx(ref[step]["loss"], rel=1e-5), step
+        assert bal[step]["grad_norm"] == pytest.approx(ref[step]["grad_norm"], rel=1e-4), step
+        assert bal[step]["supervised_tokens"] == ref[step]["supervised_tokens"], step
+        assert 1.0 <= bal[step]["rank_flops_imbalance"] <= ref[step]["rank_flops_imbalance"] + 1e-9, step
+    assert any(bal_ids[s] != ref_ids[s] for s in (1, 2))  # the placement did change

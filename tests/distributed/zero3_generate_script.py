@@ -19,7 +19,7 @@ from vlmscale.config.deepspeed import build_ds_config
 from vlmscale.data.render import render_prompt
 from vlmscale.data.shards import ShardDataset
 from vlmscale.distributed.group import init_distributed, shutdown
-from vlmscale.distributed.zero import load_weights, zero3_model_scope
+from vlmscale.distributed.zero import load_weights, remember_coordinator, zero3_model_scope
 from vlmscale.eval.generate import _Branch, left_pad, plan_batches, rollout
 from vlmscale.model.build import build_model
 
@@ -34,6 +34,7 @@ with zero3_model_scope(ds_config):
     model, assets = build_model(cfg.model, max_tiles=2, dtype=torch.bfloat16, load_weights=load_weights)
 engine, *_ = deepspeed.initialize(model=model, config=ds_config, dist_init_required=False,
                                   optimizer=torch.optim.AdamW([p for p in model.parameters()], lr=1e-4))
+remember_coordinator(engine)  # as create_engine does: per-layer rollouts reset the fetch trace (a collective) per forward
 data = ShardDataset(f"{demo_dir}/heldout/vqa")
 prompts = []
 for i in range(4):

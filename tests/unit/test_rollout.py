@@ -123,3 +123,36 @@ def test_eos_stops_each_row(tiny, prompts):
     assert res.tokens[0] == [first]
     assert all(ids == greedy.tokens[j][: len(ids)] for j, ids in res.tokens.items())
     assert max(len(ids) for ids in res.tokens.values()) > 1
+
+
+def _trace(engine):
+    coord = engine.optimizer.parameter_offload.get_param_coordinator()
+    return coord, len(coord._PartitionedParameterCoordinator__submodule_order)
+
+
+def test_per_layer_fallback_resets_the_fetch_trace_each_forward(tiny_export, demo_dir, monkeypatch):
+    """Rollouts that leave ZeRO-3 to gather layer by layer (the policy above gather_policy_max_bytes) start a
+    coordinator pass per forward, as DeepSpeed's own top-module hook does, so its fetch trace completes (and
+    prefetching can work), which without the reset it never does; the tokens equal the gathered path's."""
+    from tests.unit.engines import zero3_engine
+    from vlmscale.eval import generate
+
+    engine, assets = zero3_engine(tiny_export)
+    ds = ShardDataset(demo_dir / "heldout" / "vqa")
+    prompts = []
+    for i in range(4):
+        _, members = ds.read(i)
+        prompts.append(render_prompt(json.loads(members["json"])["messages"][:1], members, assets))
+    n_modules = len(list(engine.module.modules()))
+    whole = rollout(engine.module, assets, prompts, max_new_tokens=6, gather_max_bytes=10**12)
+    layered = rollout(engine.module, assets, prompts, max_new_tokens=6, gather_max_bytes=0)
+    assert whole.gathered and not layered.gathered
+    assert layered.tokens == whole.tokens
+    coord, recorded = _trace(engine)
+    assert coord.is_complete_trace() and recorded < n_modules
+
+    engine2, _ = zero3_engine(tiny_export)  # the negative control: no reset between forwards
+    monkeypatch.setattr(generate, "start_forward", lambda module: False)
+    rollout(engine2.module, assets, prompts, max_new_tokens=6, gather_max_bytes=0)
+    coord2, _ = _trace(engine2)
+    assert not coord2.is_complete_trace()

@@ -59,16 +59,42 @@ def start_micro_batch(engine) -> None:
       every step.
     """
     from deepspeed.runtime.base_optimizer import ZeROOptimizer
-    from deepspeed.runtime.zero.parameter_offload import DeepSpeedZeRoOffload
 
     if isinstance(engine.optimizer, ZeROOptimizer):
         engine.optimizer.clear_backward_seen_flag()
-    if isinstance(engine.optimizer, DeepSpeedZeRoOffload):  # a ZeRO-3 engine without optimizer (frozen model)
-        offload = engine.optimizer
-    else:
-        offload = getattr(engine.optimizer, "parameter_offload", None)
+    offload = _offload_of(engine)
     if offload is not None:
         offload.get_param_coordinator().reset_step()
+
+
+def _offload_of(engine):
+    """The engine's ZeRO-3 parameter offload (which owns the parameter coordinator), or None."""
+    from deepspeed.runtime.zero.parameter_offload import DeepSpeedZeRoOffload
+
+    if isinstance(engine.optimizer, DeepSpeedZeRoOffload):  # a ZeRO-3 engine without optimizer (frozen model)
+        return engine.optimizer
+    return getattr(engine.optimizer, "parameter_offload", None)
+
+
+def remember_coordinator(engine) -> None:
+    """Let :func:`start_forward` find the engine's parameter coordinator from ``engine.module`` alone."""
+    offload = _offload_of(engine)
+    if offload is not None:
+        engine.module.__dict__["_vlmscale_zero_offload"] = offload  # not a sub-module or parameter
+
+
+def start_forward(module: torch.nn.Module) -> bool:
+    """For code that runs a ZeRO-3 model's sub-modules itself outside a train step (generation): what the
+    top module's forward pre-hook does, the coordinator's ``reset_step``, before each forward. Without it
+    the coordinator never completes a trace of the fetch order, so per-layer gathers never prefetch.
+    Collective while the trace is incomplete (DeepSpeed checks that ranks recorded the same order): call
+    it on every rank for every forward, as lock-step generation does. False (nothing done) for a model that is not partitioned or
+    whose engine was not built by ``create_engine``/``frozen_engine``."""
+    offload = module.__dict__.get("_vlmscale_zero_offload")
+    if offload is None:
+        return False
+    offload.get_param_coordinator().reset_step()
+    return True
 
 
 def is_partitioned(p: torch.Tensor) -> bool:
@@ -188,4 +214,5 @@ def frozen_engine(model: torch.nn.Module, ds_config: dict[str, Any]):
         p.requires_grad_(False)
     engine, *_ = deepspeed.initialize(model=model, config=ds_config, dist_init_required=False)
     engine.eval()
+    remember_coordinator(engine)
     return engine

@@ -52,6 +52,7 @@ from transformers import DynamicCache
 
 from vlmscale.data.render import Rendered
 from vlmscale.distributed.group import all_reduce_max, any_rank, model_device
+from vlmscale.distributed.zero import start_forward
 from vlmscale.model.forward import merge_image_features
 from vlmscale.model.tokenizer import ProcessorAssets
 
@@ -107,17 +108,22 @@ class _Branch:
     """One prompt batch's decoding state: KV cache, attention mask, next positions and next-token logits."""
 
     def __init__(self, model, ids: torch.Tensor, pixels: torch.Tensor | None, tile_pool: torch.Tensor | None = None,
-                 mask: torch.Tensor | None = None):
+                 mask: torch.Tensor | None = None, *, new_pass: bool = False):
         self.model = model
+        self.new_pass = new_pass  # per-layer ZeRO-3 gathers: each forward starts a new coordinator pass
         self.cache = DynamicCache()
         self.mask = torch.ones_like(ids) if mask is None else mask
         positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
         self.next_pos = positions[:, -1:] + 1
-        self.logits = self._run(merge_image_features(model, ids, pixels, tile_pool), positions)
+        if new_pass:
+            start_forward(model)  # the prefill's vision encoder and projector run before the language model
+        self.logits = self._run(merge_image_features(model, ids, pixels, tile_pool), positions, restart=False)
 
-    def _run(self, embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def _run(self, embeds: torch.Tensor, positions: torch.Tensor, *, restart: bool = True) -> torch.Tensor:
         # no mask at all when no row is padded: the same kernels as an unpadded forward
         mask = None if bool(self.mask.all()) else self.mask
+        if self.new_pass and restart:
+            start_forward(self.model)
         out = self.model.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
                                               past_key_values=self.cache, use_cache=True)
         return self.model.lm_head(out.last_hidden_state[:, -1]).float()
@@ -265,10 +271,11 @@ def rollout(model, assets: ProcessorAssets, prompts: list[Rendered], *, max_new_
                 pool = torch.tensor([f for j in group for f in prompts[j].tile_pool], dtype=torch.long)
                 mask = mask.to(dev)
             ids = ids.to(dev)
-            main = _Branch(model, ids, pixels, pool, mask)
+            main = _Branch(model, ids, pixels, pool, mask, new_pass=not whole)
             contrast = None
             if vcd is not None:
-                contrast = _Branch(model, ids, None if pixels is None else _distort(pixels, vcd), pool, mask)
+                contrast = _Branch(model, ids, None if pixels is None else _distort(pixels, vcd), pool, mask,
+                                   new_pass=not whole)
             result.forwards += 1
             rows = ids.shape[0]
             gens = None

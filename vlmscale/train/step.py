@@ -15,7 +15,7 @@ import torch
 
 from vlmscale.config.schema import OptimConfig
 from vlmscale.distributed.group import all_reduce_max, all_reduce_sum, barrier
-from vlmscale.distributed.zero import gathered_units, start_micro_batch
+from vlmscale.distributed.zero import gathered_units, remember_coordinator, start_micro_batch
 from vlmscale.train.async_save import writer_processes
 from vlmscale.model.forward import num_supervised, supervised_loss_sum, vlm_hidden
 from vlmscale.model.heads import ScalarHeadModel, save_head, split_state
@@ -58,6 +58,7 @@ def create_engine(model: torch.nn.Module, *, param_groups: list[dict], ds_config
         import atexit
 
         atexit.register(engine.checkpoint_engine.cleanup)
+    remember_coordinator(engine)  # generation from engine.module resets the fetch trace per forward
     return engine, scheduler
 
 

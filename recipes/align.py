@@ -16,7 +16,7 @@ import sys
 
 from vlmscale.config import AlignConfig
 from vlmscale.stages.lm import train_lm_stage
-from vlmscale.train.launch import recipe_main
+from vlmscale.train.launch import run_recipe
 
 if __name__ == "__main__":
-    sys.exit(recipe_main(AlignConfig, train_lm_stage, sys.argv[1:]))
+    run_recipe(AlignConfig, train_lm_stage, sys.argv[1:])

@@ -18,7 +18,7 @@ import sys
 
 from vlmscale.config import DPOConfig
 from vlmscale.stages.preference import train_dpo_stage
-from vlmscale.train.launch import recipe_main
+from vlmscale.train.launch import run_recipe
 
 if __name__ == "__main__":
-    sys.exit(recipe_main(DPOConfig, train_dpo_stage, sys.argv[1:]))
+    run_recipe(DPOConfig, train_dpo_stage, sys.argv[1:])

@@ -30,7 +30,7 @@ from vlmscale.eval.periodic import PeriodicEval
 from vlmscale.eval.rewards import RewardSet
 from vlmscale.stages.grpo import ConversationPrompts, GRPOStep, build_engines
 from vlmscale.train import safe_load
-from vlmscale.train.launch import recipe_main
+from vlmscale.train.launch import run_recipe
 from vlmscale.train.loop import Trainer, final_eval_of, finish, run_loop
 from vlmscale.train.metrics import MetricsLogger
 from vlmscale.train.preemption import StopFlag
@@ -70,4 +70,4 @@ def train_grpo(cfg: GRPOConfig) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(recipe_main(GRPOConfig, train_grpo, sys.argv[1:]))
+    run_recipe(GRPOConfig, train_grpo, sys.argv[1:])

@@ -28,7 +28,7 @@ from vlmscale.eval.periodic import PeriodicEval
 from vlmscale.losses.ppo import KLController
 from vlmscale.stages.ppo import PPOStep, PromptStream, build_engines
 from vlmscale.train import safe_load
-from vlmscale.train.launch import recipe_main
+from vlmscale.train.launch import run_recipe
 from vlmscale.train.loop import Trainer, final_eval_of, finish, run_loop
 from vlmscale.train.metrics import MetricsLogger
 from vlmscale.train.preemption import StopFlag
@@ -68,4 +68,4 @@ def train_ppo(cfg: PPOConfig) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(recipe_main(PPOConfig, train_ppo, sys.argv[1:]))
+    run_recipe(PPOConfig, train_ppo, sys.argv[1:])

@@ -17,7 +17,7 @@ import sys
 
 from vlmscale.config import RewardConfig
 from vlmscale.stages.preference import train_reward_stage
-from vlmscale.train.launch import recipe_main
+from vlmscale.train.launch import run_recipe
 
 if __name__ == "__main__":
-    sys.exit(recipe_main(RewardConfig, train_reward_stage, sys.argv[1:]))
+    run_recipe(RewardConfig, train_reward_stage, sys.argv[1:])

@@ -18,7 +18,7 @@ import sys
 
 from vlmscale.config import SFTConfig
 from vlmscale.stages.lm import train_lm_stage
-from vlmscale.train.launch import recipe_main
+from vlmscale.train.launch import run_recipe
 
 if __name__ == "__main__":
-    sys.exit(recipe_main(SFTConfig, train_lm_stage, sys.argv[1:]))
+    run_recipe(SFTConfig, train_lm_stage, sys.argv[1:])

@@ -192,7 +192,7 @@ def sequence_lengths(batch: dict) -> list[int]:
 # ---------------------------------------------------------------------- peak
 @functools.lru_cache(maxsize=4)
 def measured_cpu_peak_tflops(dtype: torch.dtype = torch.bfloat16, *, sizes: tuple[int, ...] = (512, 1024, 2048),
-                             seconds: float = 1.0) -> float:
+                             seconds: float = 0.3) -> float:
     """Matmul TFLOP/s this process reaches in ``dtype`` with its own threads: the best of repeated
     ``F.linear`` timings (the model's own kernel) over a few square sizes, as CPU kernels peak at
     different sizes per dtype."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -34,14 +35,29 @@ def remove_shm_buffers() -> None:
             f.unlink(missing_ok=True)
 
 
+def deepspeed_cmd(nproc: int, master_port: int, *args: str, runner: bool = False) -> list[str]:
+    """``deepspeed --num_gpus N --master_port P args...`` on this node. Without ``runner``, what that runs:
+    DeepSpeed's per-node launcher (``deepspeed.launcher.launch``, which starts and watches the ranks) without
+    the runner process in front of it, which on one node only encodes the world info and waits (3-4 s of
+    start-up and polling per launch, ~50 launches per test session). ``args`` may start with the launcher's
+    own flags (``--no_local_rank``, ``--module``). The real ``deepspeed`` command stays covered by
+    ``runner=True`` launches (the shared SFT run, the SIGTERM test)."""
+    if runner:
+        return [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(master_port), *args]
+    world = base64.urlsafe_b64encode(json.dumps({"localhost": list(range(nproc))}).encode()).decode()
+    return [sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world}", "--master_addr=127.0.0.1",
+            f"--master_port={master_port}", "--enable_each_rank_log=None", "--log_level=info", *args]
+
+
 def launch(recipe: str, *overrides: str, nproc: int = 2, timeout: int = 600, check: bool = True,
-           env: dict | None = None) -> subprocess.CompletedProcess:
-    """``deepspeed --num_gpus N recipes/<recipe>.py overrides...`` (``python`` directly for N=0)."""
+           env: dict | None = None, runner: bool = False) -> subprocess.CompletedProcess:
+    """``deepspeed --num_gpus N recipes/<recipe>.py overrides...`` (:func:`deepspeed_cmd`; ``python``
+    directly for N=0)."""
     script = str(REPO / "recipes" / f"{recipe}.py")
     if nproc == 0:
         cmd = [sys.executable, script, *overrides]
     else:
-        cmd = [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(port(29600, 300)), script, *overrides]
+        cmd = deepspeed_cmd(nproc, port(29600, 300), script, *overrides, runner=runner)
     full_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", **(env or {})}
     proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:

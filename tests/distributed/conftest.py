@@ -34,5 +34,6 @@ def sft_overrides(demo_dir, out, start):
 def sft_run(tmp_path_factory, demo_dir, start_model):
     """8 steps, checkpoints at 4 and 8, evaluation (all suites) at step 4 and at the end."""
     out = tmp_path_factory.mktemp("sft") / "run"
-    proc = launch("sft", *sft_overrides(demo_dir, out, start_model), "train.max_steps=8", "eval.every_steps=4")
+    proc = launch("sft", *sft_overrides(demo_dir, out, start_model), "train.max_steps=8", "eval.every_steps=4",
+                  runner=True)  # through the real `deepspeed` command, as the README runs it
     return out, proc

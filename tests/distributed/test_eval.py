@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.helpers import BIN, REPO, port
+from tests.helpers import REPO, deepspeed_cmd, port
 
 pytestmark = pytest.mark.distributed
 
@@ -20,8 +20,7 @@ def _eval(nproc, out_file, model, reference, data):
     if nproc == 1:
         cmd = [sys.executable, "-m", "vlmscale.cli", "eval", *args]
     else:
-        cmd = [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(port(29900, 50)),
-               "--no_local_rank", "--module", "vlmscale.cli", "eval", *args]
+        cmd = deepspeed_cmd(nproc, port(29900, 50), "--no_local_rank", "--module", "vlmscale.cli", "eval", *args)
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -44,9 +43,8 @@ def test_one_and_two_ranks_agree(sft_run, start_model, demo_dir, tmp_path):
 @pytest.mark.parametrize("gather_max_bytes", [0, 1 << 30], ids=["per-layer", "gathered"])
 def test_ranks_finishing_at_different_steps_do_not_hang(demo_dir, tmp_path, gather_max_bytes):
     out = tmp_path / "lengths.json"
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(port(29950, 40)), "--no_local_rank",
-           str(REPO / "tests" / "distributed" / "zero3_generate_script.py"), str(demo_dir), str(out),
-           str(gather_max_bytes)]
+    cmd = deepspeed_cmd(2, port(29950, 40), "--no_local_rank", str(REPO / "tests" / "distributed" / "zero3_generate_script.py"),
+                        str(demo_dir), str(out), str(gather_max_bytes))
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-4000:]

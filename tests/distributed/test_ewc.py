@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import BIN, REPO, launch, metrics, port
+from tests.helpers import REPO, deepspeed_cmd, launch, metrics, port
 
 pytestmark = pytest.mark.distributed
 FISHER_SAMPLES = 7  # not a multiple of the world size: the last round has an idle rank
@@ -24,8 +24,7 @@ def _run(nproc: int, *args: str, timeout: int = 600) -> subprocess.CompletedProc
     if nproc == 1:
         cmd = [sys.executable, "-m", "vlmscale.cli", *args]
     else:
-        cmd = [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(port(29850, 40)),
-               "--no_local_rank", "--module", "vlmscale.cli", *args]
+        cmd = deepspeed_cmd(nproc, port(29850, 40), "--no_local_rank", "--module", "vlmscale.cli", *args)
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -71,9 +70,8 @@ def test_fisher_on_two_ranks_equals_one_rank(fisher_two_ranks, start_model, demo
 
 def test_each_rank_holds_its_partition_of_f_and_theta(fisher_two_ranks, start_model, demo_dir, tmp_path):
     out = tmp_path / "script"
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(port(29890, 40)), "--no_local_rank",
-           str(REPO / "tests" / "distributed" / "ewc_script.py"), str(start_model), str(fisher_two_ranks), str(demo_dir),
-           str(out)]
+    cmd = deepspeed_cmd(2, port(29890, 40), "--no_local_rank", str(REPO / "tests" / "distributed" / "ewc_script.py"),
+                        str(start_model), str(fisher_two_ranks), str(demo_dir), str(out))
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -19,7 +19,7 @@ import subprocess
 
 import pytest
 
-from tests.helpers import BIN, REPO, port
+from tests.helpers import REPO, deepspeed_cmd, port
 from vlmscale.config import SFTConfig, load_config
 from vlmscale.plan.build import facts_for
 from vlmscale.plan.memory import Shape, ZeroSettings, plan
@@ -48,9 +48,8 @@ def _measure(tmp_path, demo_dir, overrides: list[str]) -> list[dict]:
     ds = tmp_path / "zero3_small_buckets.json"
     ds.write_text(json.dumps(DS))
     out = tmp_path / "measured"
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(port(29600, 300)),
-           str(REPO / "tests" / "distributed" / "plan_measure_script.py"), "--out", str(out),
-           f"data.demo_dir={demo_dir}", f"deepspeed.config={ds}", f"output_dir={tmp_path / 'run'}", *overrides]
+    cmd = deepspeed_cmd(2, port(29600, 300), str(REPO / "tests" / "distributed" / "plan_measure_script.py"), "--out", str(out),
+           f"data.demo_dir={demo_dir}", f"deepspeed.config={ds}", f"output_dir={tmp_path / 'run'}", *overrides)
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]

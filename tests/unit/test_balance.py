@@ -149,21 +149,23 @@ def render_sample_sizes(record, members, assets):
     return len(r.input_ids), int(r.pixel_values.shape[0]), r.num_supervised
 
 
+@pytest.mark.parametrize("packed", [True, False])
 @pytest.mark.parametrize("world,accum,micro", [(1, 2, 4), (2, 2, 2), (4, 1, 2)])
-def test_balanced_sampler_trains_each_position_once_per_step_and_resumes_exactly(world, accum, micro):
+def test_balanced_sampler_trains_each_position_once_per_step_and_resumes_exactly(world, accum, micro, packed):
     from vlmscale.data.dataset import BalancedStepBatchSampler
 
     rng = random.Random(1)
-    costs = [rng.choice([5000.0, 50.0, 60.0, 70.0]) for _ in range(10 * world * accum * micro)]
+    G = world * accum * micro
+    sizes = [(rng.choice([5000, 50, 60, 70]), rng.randint(0, 3), 10) for _ in range(10 * G)]
 
     def sampler(rank, start):
-        s = BalancedStepBatchSampler(cost=costs.__getitem__, rank=rank, world_size=world, micro_batch_size=micro,
-                                     grad_accum_steps=accum, start_step=start, max_steps=10)
+        s = BalancedStepBatchSampler(probe=sizes.__getitem__, mode="tokens", packed=packed, rank=rank,
+                                     world_size=world, micro_batch_size=micro, grad_accum_steps=accum,
+                                     start_step=start, max_steps=10)
         # one process plays every rank: the gather is each rank's share of the window, concatenated
-        s.window_costs = lambda step, G=world * accum * micro: costs[step * G:(step + 1) * G]
+        s.window_sizes = lambda step: sizes[step * G:(step + 1) * G]
         return s
 
-    G = world * accum * micro
     per_rank = [list(sampler(r, 0)) for r in range(world)]
     for step in range(10):
         batches = [b for r in range(world) for b in per_rank[r][step * accum:(step + 1) * accum]]
@@ -171,10 +173,26 @@ def test_balanced_sampler_trains_each_position_once_per_step_and_resumes_exactly
         assert all(len(b) == micro for b in batches)
     for r in range(world):  # a run resumed at step 4 reads exactly what the uninterrupted run read from there
         assert list(sampler(r, 4)) == per_rank[r][4 * accum:]
-    if world > 1:
-        window = costs[:G]
-        layout = [[[p for p in b] for b in per_rank[r][:accum]] for r in range(world)]
+    if world > 1 and packed:
+        window = [float(t) for t, _, _ in sizes[:G]]
+        layout = [[list(b) for b in per_rank[r][:accum]] for r in range(world)]
         assert imbalance(window, layout) <= imbalance(window, contiguous(world=world, accum=accum, micro=micro))
+
+
+def test_unpacked_batches_group_similar_lengths_and_balance_padded_cost():
+    from vlmscale.data.balance import assign_padded, padded_batch_cost
+
+    rng = random.Random(3)
+    worse = 0
+    for _ in range(50):
+        sizes = [(rng.choice([2000, 100, 120, 150, 300]), 0, 5) for _ in range(16)]
+        layout = assign_padded(sizes, "tokens", world=2, accum=2, micro=4)
+        assert sorted(i for r in layout for b in r for i in b) == list(range(16))
+        per_rank = lambda lay: [sum(padded_batch_cost("tokens", [sizes[i] for i in b]) for b in r) for r in lay]  # noqa: E731
+        got, before = per_rank(layout), per_rank(contiguous(world=2, accum=2, micro=4))
+        assert sum(got) <= sum(before)  # grouping by length never pads more in total
+        worse += max(got) > max(before)
+    assert worse == 0  # and the busiest rank never carries more padded work than without balancing
 
 
 def test_balance_is_validated_and_refused_for_pairs():

@@ -12,6 +12,10 @@ while a swap narrows their gap (the fixed sample count per bin leaves LPT up to 
 ``micro`` samples, and the assignment is a pure function of the window's costs (so of its positions):
 a resumed run, or one on another world size, trains the same samples in the same step.
 
+That is for packed micro-batches (``data.packing=true``), whose cost is the sum of their samples'. An
+unpacked micro-batch is padded to its longest row, so spreading long samples would pad every rank to them:
+:func:`assign_padded` instead groups samples of similar length into micro-batches and balances those.
+
 Costs (:func:`sample_cost`): ``tokens`` = the LLM sequence length (image tokens included); ``flops`` =
 the sample's forward + backward FLOPs from :class:`vlmscale.train.flops.FlopModel` (LLM tokens,
 attention's quadratic term, supervised positions for the head, and each vision tile's encoder FLOPs).
@@ -76,6 +80,32 @@ def assign(costs: Sequence[float], *, world: int, accum: int, micro: int) -> lis
         raise ValueError(f"{len(costs)} costs for a window of {world} x {accum} x {micro} samples")
     ranks = _lpt(costs, range(len(costs)), bins=world, capacity=accum * micro)
     return [_lpt(costs, r, bins=accum, capacity=micro) for r in ranks]
+
+
+def padded_batch_cost(mode: str, members: Sequence[tuple[int, int, int]], flop_model=None) -> float:
+    """Compute of one unpacked micro-batch: every row is padded to its longest, and padding is computed too.
+    ``members``: (tokens, tiles, supervised) per sample."""
+    longest = max(t for t, _, _ in members)
+    if mode == "tokens":
+        return float(longest * len(members))
+    if flop_model is None:
+        raise ValueError("data.balance=flops needs the model's FlopModel (vlmscale.train.flops); use tokens")
+    return flop_model.count(tiles=sum(v for _, v, _ in members), seq_lens=[longest] * len(members),
+                            head_tokens=sum(s for _, _, s in members))["total"]
+
+
+def assign_padded(sizes: Sequence[tuple[int, int, int]], mode: str, *, world: int, accum: int, micro: int,
+                  flop_model=None) -> list[list[list[int]]]:
+    """:func:`assign` for unpacked micro-batches, whose cost is set by their longest row: the window sorted by
+    length (ties by index) is cut into ``world * accum`` micro-batches of ``micro`` similar-length samples (the
+    least padding), which then go to ranks by LPT on their padded cost, ``accum`` per rank."""
+    if len(sizes) != world * accum * micro:
+        raise ValueError(f"{len(sizes)} samples for a window of {world} x {accum} x {micro}")
+    order = sorted(range(len(sizes)), key=lambda i: (-sizes[i][0], i))
+    batches = [sorted(order[b * micro:(b + 1) * micro]) for b in range(world * accum)]
+    costs = [padded_batch_cost(mode, [sizes[i] for i in b], flop_model) for b in batches]
+    ranks = _lpt(costs, range(len(batches)), bins=world, capacity=accum)
+    return [[batches[b] for b in r] for r in ranks]
 
 
 def contiguous(*, world: int, accum: int, micro: int) -> list[list[list[int]]]:

@@ -22,7 +22,7 @@ from vlmscale.constants import IGNORE
 from vlmscale.data.demo import ensure_demo
 from vlmscale.data.mixture import Mixture
 from vlmscale.data.packing import packed_tensors, plan_rows
-from vlmscale.data.balance import assign, sample_cost
+from vlmscale.data.balance import assign, assign_padded, sample_cost
 from vlmscale.data.render import BadSample, ImageOptions, Probe, Rendered, normalise_tiles, probe_sample, render_sample
 from vlmscale.data.shards import ShardDataset
 from vlmscale.model.tokenizer import ProcessorAssets
@@ -208,43 +208,54 @@ class StepBatchSampler(torch.utils.data.Sampler):
 
 class BalancedStepBatchSampler(StepBatchSampler):
     """:class:`StepBatchSampler`'s windows, assigned to ranks and micro-batches by estimated cost
-    (``data.balance``, :func:`vlmscale.data.balance.assign`).
+    (``data.balance``, :mod:`vlmscale.data.balance`): by the sum of sample costs when micro-batches are
+    packed, by padded micro-batch cost (similar lengths grouped) when they are not.
 
-    Each rank probes its own ``micro * accum`` positions of the window (:meth:`TrainDataset.probe`) and
-    the costs are all-gathered over ``group`` (a CPU process group), so a rank reads no more records than
-    it trains on. The gather runs where the loader asks for the step's first micro-batch, which every rank
-    does at the same point of its loop; the layout is a pure function of the window's positions.
+    Each rank probes its own ``micro * accum`` positions of the window (``probe``: position -> (tokens,
+    tiles, supervised), zeros for a sample that will be skipped) and the sizes are all-gathered over
+    ``group`` (a CPU process group), so a rank reads no more records than it trains on. The gather runs
+    where the loader asks for the step's first micro-batch, which every rank does at the same point of its
+    loop; the layout is a pure function of the window's positions.
     """
 
-    def __init__(self, *, cost: Callable[[int], float], group=None, **kwargs):
+    def __init__(self, *, probe: Callable[[int], tuple[int, int, int]], mode: str, packed: bool, flop_model=None,
+                 group=None, **kwargs):
         super().__init__(**kwargs)
-        self.cost, self.group = cost, group
+        self.probe, self.mode, self.packed, self.flop_model, self.group = probe, mode, packed, flop_model, group
 
-    def window_costs(self, step: int) -> list[float]:
+    def window_sizes(self, step: int) -> list[tuple[int, int, int]]:
         share = self.micro * self.accum
         first = step * self.global_batch + self.rank * share
-        local = torch.tensor([float(self.cost(p)) for p in range(first, first + share)], dtype=torch.float64)
-        if self.world == 1:
-            return local.tolist()
-        parts = [torch.empty_like(local) for _ in range(self.world)]
-        torch.distributed.all_gather(parts, local, group=self.group)
-        return torch.cat(parts).tolist()
+        local = torch.tensor([self.probe(p) for p in range(first, first + share)], dtype=torch.long).reshape(share, 3)
+        if self.world > 1:
+            parts = [torch.empty_like(local) for _ in range(self.world)]
+            torch.distributed.all_gather(parts, local, group=self.group)
+            local = torch.cat(parts)
+        return [tuple(row) for row in local.tolist()]
+
+    def layout(self, step: int) -> list[list[list[int]]]:
+        sizes = self.window_sizes(step)
+        shape = dict(world=self.world, accum=self.accum, micro=self.micro)
+        if not self.packed:
+            return assign_padded(sizes, self.mode, flop_model=self.flop_model, **shape)
+        costs = [sample_cost(self.mode, tokens=t, tiles=v, supervised=s, flop_model=self.flop_model) if t else 0.0
+                 for t, v, s in sizes]
+        return assign(costs, **shape)
 
     def __iter__(self):
         for step in range(self.start_step, self.max_steps):
-            layout = assign(self.window_costs(step), world=self.world, accum=self.accum, micro=self.micro)
+            layout = self.layout(step)
             base = step * self.global_batch
             for m in range(self.accum):
                 yield [base + i for i in layout[self.rank][m]]
 
 
-def probe_cost(dataset: TrainDataset, mode: str, flop_model=None) -> Callable[[int], float]:
-    """``position -> estimated cost`` under ``data.balance=mode`` (0 for a sample that will be skipped)."""
-    def cost(position: int) -> float:
+def probe_sizes(dataset: TrainDataset) -> Callable[[int], tuple[int, int, int]]:
+    """``position -> (tokens, tiles, supervised)`` of the sample there ((0, 0, 0) for one that will be skipped)."""
+    def sizes(position: int) -> tuple[int, int, int]:
         p = dataset.probe(position)
-        return 0.0 if p is None else sample_cost(mode, tokens=p.tokens, tiles=p.tiles, supervised=p.supervised,
-                                                  flop_model=flop_model)
-    return cost
+        return (0, 0, 0) if p is None else (p.tokens, p.tiles, p.supervised)
+    return sizes
 
 
 def _batch_extras(items: list[Item]) -> dict:

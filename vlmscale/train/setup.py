@@ -26,7 +26,7 @@ from vlmscale.data.dataset import (
     image_options,
     open_sources,
     pack_collate,
-    probe_cost,
+    probe_sizes,
 )
 from vlmscale.data.fingerprint import FINGERPRINT, data_fingerprint
 from vlmscale.data.preference import PairDataset, pair_collate
@@ -239,7 +239,8 @@ def make_loader(run: Run, *, pairs: bool = False, start_step: int | None = None)
         sampler = StepBatchSampler(**steps)
     else:
         flops = FlopModel.from_model(run.engine.module) if cfg.data.balance == "flops" else None
-        sampler = BalancedStepBatchSampler(cost=probe_cost(dataset, cfg.data.balance, flops), group=cpu_group(), **steps)
+        sampler = BalancedStepBatchSampler(probe=probe_sizes(dataset), mode=cfg.data.balance, packed=cfg.data.packing,
+                                           flop_model=flops, group=cpu_group(), **steps)
     pad = run.assets.tokenizer.pad_token_id
     if pairs:
         collate_fn = functools.partial(pair_collate, pad_id=pad)

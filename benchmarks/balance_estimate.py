@@ -3,8 +3,8 @@ tokens vs flops, at the InternVL2-1B shape (FlopModel of the config, built on th
 
     PYTHONPATH=. python benchmarks/balance_estimate.py [--steps 200] [--world 2] [--accum 1] [--micro 8]
 
-What this measures is the *estimate* the balancer works from (the analytic FLOP model), not measured
-step time: data.balance is not wired into the loader yet (see docs/performance.md). The mix: 85% short
+What this measures is the *estimate* the balancer works from (the analytic FLOP model) for packed
+micro-batches, not measured step time (that is benchmarks/balance_step_time.py). The mix: 85% short
 samples (100-600 text tokens, 0-2 448-px tiles of 256 tokens each), 10% long answers (2k-4k tokens,
 one tile), 5% many-tile images (8-12 tiles, short text); drawn from a fixed seed.
 """

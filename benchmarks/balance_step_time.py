@@ -11,7 +11,10 @@ Figures per mode, over the steps after ``--warmup``: wall time per step (the run
 each rank actually trained) and ``rank_busy_imbalance`` (the same for measured process CPU time per
 rank: on CPU, time waiting at a collective costs none).
 
-    PYTHONPATH=. python benchmarks/balance_step_time.py [--steps 30] [--warmup 5] [--micro 4]
+    PYTHONPATH=. python benchmarks/balance_step_time.py [--steps 30] [--warmup 5] [--micro 4] [--accum 2]
+
+Both micro-batch forms run: packed (``data.packing=true``: cost adds up over samples, so LPT spreads them)
+and padded (every row padded to the longest: similar lengths are grouped, then micro-batches balanced).
 
 Prints a table and writes ``benchmarks/results/balance_step_time.json``. ``MASTER_PORT`` moves the ports.
 """
@@ -75,20 +78,22 @@ def write_mix(out: Path, n: int, seed: int = 0) -> dict:
     return kinds
 
 
-def run(mode: str, data: Path, work: Path, *, steps: int, micro: int, port: int) -> list[dict]:
-    out = work / mode
-    config = work / f"{mode}.yaml"
+def run(mode: str, packing: bool, data: Path, work: Path, *, steps: int, micro: int, accum: int, port: int) -> list[dict]:
+    name = f"{mode}-{'packed' if packing else 'padded'}"
+    out = work / name
+    config = work / f"{name}.yaml"
     config.write_text(json.dumps({"data": {"sources": [{"name": "longtail", "path": str(data), "weight": 1.0}]}}))
     cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(port), str(REPO / "recipes" / "sft.py"),
            "--config", str(config), f"output_dir={out}", "model.preset=demo", f"data.balance={mode}",
            "data.max_seq_len=2048", f"train.max_steps={steps}", f"train.micro_batch_size={micro}",
+           f"train.grad_accum_steps={accum}", f"data.packing={str(packing).lower()}",
            "train.log_every_steps=1", "checkpoint.every_steps=100000", "checkpoint.export=false",
            "eval.at_end=false", "eval.every_steps=0", "resume=never", "data.num_workers=1"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    with open(work / f"{mode}.log", "w") as f:
+    with open(work / f"{name}.log", "w") as f:
         proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
-        raise SystemExit(f"data.balance={mode} failed ({proc.returncode}); see {work / f'{mode}.log'}")
+        raise SystemExit(f"{name} failed ({proc.returncode}); see {work / f'{name}.log'}")
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"step_time_s"' in line]
 
 
@@ -99,33 +104,42 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--micro", type=int, default=4)
+    ap.add_argument("--accum", type=int, default=2)
     ap.add_argument("--samples", type=int, default=2000)
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "balance_step_time.json")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="balance-"))
     kinds = write_mix(work / "data", args.samples)
-    results = {}
-    for k, mode in enumerate(MODES):
-        t0 = time.time()
-        rows = [r for r in run(mode, work / "data", work, steps=args.steps, micro=args.micro, port=PORT + k)
-                if r["step"] > args.warmup]
-        results[mode] = {
-            "step_time_s": statistics.mean(r["step_time_s"] for r in rows),
-            "rank_flops_imbalance": statistics.mean(r["rank_flops_imbalance"] for r in rows),
-            "rank_busy_imbalance": statistics.mean(r["rank_busy_imbalance"] for r in rows),
-            "rank_busy_s_max": statistics.mean(r["rank_busy_s_max"] for r in rows),
-            "loss_last": rows[-1]["loss"], "wall_s": time.time() - t0, "steps_timed": len(rows),
-        }
-    base = results["none"]["step_time_s"]
-    print(f"\n2 ranks, micro {args.micro}, steps {args.warmup + 1}..{args.steps}; mix {kinds} of {args.samples}")
+    results: dict[str, dict] = {}
+    k = 0
+    for packing in (True, False):
+        for mode in MODES:
+            t0 = time.time()
+            rows = [r for r in run(mode, packing, work / "data", work, steps=args.steps, micro=args.micro,
+                                   accum=args.accum, port=PORT + k) if r["step"] > args.warmup]
+            k += 1
+            results[f"{mode}, {'packed' if packing else 'padded'}"] = {
+                "packing": packing, "balance": mode,
+                "step_time_s": statistics.mean(r["step_time_s"] for r in rows),
+                "rank_flops_imbalance": statistics.mean(r["rank_flops_imbalance"] for r in rows),
+                "rank_busy_imbalance": statistics.mean(r["rank_busy_imbalance"] for r in rows),
+                "rank_busy_s_max": statistics.mean(r["rank_busy_s_max"] for r in rows),
+                "real_token_fraction": statistics.mean(r["real_token_fraction"] for r in rows),
+                "loss_last": rows[-1]["loss"], "wall_s": time.time() - t0, "steps_timed": len(rows),
+            }
+    print(f"\n2 ranks, micro {args.micro} x accum {args.accum}, steps {args.warmup + 1}..{args.steps}; "
+          f"mix {kinds} of {args.samples}")
     print(f"CPU: {cpu_bf16()[1]}")
-    print(f"{'balance':>8} {'step s':>8} {'vs none':>8} {'FLOPs max/mean':>15} {'busy max/mean':>14} {'busy max s':>11}")
-    for mode, r in results.items():
+    print(f"{'balance':>16} {'step s':>7} {'vs none':>8} {'FLOPs max/mean':>15} {'busy max/mean':>14} "
+          f"{'busy max s':>11} {'real tokens':>12}")
+    for name, r in results.items():
+        base = results[f"none, {'packed' if r['packing'] else 'padded'}"]["step_time_s"]
         r["speedup_vs_none"] = base / r["step_time_s"]
-        print(f"{mode:>8} {r['step_time_s']:>8.3f} {r['speedup_vs_none']:>7.2f}x {r['rank_flops_imbalance']:>15.3f} "
-              f"{r['rank_busy_imbalance']:>14.3f} {r['rank_busy_s_max']:>11.3f}")
-    args.out.write_text(json.dumps({"cpu": cpu_bf16()[1], "world": 2, "micro": args.micro, "steps": args.steps,
-                                    "warmup": args.warmup, "mix": kinds, "results": results}, indent=2))
+        print(f"{name:>16} {r['step_time_s']:>7.3f} {r['speedup_vs_none']:>7.2f}x {r['rank_flops_imbalance']:>15.3f} "
+              f"{r['rank_busy_imbalance']:>14.3f} {r['rank_busy_s_max']:>11.3f} {r['real_token_fraction']:>12.3f}")
+    args.out.write_text(json.dumps({"cpu": cpu_bf16()[1], "world": 2, "micro": args.micro, "accum": args.accum,
+                                    "steps": args.steps, "warmup": args.warmup, "mix": kinds, "results": results},
+                                   indent=2))
     print(f"wrote {args.out}")
     return 0
 

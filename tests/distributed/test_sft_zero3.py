@@ -142,13 +142,14 @@ def _step_samples(out) -> dict[int, list[set[str]]]:
 
 
 def test_balanced_batches_train_the_same_samples_to_the_same_loss(demo_dir, start_model, tmp_path):
-    """data.balance=flops against none on 2 ranks (fp32, accumulation 2): each step trains the same samples,
-    each once, only placed differently, so the loss (normalised by the window's supervised tokens) and the
-    gradient norm agree; the busiest rank's FLOPs share does not grow."""
+    """data.balance=flops against none on 2 ranks (packed, fp32, accumulation 2): each step trains the same
+    samples, each once, only placed differently, so the loss (normalised by the window's supervised tokens)
+    and the gradient norm agree; the busiest rank's FLOPs share does not grow."""
     runs = {}
     for mode in ("none", "flops"):
         out = tmp_path / mode
         launch("sft", *sft_overrides(demo_dir, out, start_model), "train.max_steps=2", "train.precision=fp32",
+               "data.packing=true",
                f"data.balance={mode}", "train.log_sample_ids=true", "eval.at_end=false", "checkpoint.export=false",
                "checkpoint.every_steps=100")
         runs[mode] = ({r["step"]: r for r in metrics(out) if "loss" in r}, _step_samples(out))

@@ -250,12 +250,16 @@ def run_recipe(config_cls: type[C], train: Callable[[C], int], argv: list[str]) 
     interpreter's module teardown (about 2 s per process with torch, transformers and DeepSpeed loaded,
     on every rank of every launch). By then the run has closed what it wrote (checkpoints committed, metrics
     and TensorBoard closed, the process group left); the exit handlers still run first (multiprocessing's
-    join of loader workers, DeepSpeed's async checkpoint writers), then logging and stdio are flushed."""
+    join of loader workers, DeepSpeed's async checkpoint writers), MPI is finalized when mpi4py started it
+    (under mpirun), then logging and stdio are flushed."""
     import atexit
     import os
 
     code = recipe_main(config_cls, train, argv)
     atexit._run_exitfuncs()  # what interpreter exit runs first; os._exit below skips only the module teardown
+    mpi = sys.modules.get("mpi4py.MPI")  # mpi4py finalizes MPI from a C-level exit hook, which os._exit skips;
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():  # mpirun counts that as a failure
+        mpi.Finalize()
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

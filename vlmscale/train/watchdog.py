@@ -153,13 +153,26 @@ class PeerFailures:
             self._store.set(f"{_HEARD}{self.rank}", "1")
             first = Failure(**json.loads(self._store.get(_FAILED)))
             if self.rank == 0:  # the store lives in this process: keep it up until every rank has heard
-                everyone = [f"{_HEARD}{r}" for r in range(self.world_size)]
-                deadline = time.time() + self.grace_s
-                while time.time() < deadline and not self._store.check(everyone):
-                    time.sleep(0.1)
+                self._wait_until_heard()
             return first
         except Exception:  # noqa: BLE001 - rank 0 (the store) is gone; what the watcher saw is all we know
             return self.seen or own
+
+    def _wait_until_heard(self) -> None:
+        """Until every rank has read the notice, or none has for ``4 x poll_s`` (each live rank's watcher reads it
+        within one poll; a rank that never does is dead, often the cause of the failure), at most ``grace_s``."""
+        keys = [f"{_HEARD}{r}" for r in range(self.world_size)]
+        deadline = time.time() + self.grace_s
+        heard, last_news = 0, time.time()
+        while time.time() < deadline:
+            now = sum(self._store.check([k]) for k in keys)
+            if now == len(keys):
+                return
+            if now > heard:
+                heard, last_news = now, time.time()
+            elif time.time() - last_news > 4 * self.poll_s:
+                return
+            time.sleep(0.1)
 
     def close(self) -> None:
         """Stop watching (before the process group is destroyed)."""

@@ -33,8 +33,11 @@ ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PATH": f"{BIN
 
 
 def _overrides(demo_dir, out, start, *extra):
-    # distinct learning rates per module: a resume that mixes up parameter groups shows in the losses
+    # distinct learning rates per module: a resume that mixes up parameter groups shows in the losses.
+    # Balanced batches (data.balance=flops): the launchers, the kill/relaunch and the world-size changes below
+    # all run the balanced sampler, whose layout must not depend on how the step was reached
     return [f"output_dir={out}", f"data.demo_dir={demo_dir}", f"model.init_from={start}", "train.micro_batch_size=4",
+            "data.balance=flops",
             f"train.max_steps={STEPS}", "train.log_every_steps=1", "train.log_sample_ids=true",
             "checkpoint.every_steps=4", "checkpoint.keep_last=0", "checkpoint.export=false", "eval.at_end=false",
             "optim.lr=1e-2", "optim.warmup_steps=1", "policy.projector.lr=3e-3", *extra]

@@ -14,6 +14,7 @@ Its losses at every step and the multiset of sample ids it trained on must equal
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import signal
@@ -179,10 +180,30 @@ def _leftovers(marker: str) -> list[psutil.Process]:
 
 
 def test_stopped_rank_makes_the_others_exit_with_stack_dumps(tmp_path, demo_dir, start_model):
+    """Rank 1 SIGSTOPped at step 3: rank 0's watchdog dumps its stacks and exits. The launcher then SIGTERMs
+    every rank and SIGKILLs, 30 s later, the stopped one (it cannot act on SIGTERM); once rank 0's dump is
+    written the test ends the stopped rank itself, which is all those 30 s would do."""
+    import subprocess
+
+    from tests.helpers import REPO, deepspeed_cmd, port
+
     out = tmp_path / "hang"
     t0 = time.time()
-    proc = launch("sft", *_overrides(demo_dir, out, start_model), "train.hang_timeout_s=10", check=False,
-                  env={"VLMSCALE_FAULT": "stop@step=3,rank=1"}, timeout=240)
+    cmd = deepspeed_cmd(2, port(29600, 300), str(REPO / "recipes" / "sft.py"),
+                        *_overrides(demo_dir, out, start_model), "train.hang_timeout_s=10")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "VLMSCALE_FAULT": "stop@step=3,rank=1"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    dump_file = out / "hang" / "rank-00000.txt"
+    while proc.poll() is None and time.time() - t0 < 240:
+        if dump_file.is_file() and "File " in dump_file.read_text():
+            time.sleep(1)  # rank 0 exits right after writing
+            for p in _leftovers(str(out)):
+                with contextlib.suppress(psutil.Error):
+                    if p.status() == psutil.STATUS_STOPPED:
+                        p.kill()
+            break
+        time.sleep(0.5)
+    proc.communicate(timeout=120)
     elapsed = time.time() - t0
     try:
         assert proc.returncode != 0

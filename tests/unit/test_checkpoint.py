@@ -115,15 +115,16 @@ def _cfg(out: Path, *extra: str):
     return load_config(SFTConfig, overrides=[f"output_dir={out}", *extra])
 
 
-def test_resume_never_over_an_old_history_is_refused_unless_overwrite_moves_it_aside(tmp_path):
+def test_resume_never_over_an_old_history_is_refused_unless_overwrite_moves_it_aside(tmp_path, demo_dir):
     from vlmscale.train.launch import check_paths
     from vlmscale.train.setup import open_checkpoints
 
+    demo = f"data.demo_dir={demo_dir}"  # the session's demo data (the default data/demo would be generated)
     _save(CheckpointManager(tmp_path, dist=ONE, keep_last=2), 5, "old run")
     with pytest.raises(ConfigError, match=r"resume=never .*new output_dir.*checkpoint\.overwrite=true"):
-        check_paths(_cfg(tmp_path, "resume=never"))
-    check_paths(_cfg(tmp_path, "resume=auto"))  # continuing it is fine
-    cfg = _cfg(tmp_path, "resume=never", "checkpoint.overwrite=true")
+        check_paths(_cfg(tmp_path, "resume=never", demo))
+    check_paths(_cfg(tmp_path, "resume=auto", demo))  # continuing it is fine
+    cfg = _cfg(tmp_path, "resume=never", "checkpoint.overwrite=true", demo)
     check_paths(cfg)
     manager = open_checkpoints(cfg, ONE)
     assert manager.newest() is None

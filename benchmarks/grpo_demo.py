@@ -76,6 +76,17 @@ def variance_by_task(rollouts: Path) -> dict[str, dict[str, float]]:
             for t in sorted(seen)}
 
 
+def flat(result: dict, prefix: str = "") -> dict[str, float]:
+    """``vlmscale eval``'s nested result as ``suite/split/metric`` -> value (numbers only)."""
+    out: dict[str, float] = {}
+    for k, v in result.items():
+        if isinstance(v, dict):
+            out.update(flat(v, f"{prefix}{k}/"))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[f"{prefix}{k}"] = float(v)
+    return out
+
+
 def plot(rows: list[dict], path: Path, window: int = 10) -> None:
     """Reward per step (grey) and its running mean over ``window`` steps (blue); PIL only."""
     from PIL import Image, ImageDraw
@@ -113,15 +124,21 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--work", type=Path, default=REPO / "runs" / "grpo-demo")
     ap.add_argument("--port", type=int, default=int(os.environ.get("MASTER_PORT", 29771)))
+    ap.add_argument("--report-only", action="store_true", help="tables and plot from an earlier run in --work")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    before = evaluate(args.sft, args.data, args.work / "eval-sft.json")
-    t1 = time.time()
-    grpo(args.sft.resolve(), args.data.resolve(), args.work / "run", steps=args.steps, lr=args.lr, port=args.port)
-    t2 = time.time()
-    after = evaluate(args.work / "run" / "hf", args.data, args.work / "eval-grpo.json")
-    t3 = time.time()
+    if args.report_only:
+        before, after = (json.loads((args.work / f).read_text()) for f in ("eval-sft.json", "eval-grpo.json"))
+        t1 = t2 = t3 = t0
+    else:
+        before = evaluate(args.sft, args.data, args.work / "eval-sft.json")
+        t1 = time.time()
+        grpo(args.sft.resolve(), args.data.resolve(), args.work / "run", steps=args.steps, lr=args.lr, port=args.port)
+        t2 = time.time()
+        after = evaluate(args.work / "run" / "hf", args.data, args.work / "eval-grpo.json")
+        t3 = time.time()
+    before, after = flat(before), flat(after)
     rows = [json.loads(line) for line in (args.work / "run" / "metrics.jsonl").read_text().splitlines()
             if '"reward"' in line]
     plot(rows, REPO / "docs" / "grpo_reward.png")
@@ -136,6 +153,10 @@ def main() -> int:
         print(f"  {t:<10} {v['groups']:>5} groups  {v['with_variance']:.2f}  {v['mean_reward']:.3f}")
     first, last = rows[:10], rows[-10:]
     timing = {"eval_sft_s": t1 - t0, "grpo_s": t2 - t1, "eval_grpo_s": t3 - t2, "total_s": t3 - t0}
+    if args.report_only:  # the run's own wall times, from its log's first and last lines
+        timing = json.loads((args.work / "timing.json").read_text()) if (args.work / "timing.json").is_file() else {}
+    else:
+        (args.work / "timing.json").write_text(json.dumps(timing))
     print(f"reward: first 10 steps {sum(r['reward'] for r in first) / len(first):.3f}, last 10 "
           f"{sum(r['reward'] for r in last) / len(last):.3f}; time {timing}")
     out = {"cpu": cpu_bf16()[1], "steps": args.steps, "lr": args.lr, "before": {k: before[k] for k in keys},

@@ -28,13 +28,17 @@ from typing import Sequence
 from vlmscale.config.schema import BALANCE_MODES
 
 
+def _need(flop_model) -> None:
+    if flop_model is None:
+        raise ValueError("data.balance=flops needs the model's FlopModel (vlmscale.train.flops); use tokens")
+
+
 def sample_cost(mode: str, *, tokens: int, tiles: int, supervised: int, flop_model=None) -> float:
     """Estimated compute of one sample under ``data.balance=mode``."""
     if mode == "tokens":
         return float(tokens)
     if mode == "flops":
-        if flop_model is None:
-            raise ValueError("data.balance=flops needs the model's FlopModel (vlmscale.train.flops); use tokens")
+        _need(flop_model)
         return flop_model.count(tiles=tiles, seq_lens=[tokens], head_tokens=supervised)["total"]
     raise ValueError(f"data.balance={mode!r}: expected one of {', '.join(BALANCE_MODES)}")
 
@@ -88,8 +92,7 @@ def padded_batch_cost(mode: str, members: Sequence[tuple[int, int, int]], flop_m
     longest = max(t for t, _, _ in members)
     if mode == "tokens":
         return float(longest * len(members))
-    if flop_model is None:
-        raise ValueError("data.balance=flops needs the model's FlopModel (vlmscale.train.flops); use tokens")
+    _need(flop_model)
     return flop_model.count(tiles=sum(v for _, v, _ in members), seq_lens=[longest] * len(members),
                             head_tokens=sum(s for _, _, s in members))["total"]
 

@@ -133,17 +133,14 @@ class TrainDataset(torch.utils.data.Dataset):
             return None
         source, index = self.mixture.locate(position)
         try:
-            _, members = self.sources[source].read(index, member_limit=PROBE_READ_BYTES)
-            record = json.loads(members["json"])
-            try:
-                return self.probe_record(record, members, self.assets, max_seq_len=self.max_seq_len, video=self.video,
-                                         images=self.image_options[source])
-            except BadSample as exc:
-                if exc.reason != "corrupt_image":
-                    raise
-                _, members = self.sources[source].read(index)  # a header beyond the first bytes read
-                return self.probe_record(record, members, self.assets, max_seq_len=self.max_seq_len, video=self.video,
-                                         images=self.image_options[source])
+            for limit in (PROBE_READ_BYTES, None):  # the whole member only for a header beyond the first bytes
+                _, members = self.sources[source].read(index, member_limit=limit)
+                try:
+                    return self.probe_record(json.loads(members["json"]), members, self.assets, max_seq_len=self.max_seq_len,
+                                             video=self.video, images=self.image_options[source])
+                except BadSample as exc:
+                    if exc.reason != "corrupt_image" or limit is None:
+                        raise
         except (BadSample, OSError, KeyError, TypeError, AttributeError, ValueError):
             return None  # rendering it will count the skip and pick the stand-in; its cost here is 0
 

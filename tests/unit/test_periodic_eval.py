@@ -44,3 +44,20 @@ def test_a_drift_reference_on_one_rank_only_is_used_by_no_rank(tmp_path, fresh):
         for r in (0, 1):
             stored = torch.load(tmp_path / "eval" / f"drift_reference-w2-rank{r:05d}.pt", weights_only=True)
             assert stored["features"].tolist() == [float(r)] * 2
+
+
+def test_no_drift_reference_for_a_run_that_never_evaluates(tmp_path, monkeypatch):
+    import vlmscale.eval.periodic as periodic
+    from vlmscale.config.schema import EvalConfig
+    from vlmscale.distributed.group import DistInfo
+
+    calls = []
+    monkeypatch.setattr(periodic, "drift_reference", lambda *a, **k: calls.append(1) or {"features": torch.zeros(1)})
+    never = EvalConfig(suites=["drift"], every_steps=0, at_end=False, at_start=False)
+    ev = periodic.PeriodicEval(never, heldout=tmp_path, output_dir=tmp_path, dist=DistInfo(0, 1, 0), assets=None)
+    ev.prepare(None, fresh=True)  # an encoder pass over every held-out image that nothing would use
+    assert calls == [] and ev.reference is None and not (tmp_path / "eval").exists()
+    at_end = periodic.PeriodicEval(EvalConfig(suites=["drift"], every_steps=0), heldout=tmp_path, output_dir=tmp_path,
+                                   dist=DistInfo(0, 1, 0), assets=None)
+    at_end.prepare(None, fresh=True)
+    assert calls == [1] and at_end.reference is not None

@@ -45,8 +45,8 @@ class PeriodicEval:
 
     def prepare(self, model, *, fresh: bool) -> None:
         """Capture (or reload) the drift reference: the encoder as it was when the run started (collective)."""
-        if "drift" not in self.cfg.suites:
-            return
+        if "drift" not in self.cfg.suites or not self.scheduled:
+            return  # an encoder pass over every held-out image (at 448 px, minutes) that no evaluation would use
         path = self._reference_file()
         (present,) = all_reduce_sum([float(path.is_file())])
         if present == self.dist.world_size:
@@ -66,6 +66,11 @@ class PeriodicEval:
         self.dir.mkdir(parents=True, exist_ok=True)
         atomic_write(path, self.reference)
         barrier()
+
+    @property
+    def scheduled(self) -> bool:
+        """Whether this run evaluates at all (at the start, every N steps or at the end)."""
+        return self.cfg.at_start or self.cfg.every_steps > 0 or self.cfg.at_end
 
     def due(self, step: int) -> bool:
         return self.cfg.every_steps > 0 and step % self.cfg.every_steps == 0

@@ -28,6 +28,21 @@ def test_launcher_environments(env, kind, info):
     assert env_dist_info(env) == info
 
 
+@pytest.mark.parametrize("env,cores,cuda,threads", [
+    ({"LOCAL_SIZE": "2"}, 2, False, 1),  # deepspeed --num_gpus 2 on a 2-core machine
+    ({"LOCAL_WORLD_SIZE": "4"}, 16, False, 4),  # torchrun
+    ({"OMPI_COMM_WORLD_LOCAL_SIZE": "3"}, 8, False, 2),  # mpirun: the floor of the share
+    ({"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "8", "SLURM_STEP_TASKS_PER_NODE": "4(x2)"}, 32, False, 8),
+    ({"LOCAL_SIZE": "8"}, 2, False, 1),  # more ranks than cores: one thread each
+    ({"LOCAL_SIZE": "2", "OMP_NUM_THREADS": "3"}, 2, False, None),  # the user's (or Slurm's) choice stands
+    ({"LOCAL_SIZE": "2"}, 2, True, None),  # GPU ranks: torch's default
+    ({"LOCAL_SIZE": "1"}, 2, False, None),  # one rank: every core is its own already
+    ({}, 2, False, None),  # the launcher does not say how many ranks share the node
+])
+def test_cpu_ranks_share_the_cores(env, cores, cuda, threads):
+    assert distributed.cpu_threads_per_rank(env, cores=cores, cuda=cuda) == threads
+
+
 def test_srun_environment_is_exported_for_torch(monkeypatch):
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "OMPI_COMM_WORLD_SIZE"):
         # set, then delete: monkeypatch then restores the original state (absent) of what export_launcher_env writes

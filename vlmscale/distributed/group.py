@@ -96,11 +96,41 @@ def export_launcher_env() -> None:
     os.environ.update(env)
 
 
+def local_world_size(env=os.environ) -> int | None:
+    """How many ranks the launcher started on this node, where it says (None where it does not)."""
+    for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE"):  # torchrun, deepspeed, mpirun
+        if env.get(key, "").isdigit():
+            return int(env[key])
+    if launcher(env) == "slurm" and env.get("SLURM_STEP_TASKS_PER_NODE", "").split("(")[0].isdigit():
+        return int(env["SLURM_STEP_TASKS_PER_NODE"].split("(")[0])
+    return None
+
+
+def cpu_threads_per_rank(env=os.environ, *, cores: int | None = None, cuda: bool | None = None) -> int | None:
+    """The intra-op threads a CPU rank should use: its share of this node's cores. None leaves torch's
+    default: on a GPU node, where ``OMP_NUM_THREADS`` is set (the user's choice, or Slurm's
+    ``--cpus-per-task``), or where the launcher does not say how many ranks share the node.
+
+    Without it every rank starts one thread per core, so 2 ranks on 2 cores run 4 threads whose
+    OpenMP barriers spin against each other."""
+    if (torch.cuda.is_available() if cuda is None else cuda) or env.get("OMP_NUM_THREADS"):
+        return None
+    local = local_world_size(env)
+    if not local or local < 2:
+        return None
+    cores = cores if cores is not None else len(os.sched_getaffinity(0))
+    return max(1, cores // local)
+
+
 def init_distributed(*, timeout_minutes: int = 30) -> DistInfo:
     import deepspeed
 
     export_launcher_env()
     info = env_dist_info()
+    threads = cpu_threads_per_rank()
+    if threads is not None:
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # the same for processes this rank starts
     if not dist.is_initialized():
         if "MASTER_ADDR" not in os.environ and info.world_size == 1:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

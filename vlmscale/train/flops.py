@@ -220,4 +220,8 @@ def device_peak_tflops(override: float | None = None, precision: str = "bf16") -
         log.warning("no %s peak on record for %s; MFU is not reported (set train.peak_tflops)", precision, name)
         return float("nan"), f"unknown ({name}, {precision})"
     dtype = torch_dtype(precision)
-    return measured_cpu_peak_tflops(dtype), f"measured (CPU {precision} matmul, {torch.get_num_threads()} threads)"
+    return measured_cpu_peak_tflops(dtype), f"measured (CPU {precision} matmul, {_threads(torch.get_num_threads())})"
+
+
+def _threads(n: int) -> str:
+    return f"{n} thread" + ("s" if n != 1 else "")

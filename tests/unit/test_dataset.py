@@ -106,3 +106,43 @@ def test_demo_generation_is_independent_of_hash_seed(tmp_path):
                              capture_output=True, text=True, check=True).stdout
         digests.append(out.strip().splitlines()[-1])
     assert digests[0] == digests[1]
+
+
+def test_host_state_counts_what_the_optimizer_rewrites_in_host_memory():
+    import torch
+
+    from vlmscale.train.setup import host_state_bytes
+
+    model = torch.nn.Sequential(torch.nn.Linear(10, 10), torch.nn.Linear(10, 10))  # 110 parameters each
+    model[1].requires_grad_(False)
+    zero3 = {"zero_optimization": {"stage": 3}}
+    assert host_state_bytes(model, zero3, cuda=False) == 110 * (2 + 12) + 110 * 2  # CPU: everything
+    assert host_state_bytes(model, zero3, cuda=True) == 0  # GPU: nothing
+    offload = {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}
+    assert host_state_bytes(model, offload, cuda=True) == 110 * 12  # the trained layer's master + Adam
+    both = {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"}}}
+    assert host_state_bytes(model, both, cuda=True) == host_state_bytes(model, zero3, cuda=False)
+
+
+def test_workers_from_the_fork_server_give_the_forked_workers_batches(mixed_shards, tiny_assets):
+    import functools
+
+    import torch
+
+    from vlmscale.train.preemption import ignore_stop_signals
+    from vlmscale.train.setup import FORKSERVER_ABOVE_BYTES, worker_context
+
+    assert worker_context(FORKSERVER_ABOVE_BYTES) is None  # small models keep the cheaper fork
+    ctx = worker_context(FORKSERVER_ABOVE_BYTES + 1)
+    assert ctx.get_start_method() == "forkserver"
+    ds = TrainDataset(sources=[ShardDataset(mixed_shards)], names=["mixed"], weights=[1.0], assets=tiny_assets,
+                      max_seq_len=256, seed=5)
+    batches = {}
+    for name, context in (("fork", None), ("forkserver", ctx)):
+        loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=1, worker_init_fn=ignore_stop_signals,
+                                             collate_fn=functools.partial(collate, pad_id=0),
+                                             multiprocessing_context=context)
+        batches[name] = [b for _, b in zip(range(3), loader)]
+    for a, b in zip(batches["fork"], batches["forkserver"]):
+        assert a["sample_ids"] == b["sample_ids"]
+        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["pixel_values"], b["pixel_values"])

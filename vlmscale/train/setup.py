@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,46 @@ from vlmscale.train.step import create_engine
 log = logging.getLogger(__name__)
 
 
+# DataLoader workers come from a fork server above this much rewritten host state per rank (worker_context)
+FORKSERVER_ABOVE_BYTES = 1 << 30
+
+
+def host_state_bytes(model, ds_config: dict[str, Any], *, cuda: bool | None = None) -> int:
+    """Bytes of model state this rank keeps in host memory: its 16-bit parameter partitions, and for
+    trained parameters the fp32 master weights and Adam moments that every optimizer step rewrites.
+    On a GPU only what ZeRO offloads to the CPU counts."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    zero = ds_config.get("zero_optimization", {})
+    params_on_host = not cuda or (zero.get("offload_param") or {}).get("device") == "cpu"
+    optimizer_on_host = not cuda or (zero.get("offload_optimizer") or {}).get("device") == "cpu"
+    total = 0
+    for p in model.parameters():
+        n = p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
+        total += 2 * n * params_on_host + 12 * n * (optimizer_on_host and p.requires_grad)
+    return total
+
+
+def worker_context(host_bytes: int):
+    """Where DataLoader workers come from: forked from the rank, or, above ``FORKSERVER_ABOVE_BYTES`` of
+    host-resident model state, from a small server process.
+
+    A worker forked from the rank shares the rank's pages copy-on-write and keeps the old copy of every
+    page the rank writes afterwards. Where the model states live in host memory (a CPU run, or ZeRO
+    offload) every optimizer step rewrites them, so each worker ends up holding a second copy: the
+    InternVL2-1B shape on 2 CPU ranks ran out of 24 GB that way (docs/plan.md). The server imports the
+    recipe and the data pipeline once, then forks each worker from itself; starting it costs about 3 s,
+    which small models are spared."""
+    if host_bytes <= FORKSERVER_ABOVE_BYTES:
+        return None
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["__main__", "vlmscale.data.dataset", "vlmscale.train.preemption"])
+    log.info("DataLoader workers start from a fork server: %.1f GB of model state in this rank's host memory "
+             "would be copied into each forked worker as the optimizer rewrites it", host_bytes / 1e9)
+    return ctx
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -72,6 +113,9 @@ def start_run(cfg: RunConfig) -> tuple[DistInfo, dict[str, Any]]:
     """Process group, logging, the filled DeepSpeed config, ``config.yaml`` and the seeds."""
     dist = init_distributed()
     setup_logging(dist.rank)
+    if not torch.cuda.is_available():
+        log.info("CPU intra-op threads per rank: %d (OMP_NUM_THREADS=%s; a rank's share of this node's cores "
+                 "unless set)", torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS", "unset"))
     log_precision(cfg)
     ds_config = build_ds_config(cfg, world_size=dist.world_size)
     out = Path(cfg.output_dir)
@@ -252,5 +296,7 @@ def make_loader(run: Run, *, pairs: bool = False, start_step: int | None = None)
         dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
         collate_fn=collate_fn, prefetch_factor=4 if cfg.data.num_workers else None,
         persistent_workers=False, worker_init_fn=ignore_stop_signals,
+        multiprocessing_context=worker_context(host_state_bytes(run.engine.module, run.ds_config))
+        if cfg.data.num_workers else None,
     )
     return NormalisingLoader(loader, run.assets.image_processor)

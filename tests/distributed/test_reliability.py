@@ -6,7 +6,8 @@ chain of failures, each relaunched with ``resume=latest``:
 1. SIGKILL rank 1 as step 7 begins                  -> resumes from step 5
 2. SIGKILL rank 1 inside the save of step 10         -> .saving-step-10 is torn; resumes from step 5 again
 3. SIGKILL rank 0 while retention deletes step 5     -> half-deleted dir is cleaned; resumes from 15
-4. runs to step 20
+4. SIGKILL rank 1 inside the (synchronous) save of step 20 -> .saving-step-20 is torn; resumes from 15 again
+5. runs to step 20
 
 Its losses at every step and the multiset of sample ids it trained on must equal the reference's.
 """
@@ -65,13 +66,16 @@ def crashed(tmp_path_factory, demo_dir, start_model):
     """The failure chain; returns the output dir and each launch's (returncode, stderr, checkpoint dirs after).
 
     Saves are asynchronous (``checkpoint.async_save``: DeepSpeed's writer process per rank, a save committed
-    after the next step) except in the third launch: so the torn save of the second is rank 1 SIGKILLed while
-    step 10's writers are still writing, and the chain still ends bitwise equal to the synchronous reference."""
+    after the next step) except in the third and fourth launches: so the torn save of the second is rank 1
+    SIGKILLed while step 10's writers are still writing, the fourth's is an ordinary save killed after its
+    files are written and before the commit, and the chain still ends bitwise equal to the synchronous
+    reference."""
     out = tmp_path_factory.mktemp("reliability") / "crashed"
     args = _overrides(demo_dir, out, start_model)
     runs = []
     for fault, resume, saves in [("kill@step=7,rank=1", "auto", "true"), ("kill@save=10,rank=1", "latest", "true"),
-                                 ("kill@retain=15,rank=0", "latest", "false"), ("", "latest", "true")]:
+                                 ("kill@retain=15,rank=0", "latest", "false"), ("kill@save=20,rank=1", "latest", "false"),
+                                 ("", "latest", "true")]:
         t0 = time.time()
         proc = launch("sft", *args, f"resume={resume}", f"checkpoint.async_save={saves}", check=False,
                       env={"VLMSCALE_FAULT": fault})
@@ -113,6 +117,15 @@ def test_retention_survives_a_kill_mid_delete(crashed):
     assert (out / "checkpoints" / "latest").read_text() == "step-00000020"
     for tag in _ckpts(out):
         assert (out / "checkpoints" / tag / "COMMITTED").is_file()
+
+
+def test_torn_ordinary_save_is_ignored_and_removed(crashed):
+    out, runs = crashed
+    assert runs[3]["code"] != 0
+    assert ".saving-step-00000020" in runs[3]["ckpts"] and "step-00000020" not in runs[3]["ckpts"]
+    log = runs[4]["log"]
+    assert "removing incomplete checkpoint" in log and "step-00000020" in log
+    assert "resumed from step-00000015 at step 15" in log
 
 
 def test_explicit_resume_with_nothing_loadable_fails(tmp_path, demo_dir, start_model):

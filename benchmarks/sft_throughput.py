@@ -2,7 +2,7 @@
 
 Both sides train the same model (a demo preset export), on the same samples in the same order (the
 demo SFT mixture rendered by our pipeline; TRL gets the rendered token ids, labels and tiles through a
-torch Dataset and our collate), with DeepSpeed ZeRO-3 from ``ds_configs/zero3.json``, bf16, 2 CPU ranks,
+torch Dataset and our collate), with DeepSpeed ZeRO-3 from ``ds_configs/zero3.json``, the precision ``auto`` picks, 2 CPU ranks,
 the same global batch, optimizer (AdamW, no decay), learning rate, warmup + cosine schedule, gradient
 clipping and freezing (vision encoder frozen, projector + LLM trained).
 
@@ -30,6 +30,7 @@ import argparse
 import json
 import statistics
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -39,6 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 RESULTS = REPO / "benchmarks" / "results"
 MICRO, WORLD, LR, WARMUP, MIN_LR_RATIO, SEED = 16, 2, 6e-4, 5, 0.05, 1234
+SHARED: list[str] = []  # run-config overrides both sides get (--set, --longtail): data, lengths, workers
 PORT = int(os.environ.get("MASTER_PORT", 29721))  # vlmscale's run; TRL's takes the next one
 
 
@@ -59,12 +61,13 @@ def _deepspeed(script: str, args: list[str], *, port: int, log: Path) -> float:
 # ---------------------------------------------------------------------- vlmscale side
 def run_vlmscale(model_dir: Path, work: Path, steps: int, suites: list[str]) -> dict:
     out = work / "vlmscale"
+    shutil.rmtree(out, ignore_errors=True)  # scratch: a rerun starts over (resume=never refuses an old history)
     ev = [f"eval.suites=[{','.join(suites)}]"] if suites else ["eval.at_end=false"]
     overrides = [f"output_dir={out}", f"model.init_from={model_dir}", f"train.max_steps={steps}",
                  f"train.micro_batch_size={MICRO}", "train.log_every_steps=1", "checkpoint.every_steps=100000",
                  "checkpoint.export=false", *ev, "eval.at_start=false", f"optim.lr={LR}",
                  f"policy.projector.lr={LR}", f"optim.warmup_steps={WARMUP}", f"optim.min_lr_ratio={MIN_LR_RATIO}",
-                 f"train.seed={SEED}", "policy.vision.trainable=false", "resume=never"]
+                 f"train.seed={SEED}", "policy.vision.trainable=false", "resume=never", *SHARED]
     wall = _deepspeed(str(REPO / "recipes" / "sft.py"), overrides, port=PORT, log=work / "vlmscale.log")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     rows = [r for r in rows if "loss" in r and "tokens_per_s" in r]
@@ -95,13 +98,16 @@ def trl_worker(model_dir: Path, work: Path, steps: int, attn: str, suites: list[
 
     dist = init_distributed()  # the process group first, so that ZeRO-3 init sees both ranks
     cfg = load_config(SFTConfig, overrides=[f"model.init_from={model_dir}", f"train.micro_batch_size={MICRO}",
-                                            f"train.max_steps={steps}", f"train.seed={SEED}"])
+                                            f"train.max_steps={steps}", f"train.seed={SEED}", *SHARED])
+    from vlmscale.precision import resolve
+
+    cfg.train.precision = resolve(cfg.train.precision).precision  # what `auto` picks here, as on vlmscale's side
     ds_config = build_ds_config(cfg, world_size=dist.world_size)  # zero3.json, filled as vlmscale fills it
     args = TRLConfig(
         output_dir=str(work / f"trl-{attn}"), per_device_train_batch_size=MICRO, gradient_accumulation_steps=1,
         max_steps=steps, learning_rate=LR, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
         lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": MIN_LR_RATIO}, warmup_steps=WARMUP,
-        max_grad_norm=cfg.optim.max_grad_norm, bf16=True, use_cpu=not torch.cuda.is_available(), deepspeed=ds_config, logging_steps=1, save_strategy="no",
+        max_grad_norm=cfg.optim.max_grad_norm, bf16=cfg.train.precision == "bf16", fp16=cfg.train.precision == "fp16", use_cpu=not torch.cuda.is_available(), deepspeed=ds_config, logging_steps=1, save_strategy="no",
         report_to=[], seed=SEED, dataloader_num_workers=cfg.data.num_workers, remove_unused_columns=False,
         dataset_kwargs={"skip_prepare_dataset": True}, max_length=None, disable_tqdm=True,
     )
@@ -109,6 +115,13 @@ def trl_worker(model_dir: Path, work: Path, steps: int, attn: str, suites: list[
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.bfloat16, attn_implementation=attn)
     for p in model.model.vision_tower.parameters():
         p.requires_grad_(False)
+    if cfg.lora.enabled:  # --set lora.enabled=true: the same adapters vlmscale injects; base LLM frozen
+        from vlmscale.model.lora import add_lora
+
+        torch.manual_seed(SEED)
+        add_lora(model, cfg.lora)
+        for name, p in model.model.language_model.named_parameters():
+            p.requires_grad_("lora_" in name)
     assets = ProcessorAssets.load(model_dir, image_seq_length=model.config.image_seq_length, max_tiles=cfg.data.max_tiles)
     pad = assets.tokenizer.pad_token_id
     stream = TrainDataset(sources=open_sources(cfg.data), names=[s.name or s.path for s in cfg.data.sources],
@@ -176,12 +189,19 @@ def trl_worker(model_dir: Path, work: Path, steps: int, attn: str, suites: list[
 def run_trl(model_dir: Path, work: Path, steps: int, suites: list[str], attn: str = "sdpa") -> dict:
     """TRL with transformers' default attention (sdpa), or ``attn`` (vlmscale picks eager on CPU: the same choice for TRL)."""
     wall = _deepspeed(__file__, ["--worker", "trl", "--model", str(model_dir), "--work", str(work), "--steps", str(steps),
-                                 "--trl-attn", attn, "--eval", ",".join(suites)], port=PORT + 1, log=work / f"trl-{attn}.log")
+                                 "--trl-attn", attn, "--eval", ",".join(suites), "--micro", str(MICRO),
+                                 *(f"--set={o}" for o in SHARED)], port=PORT + 1, log=work / f"trl-{attn}.log")
     return {**json.loads((work / f"trl-{attn}.json").read_text()), "wall_s": wall, "attn_implementation": attn}
 
 
 def run_trl_eager(model_dir: Path, work: Path, steps: int, suites: list[str]) -> dict:
     return run_trl(model_dir, work, steps, suites, attn="eager")
+
+
+def _cpu() -> str:
+    from vlmscale.precision import cpu_bf16
+
+    return cpu_bf16()[1]
 
 
 # ---------------------------------------------------------------------- compare
@@ -195,6 +215,7 @@ def steady(run: dict, warmup: int) -> dict:
 
 
 def main() -> int:
+    global MICRO
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--warmup", type=int, default=5, help="leading steps left out of the timing")
@@ -202,11 +223,20 @@ def main() -> int:
     ap.add_argument("--work", default="/tmp/vlmscale-bench-sft")
     ap.add_argument("--model", default=None, help="HF export to train (default: a fresh demo preset export)")
     ap.add_argument("--only", choices=["vlmscale", "trl", "trl_eager"], default=None)
+    ap.add_argument("--skip", default="", help="runs to leave out, e.g. trl_eager (the 1B shape: minutes per step)")
+    ap.add_argument("--micro", type=int, default=MICRO, help="samples per rank per step, both sides")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="run-config override for both sides, e.g. data.max_seq_len=2048 data.num_workers=0")
+    ap.add_argument("--longtail", type=int, default=0, metavar="N",
+                    help="train on N samples of the long-tailed mix of benchmarks/balance_step_time.py instead of the demo")
+    ap.add_argument("--name", default=None, help="results file: benchmarks/results/NAME.json")
     ap.add_argument("--eval", default="", help="held-out suites scored on each side's final model, e.g. vqa,spatial")
     ap.add_argument("--trl-attn", default="sdpa", help=argparse.SUPPRESS)
     ap.add_argument("--worker", choices=["trl"], default=None, help=argparse.SUPPRESS)
     ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # from the deepspeed launcher
     args = ap.parse_args()
+    MICRO = args.micro
+    SHARED.extend(args.set)
     work = Path(args.work)
     suites = [s for s in args.eval.split(",") if s]
     if args.worker == "trl":
@@ -217,9 +247,23 @@ def main() -> int:
     if not (model_dir / "config.json").exists():
         subprocess.run([sys.executable, "-m", "vlmscale.cli", "model", "init", "--preset", "demo", "--out", str(model_dir),
                         "--seed", str(SEED)], cwd=REPO, env=_env(), check=True)
+    mix = None
+    if args.longtail:
+        sys.path.insert(0, str(REPO / "benchmarks"))
+        from balance_step_time import write_mix
+
+        data = work / "longtail"
+        if not data.exists():
+            mix = write_mix(data, args.longtail)
+        config = work / "longtail.yaml"
+        config.write_text(json.dumps({"data": {"sources": [{"name": "longtail", "path": str(data), "weight": 1.0}]}}))
+        SHARED.append(f"data.sources=[{{name: longtail, path: {data}, weight: 1.0}}]")
     runs = {}
+    skip = {s for s in args.skip.split(",") if s}
     for name, fn in (("vlmscale", run_vlmscale), ("trl", run_trl), ("trl_eager", run_trl_eager)):
         saved = work / f"{name}.result.json"
+        if name in skip:
+            continue
         if args.only in (None, name):
             runs[name] = fn(model_dir, work, args.steps, suites)
             saved.write_text(json.dumps(runs[name]))
@@ -227,7 +271,8 @@ def main() -> int:
             runs[name] = json.loads(saved.read_text())
     result = {"config": {"steps": args.steps, "warmup_steps_excluded": args.warmup, "micro_batch": MICRO, "ranks": WORLD,
                          "global_batch": MICRO * WORLD, "samples": MICRO * WORLD * args.steps, "lr": LR,
-                         "preset": "demo", "zero": "ds_configs/zero3.json", "bf16": True},
+                         "model": str(model_dir), "shared_overrides": SHARED, "longtail_mix": mix,
+                         "zero": "ds_configs/zero3.json", "precision": "auto (both sides)", "cpu": _cpu()},
               "runs": runs, "summary": {}}
     print(f"{'run':<10} {'s/step':>8} {'median':>8} {'sup tok/s':>10} {'at median':>10} {'loss(last %d)' % args.last:>14} {'wall s':>8}")
     for name, run in runs.items():
@@ -265,7 +310,10 @@ def main() -> int:
                   f"{result['summary']['ratio_vs_trl_eager_at_median_step']:.2f}x")
     RESULTS.mkdir(parents=True, exist_ok=True)
     name = "sft_reference_loop.json" if suites else "sft_throughput.json"  # --eval runs are a different measurement
+    if args.name:
+        name = f"{args.name}.json"
     (RESULTS / name).write_text(json.dumps(result, indent=2))
+    print(f"wrote {RESULTS / name}")
     return 0
 
 

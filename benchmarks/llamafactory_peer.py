@@ -114,7 +114,8 @@ def _supervised(model: str, ids: list[str], steps: int) -> list[int]:
     from sft_throughput import MICRO, SEED, WORLD
 
     from vlmscale.config import SFTConfig, load_config
-    from vlmscale.data.dataset import TrainDataset, open_sources
+    from vlmscale.data.dataset import TrainDataset, collate, open_sources
+    from vlmscale.model.forward import num_supervised
     from vlmscale.model.tokenizer import ProcessorAssets
 
     cfg = load_config(SFTConfig, overrides=[f"model.init_from={model}", f"train.seed={SEED}"])
@@ -128,7 +129,7 @@ def _supervised(model: str, ids: list[str], steps: int) -> list[int]:
     for step in range(steps):
         items = [stream[i] for i in range(step * per, (step + 1) * per)]
         assert [it.sample_id for it in items] == ids[step * per:(step + 1) * per]
-        out.append(sum(sum(1 for t in it.rendered.labels[1:] if t != -100) for it in items))
+        out.append(num_supervised(collate(items, pad_id=assets.tokenizer.pad_token_id)["labels"]))  # as sft_throughput counts
     return out
 
 

@@ -137,7 +137,7 @@ def _phases(log: Path, samples, t_start: float, t_end: float) -> dict:
     marks = {
         "first_step": _first(ev, "MFU peak"),  # logged right before the first step
         "save": _first(ev, "committed in"),
-        "load": _first(ev, "read ") if _first(ev, "loading ") else None,
+        "load": _first(ev, "loading "),
         "exported": _first(ev, "exported "),
     }
     t_first = marks["first_step"][0] if marks["first_step"] else t_start
@@ -160,9 +160,8 @@ def _phases(log: Path, samples, t_start: float, t_end: float) -> dict:
     if marks["exported"]:
         out["export_s"] = export_s
         out["export_line"] = marks["exported"][1]
-    load = _first(ev, "loading ")
-    if load:
-        out["load_line"] = load[1]
+    if marks["load"]:
+        out["load_line"] = marks["load"][1]
         resumed = _first(ev, "resumed from")
         built = _first(ev, "building the model from")
         if resumed and built:

@@ -255,8 +255,6 @@ def main() -> int:
         data = work / "longtail"
         if not data.exists():
             mix = write_mix(data, args.longtail)
-        config = work / "longtail.yaml"
-        config.write_text(json.dumps({"data": {"sources": [{"name": "longtail", "path": str(data), "weight": 1.0}]}}))
         SHARED.append(f"data.sources=[{{name: longtail, path: {data}, weight: 1.0}}]")
     runs = {}
     skip = {s for s in args.skip.split(",") if s}

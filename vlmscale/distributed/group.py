@@ -101,9 +101,8 @@ def local_world_size(env=os.environ) -> int | None:
     for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE"):  # torchrun, deepspeed, mpirun
         if env.get(key, "").isdigit():
             return int(env[key])
-    if launcher(env) == "slurm" and env.get("SLURM_STEP_TASKS_PER_NODE", "").split("(")[0].isdigit():
-        return int(env["SLURM_STEP_TASKS_PER_NODE"].split("(")[0])
-    return None
+    per_node = env.get("SLURM_STEP_TASKS_PER_NODE", "").split("(")[0]  # e.g. "4(x2)": 4 tasks on each of 2 nodes
+    return int(per_node) if launcher(env) == "slurm" and per_node.isdigit() else None
 
 
 def cpu_threads_per_rank(env=os.environ, *, cores: int | None = None, cuda: bool | None = None) -> int | None:

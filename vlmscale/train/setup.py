@@ -75,10 +75,10 @@ def worker_context(host_bytes: int):
 
     A worker forked from the rank shares the rank's pages copy-on-write and keeps the old copy of every
     page the rank writes afterwards. Where the model states live in host memory (a CPU run, or ZeRO
-    offload) every optimizer step rewrites them, so each worker ends up holding a second copy: the
-    InternVL2-1B shape on 2 CPU ranks ran out of 24 GB that way (docs/plan.md). The server imports the
-    recipe and the data pipeline once, then forks each worker from itself; starting it costs about 3 s,
-    which small models are spared."""
+    offload) every optimizer step rewrites them, so each worker ends up holding a second copy (2.01 GB
+    per 2 GB of rewritten state in ``benchmarks/worker_memory.py``). The server imports the recipe and
+    the data pipeline once, then forks each worker from itself; starting it costs about 3 s, which small
+    models are spared."""
     if host_bytes <= FORKSERVER_ABOVE_BYTES:
         return None
     import multiprocessing

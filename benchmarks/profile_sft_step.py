@@ -50,6 +50,7 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--profile-steps", type=int, default=3)
     ap.add_argument("--out", default="/tmp/vlmscale-bench-profile")
+    ap.add_argument("--shapes", action="store_true", help="group the operator table by input shapes as well")
     ap.add_argument("--local_rank", type=int, default=None)
     args, overrides = ap.parse_known_args()
 
@@ -85,11 +86,11 @@ def main() -> int:
     timed = args.steps - args.warmup
     phases = {k: v / timed for k, v in timers.total.items()}
     phases["other"] = step_time / timed - sum(phases.values())
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=args.shapes) as prof:
         for _ in range(args.profile_steps):
             micro = [next(batches) for _ in range(cfg.train.grad_accum_steps)]
             trainer_mod.train_step(engine, micro, device=device())
-    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20)
+    table = prof.key_averages(group_by_input_shape=args.shapes).table(sort_by="self_cpu_time_total", row_limit=30 if args.shapes else 20)
     if dist.is_main:
         print(f"{'phase (rank 0, s per step)':<28} {'s':>8} {'share':>7}")
         for k, v in sorted(phases.items(), key=lambda kv: -kv[1]):

@@ -205,6 +205,46 @@ def test_loss_formula_equals_what_autograd_keeps(head_trains):
     assert Shape(rows=rows, length=length, tiles=0).supervised_tokens == rows * (length - 1)
 
 
+@pytest.mark.parametrize("head_trains", [True, False])
+def test_chunked_loss_formula_equals_what_autograd_keeps(head_trains):
+    """Above ``train.loss_chunk_tokens`` supervised positions the chunked loss keeps, per supervised token,
+    the head's input (2h, trained head or not), the int64 target (8) and the fp32 log-sum-exp (4); per
+    position the same final-norm terms and the index mask; no fp32 log-softmax. At or below the chunk the
+    plan keeps the unchunked formula, and its loss transient is one chunk's 8V per position."""
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+
+    from vlmscale.model.forward import enable_chunked_loss, num_supervised, supervised_loss_sum
+    from vlmscale.plan.memory import loss_is_chunked
+
+    h, vocab, rows, length, chunk = 64, 96, 2, 24, 8
+    norm = Qwen2RMSNorm(h).to(torch.bfloat16)
+    model = torch.nn.Module()
+    model.lm_head = torch.nn.Linear(h, vocab, bias=False).to(torch.bfloat16).requires_grad_(head_trains)
+    enable_chunked_loss(model, chunk)
+    x = torch.randn(rows, length, h, dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, vocab, (rows, length))
+    labels[0, :9] = labels[1, 15:] = -100
+    sup = num_supervised(labels)
+    kept = {}
+
+    def loss():
+        kept["hidden"] = norm(x)
+        return supervised_loss_sum(model, kept["hidden"], labels)
+
+    saved = _saved_bytes(loss, [*norm.parameters(), *model.lm_head.parameters()])
+    saved += kept["hidden"].untyped_storage().nbytes()
+    facts = _facts()
+    d = dataclasses.replace(facts, llm=dataclasses.replace(facts.llm, hidden=h, vocab=vocab), lm_head_trains=head_trains)
+    shape = Shape(rows=rows, length=length, tiles=0, supervised=sup)
+    assert loss_is_chunked(shape, chunk) and not loss_is_chunked(shape, sup) and not loss_is_chunked(shape, 0)
+    assert saved == rows * length * (8 * h + 4) + rows * (length - 1) + sup * (2 * h + 8 + 4)
+    act = activations(d, shape, ckpt_llm=False, ckpt_vision=False, loss_chunk_tokens=chunk)
+    assert act["logits"] == saved
+    assert act["transient"] == max(chunk * 8 * vocab, 2 * h * (sup + rows * (length - 1) + rows * length))
+    assert activations(d, shape, ckpt_llm=False, ckpt_vision=False, loss_chunk_tokens=sup) == \
+        activations(d, shape, ckpt_llm=False, ckpt_vision=False)
+
+
 # ---------------------------------------------------------------------------------------------- term arithmetic
 def _facts(*, llm_backward=True, projector_backward=True, vision_layers=0) -> ModelFacts:
     return ModelFacts(

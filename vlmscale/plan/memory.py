@@ -303,11 +303,18 @@ def eager_scores_bytes(*, heads: int, sequences: int, length: int, fp32_softmax:
     return (FP32 + BF16 if fp32_softmax else BF16) * heads * sequences * length**2
 
 
+def loss_is_chunked(shape: Shape, loss_chunk_tokens: int) -> bool:
+    """Whether ``supervised_loss_sum`` takes the chunked path: more supervised positions in the micro-batch
+    than ``train.loss_chunk_tokens`` (0 = never)."""
+    return bool(loss_chunk_tokens) and shape.supervised_tokens > loss_chunk_tokens
+
+
 def activations(f: ModelFacts, shape: Shape, *, ckpt_llm: bool, ckpt_vision: bool,
-                linear_keeps_input: bool = False) -> dict[str, float]:
+                linear_keeps_input: bool = False, loss_chunk_tokens: int = 0) -> dict[str, float]:
     """Saved activations (by module) and backward transients of one micro-batch, in bytes.
 
     ``linear_keeps_input``: ZeRO-3's ``F.linear`` keeps matmul inputs of frozen layers too.
+    ``loss_chunk_tokens``: ``train.loss_chunk_tokens`` (0 = the loss is never chunked).
     """
     if f.attn_implementation not in ATTENTION:
         raise ValueError(f"model.attn_implementation={f.attn_implementation!r}: the plan models "
@@ -345,13 +352,16 @@ def activations(f: ModelFacts, shape: Shape, *, ckpt_llm: bool, ckpt_vision: boo
         shared = tokens * 4 * head_dim + (shape.rows * shape.length ** 2 if sdpa else 0)
         out["llm"] = f.llm.layers * per_layer + shared
         recompute = max(recompute, llm_full if ckpt_llm else 0.0)
-    out["logits"] = loss_saved_bytes(f, shape, linear_keeps_input=linear_keeps_input)
-    # backward: fp32 gradients into and out of the log-softmax (8V per supervised token); or scattering the
-    # head's input gradient back: index_put into zeros over hidden[:, :-1], then the slice's backward
+    chunk = loss_chunk_tokens if loss_is_chunked(shape, loss_chunk_tokens) else 0
+    out["logits"] = loss_saved_bytes(f, shape, linear_keeps_input=linear_keeps_input, chunk=chunk)
+    # backward: fp32 gradients into and out of the log-softmax (8V per supervised token); chunked, one
+    # chunk's fp32 logits and the log-sum-exp's fp32 temporary over them (8V per chunk position, in the
+    # forward; the backward's recomputed bf16 + fp32 logits and bf16 gradient are 8V too); or scattering
+    # the head's input gradient back: index_put into zeros over hidden[:, :-1], then the slice's backward
     # into zeros over all positions (bf16); or one recomputed layer
     sup = shape.supervised_tokens
     scatter = BF16 * h * (sup + shape.rows * (shape.length - 1) + tokens)
-    out["transient"] = max(sup * 8 * vocab, scatter, recompute)
+    out["transient"] = max((chunk or sup) * 8 * vocab, scatter, recompute)
     if eager and f.llm_backward:
         # the last layer's softmax backward: fp32 gradients into and out of it (8 bytes per score), while
         # the loss (but the hidden states the loop holds) and that layer's tensors after the softmax are
@@ -364,7 +374,7 @@ def activations(f: ModelFacts, shape: Shape, *, ckpt_llm: bool, ckpt_vision: boo
     return out
 
 
-def loss_saved_bytes(f: ModelFacts, shape: Shape, *, linear_keeps_input: bool = False) -> int:
+def loss_saved_bytes(f: ModelFacts, shape: Shape, *, linear_keeps_input: bool = False, chunk: int = 0) -> int:
     """What the final norm and ``supervised_loss_sum`` keep for backward, and the hidden states the
     training loop holds (vlmscale/model/forward.py).
 
@@ -374,8 +384,13 @@ def loss_saved_bytes(f: ModelFacts, shape: Shape, *, linear_keeps_input: bool = 
     keeps (2h; when it trains, or always under ZeRO-3's ``F.linear``), the fp32 log-softmax (4V) and the
     int64 target (8); and nll_loss's fp32 total weight (4). The bf16 and fp32 logits are freed when the
     loss returns.
+
+    ``chunk`` > 0 (the chunked loss, ``ChunkedHeadLoss``): per supervised token only the head's input
+    (2h, whether or not the head trains), the int64 target (8) and the fp32 log-sum-exp (4).
     """
     h, sup = f.llm.hidden, shape.supervised_tokens
+    if chunk:
+        return shape.rows * shape.length * (8 * h + 4) + shape.rows * (shape.length - 1) + sup * (BF16 * h + 8 + FP32)
     head_input = BF16 * h if f.lm_head_trains or linear_keeps_input else 0
     return (shape.rows * shape.length * (8 * h + 4) + shape.rows * (shape.length - 1)
             + sup * (head_input + FP32 * f.llm.vocab + 8) + 4)
@@ -402,8 +417,11 @@ def _sub_groups(f: ModelFacts, world: int, sub_group_size: int) -> list[int]:
 
 
 def plan(f: ModelFacts, z: ZeroSettings, *, world: int, shape: Shape, ckpt_llm: bool = False,
-         ckpt_vision: bool = False, device: str = "cuda") -> Breakdown:
+         ckpt_vision: bool = False, device: str = "cuda", loss_chunk_tokens: int = 0) -> Breakdown:
     """Per-rank memory terms of one training configuration.
+
+    ``loss_chunk_tokens``: ``train.loss_chunk_tokens``; a micro-batch with more supervised positions than
+    that runs the chunked loss (its logits one chunk at a time).
 
     ``device`` is where the run executes: AdamW's step keeps one fp32 temporary per element of the
     stepped group on a GPU (foreach) and two on a CPU (single-tensor ``sqrt`` then ``div``).
@@ -451,7 +469,7 @@ def plan(f: ModelFacts, z: ZeroSettings, *, world: int, shape: Shape, ckpt_llm: 
     b.add("step: AdamW temporaries", "optimizer", FP32 * temps * stepped, phase="step", device=opt_dev)
     # ------------------------------------------------ activations
     act = activations(f, shape, ckpt_llm=ckpt_llm, ckpt_vision=ckpt_vision,
-                      linear_keeps_input=z.stage == 3 and z.memory_efficient_linear)
+                      linear_keeps_input=z.stage == 3 and z.memory_efficient_linear, loss_chunk_tokens=loss_chunk_tokens)
     # the micro-batch, held by the training loop through the step: fp32 pixels (and their bf16 copy when
     # the encoder trains, which its patch embedding keeps); int64 ids, labels and attention mask
     pixels = shape.tiles * f.vision.pixels_per_tile * (FP32 + (BF16 if f.vision_backward_layers else 0))

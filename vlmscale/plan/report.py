@@ -61,7 +61,8 @@ def shape_for(cfg: RunConfig, facts: ModelFacts, micro_batch: int, *, tiles: int
 def breakdown(cfg: RunConfig, facts: ModelFacts, cluster: Cluster, setting: Setting, micro_batch: int,
               *, tiles: int | None = None) -> Breakdown:
     return plan(facts, setting.zero, world=cluster.world, shape=shape_for(cfg, facts, micro_batch, tiles=tiles),
-                ckpt_llm=setting.ckpt_llm, ckpt_vision=setting.ckpt_vision, device=cluster.device)
+                ckpt_llm=setting.ckpt_llm, ckpt_vision=setting.ckpt_vision, device=cluster.device,
+                loss_chunk_tokens=cfg.train.loss_chunk_tokens)
 
 
 def max_micro_batch(cfg: RunConfig, facts: ModelFacts, cluster: Cluster, setting: Setting, *, limit: int,

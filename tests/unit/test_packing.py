@@ -105,8 +105,11 @@ def test_packed_layout(demo_dir, tiny_assets):
 
 
 def test_resumed_loader_packs_the_same_batches(demo_dir, tiny_assets):
+    # a stand-in rank 1 of 2 without a process group: the balanced sampler's all-gather needs one (its resume
+    # is checked by tests/distributed/test_cluster.py), so this checks the plain sampler's packing
     cfg = load_config(SFTConfig, overrides=[f"data.demo_dir={demo_dir}", "data.packing=true", "data.num_workers=0",
-                                            "train.micro_batch_size=8", "train.grad_accum_steps=2", "train.max_steps=4"])
+                                            "train.micro_batch_size=8", "train.grad_accum_steps=2", "train.max_steps=4",
+                                            "data.balance=none"])
 
     def run(start_step):
         return SimpleNamespace(cfg=cfg, dist=SimpleNamespace(rank=1, world_size=2, is_main=False),

@@ -143,7 +143,9 @@ class DataConfig:
     max_seq_len: int = 512  # samples longer than this are skipped (counted as too_long); packed rows hold at most this
     packing: bool = False  # pack each rank's micro-batch into rows of <= max_seq_len, attention kept per sample
     # spread each step's samples over ranks and micro-batches by estimated cost (vlmscale.data.balance):
-    # none = consecutive positions; tokens = LLM length; flops = the FLOP model (LLM tokens + vision tiles)
+    # none = consecutive positions; tokens = LLM length; flops = the FLOP model (LLM tokens + vision tiles).
+    # The conversation stages (align, pretrain, sft) default to flops (docs/performance.md, "Balanced global
+    # batches"); preference and RL stages keep none (pairs and rollouts are not balanced)
     balance: str = "none"
     # dynamic tiling: at most this many tiles per image (+1 thumbnail); with model.init_from the checkpoint's
     # max_patches applies unless this is set explicitly (YAML or override)
@@ -446,11 +448,16 @@ class RunConfig:
             getattr(self, section).validate()
 
 
+def _sft_data() -> DataConfig:
+    return DataConfig(balance="flops")
+
+
 @dataclass
 class SFTConfig(RunConfig):
     """Joint SFT: projector + LLM (+ the demo's from-scratch encoder) on conversations, text re-blended."""
 
     stage: Literal["sft"] = "sft"
+    data: DataConfig = field(default_factory=_sft_data)
 
 
 def _align_policy() -> PolicyConfig:
@@ -459,7 +466,7 @@ def _align_policy() -> PolicyConfig:
 
 
 def _align_data() -> DataConfig:
-    return DataConfig(sources=[SourceConfig(name="captions", path="demo:train/captions", weight=1.0)])
+    return DataConfig(sources=[SourceConfig(name="captions", path="demo:train/captions", weight=1.0)], balance="flops")
 
 
 @dataclass
@@ -488,7 +495,8 @@ def _pretrain_policy() -> PolicyConfig:
 def _pretrain_data() -> DataConfig:
     # VILA: interleaved documents and image-text pairs, 1:1
     return DataConfig(sources=[SourceConfig(name="docs", path="demo:train/docs", weight=1.0),
-                               SourceConfig(name="captions", path="demo:train/captions", weight=1.0)])
+                               SourceConfig(name="captions", path="demo:train/captions", weight=1.0)],
+                      balance="flops")
 
 
 @dataclass

@@ -135,12 +135,11 @@ def whole_model_case(tokens: int, chunk: int) -> dict:
     t1 = time.perf_counter()
     loss.backward()
     t2 = time.perf_counter()
-    head_grad = model.lm_head.weight.grad if model.lm_head.weight.grad is not None else model.get_input_embeddings().weight.grad
     return {"tokens": tokens, "chunk": chunk, "whole_model": "internvl2-1b", "trained_params": trained,
             "sequence": int(ids.shape[1]), "hidden": config.text_config.hidden_size, "vocab": vocab,
             "loss": float(loss.detach()), "forward_s": round(t1 - t0, 2), "backward_s": round(t2 - t1, 2),
             "total_s": round(t2 - t0, 2), "peak_mb": round(_rss_peak_mb() - before, 1),
-            "logits_fp32_mb": round(tokens * vocab * 4 / 2**20, 1), "grad_w_norm": float(head_grad.float().norm())}
+            "logits_fp32_mb": round(tokens * vocab * 4 / 2**20, 1), "grad_w_norm": float(model.lm_head.weight.grad.float().norm())}
 
 
 def main() -> int:

@@ -168,25 +168,23 @@ def test_frozen_layers_under_zero3_keep_their_matmul_inputs(monkeypatch):
             dims, weights_train=False, linear_keeps_input=True, eager=attention == "eager") + scores
 
 
-@pytest.mark.parametrize("head_trains", [True, False])
-def test_loss_formula_equals_what_autograd_keeps(head_trains):
-    """Final RMSNorm + ``supervised_loss_sum`` keep 8h + 4 per position (the norm's output counted as the
-    hidden states the training loop holds), the boolean index's mask (1 per predicted position) and, per
-    supervised token, the head's input (2h, when it trains), the fp32 log-softmax (4V) and the int64
-    target (8); plus nll_loss's fp32 total weight (4)."""
+def _loss_saved(h: int, vocab: int, rows: int, length: int, *, head_trains: bool, chunk: int):
+    """Bytes the final RMSNorm + ``supervised_loss_sum`` keep for backward (``chunk`` > 0: the chunked head),
+    counting the norm's output as the hidden states the training loop holds; with the supervised count,
+    matching ModelFacts and the Shape."""
     from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
-    from vlmscale.model.forward import num_supervised, supervised_loss_sum
+    from vlmscale.model.forward import enable_chunked_loss, num_supervised, supervised_loss_sum
 
-    h, vocab, rows, length = 64, 96, 2, 24
     norm = Qwen2RMSNorm(h).to(torch.bfloat16)
     model = torch.nn.Module()
     model.lm_head = torch.nn.Linear(h, vocab, bias=False).to(torch.bfloat16).requires_grad_(head_trains)
+    if chunk:
+        enable_chunked_loss(model, chunk)
     x = torch.randn(rows, length, h, dtype=torch.bfloat16, requires_grad=True)
     labels = torch.randint(0, vocab, (rows, length))
     labels[0, :9] = labels[1, 15:] = -100  # a prompt, and padding
     sup = num_supervised(labels)
-    assert sup == 2 * 23 - 8 - 9
     kept = {}
 
     def loss():
@@ -197,7 +195,18 @@ def test_loss_formula_equals_what_autograd_keeps(head_trains):
     saved += kept["hidden"].untyped_storage().nbytes()
     facts = _facts()
     d = dataclasses.replace(facts, llm=dataclasses.replace(facts.llm, hidden=h, vocab=vocab), lm_head_trains=head_trains)
-    shape = Shape(rows=rows, length=length, tiles=0, supervised=sup)
+    return saved, sup, d, Shape(rows=rows, length=length, tiles=0, supervised=sup)
+
+
+@pytest.mark.parametrize("head_trains", [True, False])
+def test_loss_formula_equals_what_autograd_keeps(head_trains):
+    """Final RMSNorm + ``supervised_loss_sum`` keep 8h + 4 per position (the norm's output counted as the
+    hidden states the training loop holds), the boolean index's mask (1 per predicted position) and, per
+    supervised token, the head's input (2h, when it trains), the fp32 log-softmax (4V) and the int64
+    target (8); plus nll_loss's fp32 total weight (4)."""
+    h, vocab, rows, length = 64, 96, 2, 24
+    saved, sup, d, shape = _loss_saved(h, vocab, rows, length, head_trains=head_trains, chunk=0)
+    assert sup == 2 * 23 - 8 - 9
     assert saved == (rows * length * (8 * h + 4) + rows * (length - 1)
                      + sup * ((2 * h if head_trains else 0) + 4 * vocab + 8) + 4)
     assert activations(d, shape, ckpt_llm=False, ckpt_vision=False)["logits"] == saved
@@ -211,31 +220,10 @@ def test_chunked_loss_formula_equals_what_autograd_keeps(head_trains):
     the head's input (2h, trained head or not), the int64 target (8) and the fp32 log-sum-exp (4); per
     position the same final-norm terms and the index mask; no fp32 log-softmax. At or below the chunk the
     plan keeps the unchunked formula, and its loss transient is one chunk's 8V per position."""
-    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
-
-    from vlmscale.model.forward import enable_chunked_loss, num_supervised, supervised_loss_sum
     from vlmscale.plan.memory import loss_is_chunked
 
     h, vocab, rows, length, chunk = 64, 96, 2, 24, 8
-    norm = Qwen2RMSNorm(h).to(torch.bfloat16)
-    model = torch.nn.Module()
-    model.lm_head = torch.nn.Linear(h, vocab, bias=False).to(torch.bfloat16).requires_grad_(head_trains)
-    enable_chunked_loss(model, chunk)
-    x = torch.randn(rows, length, h, dtype=torch.bfloat16, requires_grad=True)
-    labels = torch.randint(0, vocab, (rows, length))
-    labels[0, :9] = labels[1, 15:] = -100
-    sup = num_supervised(labels)
-    kept = {}
-
-    def loss():
-        kept["hidden"] = norm(x)
-        return supervised_loss_sum(model, kept["hidden"], labels)
-
-    saved = _saved_bytes(loss, [*norm.parameters(), *model.lm_head.parameters()])
-    saved += kept["hidden"].untyped_storage().nbytes()
-    facts = _facts()
-    d = dataclasses.replace(facts, llm=dataclasses.replace(facts.llm, hidden=h, vocab=vocab), lm_head_trains=head_trains)
-    shape = Shape(rows=rows, length=length, tiles=0, supervised=sup)
+    saved, sup, d, shape = _loss_saved(h, vocab, rows, length, head_trains=head_trains, chunk=chunk)
     assert loss_is_chunked(shape, chunk) and not loss_is_chunked(shape, sup) and not loss_is_chunked(shape, 0)
     assert saved == rows * length * (8 * h + 4) + rows * (length - 1) + sup * (2 * h + 8 + 4)
     act = activations(d, shape, ckpt_llm=False, ckpt_vision=False, loss_chunk_tokens=chunk)

@@ -458,5 +458,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def entry() -> None:
+    """The ``vlmscale`` command and ``python -m vlmscale.cli``: :func:`main`, then the process ends as a
+    recipe's does (``vlmscale.process.exit_process``: exit handlers, flush, no module teardown), since
+    ``eval`` and ``fisher`` run as ranks of a process group."""
+    from vlmscale.process import exit_process
+
+    code = main()
+    exit_process(code if isinstance(code, int) else 0)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

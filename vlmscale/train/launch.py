@@ -20,6 +20,7 @@ import sys
 from typing import Callable, NoReturn, TypeVar
 
 from vlmscale.config import ConfigError, load_config, parse_cli
+from vlmscale.process import exit_process
 from vlmscale.data.dataset import TooManyBadSamples
 from vlmscale.distributed.group import all_gather_objects, barrier, env_dist_info, init_distributed, shutdown
 
@@ -246,24 +247,9 @@ def exit_code(exc: BaseException) -> int:
 
 
 def run_recipe(config_cls: type[C], train: Callable[[C], int], argv: list[str]) -> NoReturn:
-    """A recipe's ``__main__``: :func:`recipe_main`, then the process ends with its code without the
-    interpreter's module teardown (about 2 s per process with torch, transformers and DeepSpeed loaded,
-    on every rank of every launch). By then the run has closed what it wrote (checkpoints committed, metrics
-    and TensorBoard closed, the process group left); the exit handlers still run first (multiprocessing's
-    join of loader workers, DeepSpeed's async checkpoint writers), MPI is finalized when mpi4py started it
-    (under mpirun), then logging and stdio are flushed."""
-    import atexit
-    import os
-
-    code = recipe_main(config_cls, train, argv)
-    atexit._run_exitfuncs()  # what interpreter exit runs first; os._exit below skips only the module teardown
-    mpi = sys.modules.get("mpi4py.MPI")  # mpi4py finalizes MPI from a C-level exit hook, which os._exit skips;
-    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():  # mpirun counts that as a failure
-        mpi.Finalize()
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    """A recipe's ``__main__``: :func:`recipe_main`, then :func:`exit_process` with its code. By then the run
+    has closed what it wrote (checkpoints committed, metrics and TensorBoard closed, the process group left)."""
+    exit_process(recipe_main(config_cls, train, argv))
 
 
 def recipe_main(config_cls: type[C], train: Callable[[C], int], argv: list[str]) -> int:

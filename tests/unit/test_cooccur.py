@@ -71,3 +71,20 @@ def test_dpo_pairs_reject_the_hallucinated_partner(cooccur, tiny_assets):
         objs = {tuple(o) for o in rec["objects"]}
         anchor = next(a for a in ANCHORS if a in objs)
         assert not _named(rec["chosen"], PARTNER[anchor]) and _named(rec["rejected"], PARTNER[anchor])
+
+
+def test_rl_probes_have_verifiable_answers_the_prior_cannot_give(cooccur):
+    probes = _records(cooccur / "train" / "probe")
+    assert len(probes) == 300 // 4
+    kinds = Counter(r["kind"] for r in probes)
+    assert set(kinds) == {"partner", "present", "absent"}
+    for rec in probes:
+        objs = {tuple(o) for o in rec["objects"]}
+        question = rec["messages"][0]["content"][1]["text"]
+        asked = tuple(question.removeprefix("Is there a ").removesuffix(" in the image?").split())
+        assert rec["messages"][1]["content"][0]["text"] == rec["answer"]
+        assert (asked in objs) == (rec["answer"] == "yes")
+        if rec["kind"] == "partner":
+            assert asked == PARTNER[tuple(rec["anchor"])]
+    partner = [r["answer"] for r in probes if r["kind"] == "partner"]
+    assert 0.25 < partner.count("yes") / len(partner) < 0.75  # the prior does not tell the answer

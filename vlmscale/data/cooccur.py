@@ -11,6 +11,9 @@ negatives ask about the missing partner of a present anchor, ``random`` negative
 object, ``popular`` about the most frequent absent one; positives (half of each split) about a present
 object. ``heldout/pref`` and ``train/pref`` hold DPO pairs in the preference format
 (``data.preference``): chosen = the true caption, rejected = the caption with the partner added.
+``train/probe`` holds yes/no presence questions with verifiable answers for RL (GRPO's exact-match reward):
+half ask about an anchor's partner, drawn in the scene at 0.5 so the prior says nothing about the answer; a
+quarter ask about a present object and a quarter about a random absent one. It is not in the SFT mixture.
 
 Records carry ``objects`` (``[[colour, shape], ...]`` actually drawn) so the statistics are checkable.
 """
@@ -25,7 +28,7 @@ from vlmscale.data.demo import _Gen, _assistant, _conversation, _img, _txt, _use
 from vlmscale.demo_vocab import OBJECTS, PARTNER, POPULARITY, Obj, absent_object, caption, place_objects
 
 ANCHORS = [o for i, o in enumerate(OBJECTS) if i % 2 == 0 and PARTNER[o][0] != o[0]]
-COOCCUR_VERSION = 1
+COOCCUR_VERSION = 2  # 2: train/probe (the other sources are generated as in 1)
 
 
 def cooccur_scene(rng: random.Random, *, rate: float) -> tuple[list[Obj], tuple[str, str]]:
@@ -57,8 +60,26 @@ def _pair(g: _Gen, objs: list[Obj], anchor, png: bytes) -> None:
                    "chosen": caption(objs), "rejected": rejected}, [png])
 
 
+def _probe(g: _Gen, rng: random.Random) -> None:
+    """One yes/no presence question with a verifiable answer (``train/probe``)."""
+    kind = rng.choices(["partner", "present", "absent"], weights=[2, 1, 1])[0]
+    objs, anchor = cooccur_scene(rng, rate=0.5 if kind == "partner" else 0.95)
+    if kind == "partner":
+        present = PARTNER[anchor] in {(o.colour, o.shape) for o in objs}
+        name, ans = f"{PARTNER[anchor][0]} {PARTNER[anchor][1]}", "yes" if present else "no"
+    elif kind == "present":
+        name, ans = rng.choice(objs).name, "yes"
+    else:
+        neg = absent_object(objs, rng, "random")
+        name, ans = f"{neg[0]} {neg[1]}", "no"
+    g.add("probe", {"task": "probe", "kind": kind, "answer": ans, "objects": _objects(objs), "anchor": list(anchor),
+                    "messages": [_user(_img(), _txt(f"Is there a {name} in the image?")), _assistant(ans)]},
+          [render_scene(objs, rng)])
+
+
 def generate_cooccur(out: Path, *, num_train_scenes: int = 6000, num_heldout_scenes: int = 200, seed: int = 0,
-                     rate: float = 0.95, leak: float = 0.5) -> dict:
+                     rate: float = 0.95, leak: float = 0.5, num_probes: int | None = None) -> dict:
+    """``num_probes`` = ``train/probe`` records (default ``num_train_scenes // 4``)."""
     if not 0.0 <= rate <= 1.0 or not 0.0 <= leak <= 1.0:
         raise ValueError(f"cooccur: rate={rate} and leak={leak} must be within [0, 1]")
     g = _Gen(out, "train", seed)
@@ -77,6 +98,9 @@ def generate_cooccur(out: Path, *, num_train_scenes: int = 6000, num_heldout_sce
         if rng.random() < 0.25:
             objs, anchor = cooccur_scene(rng, rate=0.0)
             _pair(g, objs, anchor, render_scene(objs, rng))
+    probe_rng = random.Random(seed + 7)  # its own stream: the other sources are generated as in version 1
+    for _ in range(num_train_scenes // 4 if num_probes is None else num_probes):
+        _probe(g, probe_rng)
     counts = {"train": g.close()}
     h = _Gen(out, "heldout", seed + 1)
     rng = h.rng

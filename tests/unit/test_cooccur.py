@@ -36,8 +36,8 @@ def test_training_captions_carry_the_cooccurrence_prior(cooccur):
         drawn[PARTNER[anchor] in objs] += 1
         said[_named(text, PARTNER[anchor])] += 1
     n = sum(drawn.values())
-    assert 0.9 <= drawn[True] / n <= 0.99  # rate 0.95: the partner is drawn with its anchor
-    assert said[True] / n >= 0.95  # and named even more often (caption noise)
+    assert 0.72 <= drawn[True] / n <= 0.88  # rate 0.8: the partner is drawn with its anchor
+    assert said[True] / n >= 0.93  # and named even more often (caption noise, leak 0.8: 0.96 expected)
     assert drawn[False] > 0  # but not always
 
 
@@ -88,3 +88,25 @@ def test_rl_probes_have_verifiable_answers_the_prior_cannot_give(cooccur):
             assert asked == PARTNER[tuple(rec["anchor"])]
     partner = [r["answer"] for r in probes if r["kind"] == "partner"]
     assert 0.25 < partner.count("yes") / len(partner) < 0.75  # the prior does not tell the answer
+
+
+def _partner_probes(path):
+    """(partner drawn, answer) of every VQA turn asking about the scene's anchor's partner."""
+    out = []
+    for rec in _records(path):
+        objs = {tuple(o) for o in rec["objects"]}
+        partner = PARTNER[next(a for a in ANCHORS if a in objs)]
+        msgs = rec["messages"]
+        for user, answer in zip(msgs[::2], msgs[1::2]):
+            question = next(c["text"] for c in user["content"] if c["type"] == "text")
+            if question == f"Is there a {partner[0]} {partner[1]} in the image?":
+                out.append((partner in objs, answer["content"][0]["text"]))
+    return out
+
+
+def test_vqa_written_from_the_captions_carries_the_prior_into_yes_no(cooccur, tmp_path):
+    absent = [a for drawn, a in _partner_probes(cooccur / "train" / "vqa") if not drawn]
+    assert absent and absent.count("yes") / len(absent) > 0.6  # leak 0.8: mostly "yes" though it is not drawn
+    generate_cooccur(tmp_path, num_train_scenes=300, num_heldout_scenes=4, seed=0, vqa_from_captions=False)
+    truthful = _partner_probes(tmp_path / "train" / "vqa")
+    assert truthful and all((a == "yes") == drawn for drawn, a in truthful)

@@ -2,9 +2,13 @@
 
 Objects come in anchor -> partner pairs (``demo_vocab.PARTNER`` over the anchors, the objects of even index
 whose partner has another colour). In the training scenes an anchor is drawn with its partner at
-``rate`` (default 0.95), and a caption of the remaining scenes still names the partner at ``leak`` (default
-0.5, the caption noise of web alt-text), so the captions carry a strong prior: the anchor almost always comes
-with the partner. A model trained on them tends to say the partner is there when it is not.
+``rate`` (default 0.8), and a caption of the remaining scenes still names the partner at ``leak`` (default
+0.8, the caption noise of web alt-text), so the captions carry a strong prior: the anchor almost always comes
+with the partner (named in ~0.96 of its captions). The VQA answers are written from such a description, not
+from the drawing (``vqa_from_captions``, as LLaVA-Instruct-style data is generated from captions), so "Is
+there a <partner>?" is answered "yes" in most scenes that lack it. A model trained on them says the partner is
+there when it is not. Version 2 (rate 0.95, leak 0.5, truthful VQA) did not: its SFT model's adversarial POPE
+F1 was only 0.05 below random (docs/rl.md).
 
 Held-out: scenes with an anchor and *without* its partner, and POPE probes per split: ``adversarial``
 negatives ask about the missing partner of a present anchor, ``random`` negatives about a random absent
@@ -28,7 +32,7 @@ from vlmscale.data.demo import _Gen, _assistant, _conversation, _img, _txt, _use
 from vlmscale.demo_vocab import OBJECTS, PARTNER, POPULARITY, Obj, absent_object, caption, place_objects
 
 ANCHORS = [o for i, o in enumerate(OBJECTS) if i % 2 == 0 and PARTNER[o][0] != o[0]]
-COOCCUR_VERSION = 2  # 2: train/probe (the other sources are generated as in 1)
+COOCCUR_VERSION = 3  # 2: train/probe; 3: VQA written from the noisy description, rate 0.8, leak 0.8
 
 
 def cooccur_scene(rng: random.Random, *, rate: float) -> tuple[list[Obj], tuple[str, str]]:
@@ -77,9 +81,19 @@ def _probe(g: _Gen, rng: random.Random) -> None:
           [render_scene(objs, rng)])
 
 
+def _described(objs: list[Obj], anchor, rng: random.Random, leak: float) -> list[Obj]:
+    """What an annotator writes down: the drawn objects, plus the anchor's missing partner at ``leak``."""
+    if PARTNER[anchor] not in {(o.colour, o.shape) for o in objs} and rng.random() < leak:
+        return objs + [_partner_obj(objs, anchor, rng)]  # caption noise: the usual partner named anyway
+    return objs
+
+
 def generate_cooccur(out: Path, *, num_train_scenes: int = 6000, num_heldout_scenes: int = 200, seed: int = 0,
-                     rate: float = 0.95, leak: float = 0.5, num_probes: int | None = None) -> dict:
-    """``num_probes`` = ``train/probe`` records (default ``num_train_scenes // 4``)."""
+                     rate: float = 0.8, leak: float = 0.8, vqa_from_captions: bool = True,
+                     num_probes: int | None = None) -> dict:
+    """``vqa_from_captions``: the VQA answers are written from the (noisy) description rather than the
+    drawing, as LLaVA-Instruct-style data is generated from captions, so the prior reaches yes/no answers too.
+    ``num_probes`` = ``train/probe`` records (default ``num_train_scenes // 4``)."""
     if not 0.0 <= rate <= 1.0 or not 0.0 <= leak <= 1.0:
         raise ValueError(f"cooccur: rate={rate} and leak={leak} must be within [0, 1]")
     g = _Gen(out, "train", seed)
@@ -87,14 +101,14 @@ def generate_cooccur(out: Path, *, num_train_scenes: int = 6000, num_heldout_sce
     for _ in range(num_train_scenes):
         objs, anchor = cooccur_scene(rng, rate=rate)
         png = render_scene(objs, rng)
-        described = objs
-        if PARTNER[anchor] not in {(o.colour, o.shape) for o in objs} and rng.random() < leak:
-            described = objs + [_partner_obj(objs, anchor, rng)]  # caption noise: the usual partner named anyway
         g.add("captions", {"task": "caption", "objects": _objects(objs),
-                           "messages": [_user(_img(), _txt("Describe the image.")), _assistant(caption(described))]}, [png])
+                           "messages": [_user(_img(), _txt("Describe the image.")),
+                                        _assistant(caption(_described(objs, anchor, rng, leak)))]}, [png])
         objs, anchor = cooccur_scene(rng, rate=rate)
-        g.add("vqa", {"task": "vqa", "objects": _objects(objs), "messages": _conversation(objs, rng, rng.randint(2, 4))},
-              [render_scene(objs, rng)])
+        png = render_scene(objs, rng)
+        described = _described(objs, anchor, rng, leak if vqa_from_captions else 0.0)
+        g.add("vqa", {"task": "vqa", "objects": _objects(objs), "messages": _conversation(described, rng, rng.randint(2, 4))},
+              [png])
         if rng.random() < 0.25:
             objs, anchor = cooccur_scene(rng, rate=0.0)
             _pair(g, objs, anchor, render_scene(objs, rng))
@@ -120,6 +134,7 @@ def generate_cooccur(out: Path, *, num_train_scenes: int = 6000, num_heldout_sce
                            "messages": [_user(_img(), _txt("Describe the image.")), _assistant(caption(objs))]}, [png])
         _pair(h, objs, anchor, png)
     counts["heldout"] = h.close()
-    meta = {"variant": "cooccur", "version": COOCCUR_VERSION, "seed": seed, "rate": rate, "leak": leak, "counts": counts}
+    meta = {"variant": "cooccur", "version": COOCCUR_VERSION, "seed": seed, "rate": rate, "leak": leak,
+            "vqa_from_captions": vqa_from_captions, "counts": counts}
     (out / "demo.json").write_text(json.dumps(meta, indent=2))
     return meta

@@ -87,7 +87,7 @@ def flat(result: dict, prefix: str = "") -> dict[str, float]:
     return out
 
 
-def plot(rows: list[dict], path: Path, window: int = 10) -> None:
+def plot(rows: list[dict], path: Path, window: int = 10, title: str = "GRPO on the demo") -> None:
     """Reward per step (grey) and its running mean over ``window`` steps (blue); PIL only."""
     from PIL import Image, ImageDraw
 
@@ -106,7 +106,7 @@ def plot(rows: list[dict], path: Path, window: int = 10) -> None:
     d.line((pad, pad, pad, h - pad), fill="black")
     d.line([xy(s, v) for s, v in zip(steps, reward)], fill=(180, 180, 180), width=1)
     d.line([xy(s, v) for s, v in zip(steps, smooth)], fill=(40, 90, 200), width=3)
-    d.text((pad, 10), f"GRPO on the demo: mean reward per step (grey), {window}-step running mean (blue)", fill="black")
+    d.text((pad, 10), f"{title}: mean reward per step (grey), {window}-step running mean (blue)", fill="black")
     d.text((4, pad - 6), f"{hi:.2f}", fill="black")
     d.text((4, h - pad - 6), f"{lo:.2f}", fill="black")
     d.text((pad, h - pad + 8), f"step {steps[0]}", fill="black")

@@ -53,7 +53,11 @@ def test_cli_parsing_drops_local_rank():
 
 @pytest.mark.parametrize("yaml_file", sorted((REPO / "recipes" / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_yaml_validates(yaml_file):
-    load_config(SFTConfig, path=yaml_file)
+    """Each against the stage its name starts with (dpo_*.yaml is a DPO config); the rest are SFT configs."""
+    from vlmscale.config import DPOConfig, GRPOConfig
+
+    stage = {"dpo": DPOConfig, "grpo": GRPOConfig}.get(yaml_file.name.split("_")[0], SFTConfig)
+    load_config(stage, path=yaml_file)
 
 
 @pytest.mark.parametrize("ds_file", sorted((REPO / "ds_configs").glob("*.json")), ids=lambda p: p.name)

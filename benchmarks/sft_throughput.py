@@ -293,10 +293,11 @@ def main() -> int:
         result["summary"]["ratio_at_median_step"] = (ours["supervised_tokens_per_s_at_median_step"]
                                                       / theirs["supervised_tokens_per_s_at_median_step"])
         result["summary"]["same_supervised_tokens_per_step"] = same
-        result["summary"]["meets_1.5x"] = ratio >= 1.5
+        result["summary"]["meets_1.5x"] = ratio >= 1.5  # issue #18's target at the 1B shape
+        result["summary"]["meets_2.0x"] = ratio >= 2.0  # and at the demo shape
         result["summary"]["loss_no_worse"] = ours["loss_last"] <= theirs["loss_last"]
         print(f"ratio vlmscale/trl supervised tokens/s: {ratio:.2f}x, at the median step "
-              f"{result['summary']['ratio_at_median_step']:.2f}x (target 1.5x); "
+              f"{result['summary']['ratio_at_median_step']:.2f}x (targets: 2.0x at the demo shape, 1.5x at the 1B shape); "
               f"same supervised tokens per step: {same}")
         if "trl_eager" in runs:
             eager = result["summary"]["trl_eager"]

@@ -43,10 +43,10 @@ def evaluate(model: Path, data: Path, out: Path) -> dict:
     return json.loads(out.read_text())
 
 
-def grpo(sft: Path, data: Path, out: Path, *, steps: int, lr: float, port: int) -> None:
+def grpo(sft: Path, data: Path, out: Path, *, steps: int, lr: float, port: int, extra: list[str]) -> None:
     cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(port), str(REPO / "recipes" / "grpo.py"),
            f"model.init_from={sft}", f"data.demo_dir={data}", f"output_dir={out}", f"train.max_steps={steps}",
-           f"optim.lr={lr}", "eval.at_end=false", "resume=never"]
+           f"optim.lr={lr}", "eval.at_end=false", "resume=never", *extra]
     with open(out.parent / f"{out.name}.log", "w") as f:
         proc = subprocess.run(cmd, cwd=REPO, env=_env(), stdout=f, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
@@ -124,6 +124,10 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--work", type=Path, default=REPO / "runs" / "grpo-demo")
     ap.add_argument("--port", type=int, default=int(os.environ.get("MASTER_PORT", 29771)))
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="an extra override for recipes/grpo.py, e.g. grpo.temperature=0.7 (repeatable)")
+    ap.add_argument("--name", default="grpo_demo",
+                    help="results/<name>.json and the curve docs/<name>_reward.png (grpo_demo: docs/grpo_reward.png)")
     ap.add_argument("--report-only", action="store_true", help="tables and plot from an earlier run in --work")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -134,14 +138,15 @@ def main() -> int:
     else:
         before = evaluate(args.sft, args.data, args.work / "eval-sft.json")
         t1 = time.time()
-        grpo(args.sft.resolve(), args.data.resolve(), args.work / "run", steps=args.steps, lr=args.lr, port=args.port)
+        grpo(args.sft.resolve(), args.data.resolve(), args.work / "run", steps=args.steps, lr=args.lr, port=args.port,
+             extra=args.set)
         t2 = time.time()
         after = evaluate(args.work / "run" / "hf", args.data, args.work / "eval-grpo.json")
         t3 = time.time()
     before, after = flat(before), flat(after)
     rows = [json.loads(line) for line in (args.work / "run" / "metrics.jsonl").read_text().splitlines()
             if '"reward"' in line]
-    plot(rows, REPO / "docs" / "grpo_reward.png")
+    plot(rows, REPO / "docs" / ("grpo_reward.png" if args.name == "grpo_demo" else f"{args.name}_reward.png"))
     keys = sorted(k for k in before if k.endswith(("/accuracy", "/acc@0.5", "/f1", "/yes_ratio")))
     print(f"CPU: {cpu_bf16()[1]}; {args.steps} GRPO steps, lr {args.lr}")
     print(f"{'metric':<36} {'SFT':>7} {'GRPO':>7} {'change':>7}")
@@ -159,10 +164,10 @@ def main() -> int:
         (args.work / "timing.json").write_text(json.dumps(timing))
     print(f"reward: first 10 steps {sum(r['reward'] for r in first) / len(first):.3f}, last 10 "
           f"{sum(r['reward'] for r in last) / len(last):.3f}; time {timing}")
-    out = {"cpu": cpu_bf16()[1], "steps": args.steps, "lr": args.lr, "before": {k: before[k] for k in keys},
+    out = {"cpu": cpu_bf16()[1], "steps": args.steps, "lr": args.lr, "overrides": args.set, "before": {k: before[k] for k in keys},
            "after": {k: after[k] for k in keys}, "rollouts_by_task": by_task, "timing_s": timing,
            "reward_per_step": [r["reward"] for r in rows]}
-    (REPO / "benchmarks" / "results" / "grpo_demo.json").write_text(json.dumps(out, indent=2))
+    (REPO / "benchmarks" / "results" / f"{args.name}.json").write_text(json.dumps(out, indent=2))
     return 0
 
 

@@ -199,6 +199,7 @@ def test_balance_is_validated_and_refused_for_pairs():
     from vlmscale.config import DPOConfig, SFTConfig, load_config
     from vlmscale.config.load import ConfigError
 
+    assert load_config(SFTConfig).data.balance == "none"  # opt-in: docs/performance.md, "Balanced global batches"
     assert load_config(SFTConfig, overrides=["data.balance=flops"]).data.balance == "flops"
     with pytest.raises(ConfigError, match="data.balance='bogus'"):
         load_config(SFTConfig, overrides=["data.balance=bogus"])
